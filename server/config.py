@@ -1,0 +1,134 @@
+"""Every knob of the server in one frozen object.
+
+Each field is a command-line flag (``--buffer-size``) and an environment
+variable (``ORCHESTRATOR_BUFFER_SIZE``); the flag wins over the variable,
+the variable over the default. ``python -m server --help`` lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "ORCHESTRATOR_"
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The server's configuration. Build it with :meth:`from_args` or directly in tests."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "interface to listen on"})
+    port: int = field(default=8000, metadata={"help": "TCP port to listen on"})
+    heartbeat_interval: float = field(
+        default=30.0,
+        metadata={
+            "help": "seconds between heartbeat events on every stream, also the WebSocket "
+            "ping/pong interval used to drop dead peers"
+        },
+    )
+    buffer_size: int = field(
+        default=1000,
+        metadata={"help": "stored events kept per session for replay (a workflow needs ~60)"},
+    )
+    session_ttl: float = field(
+        default=600.0,
+        metadata={
+            "help": "seconds an ended session stays replayable; also how long a session with "
+            "no activity and no final event is kept"
+        },
+    )
+    subscriber_queue_size: int = field(
+        default=500,
+        metadata={
+            "help": "live events one subscriber may fall behind before it is disconnected "
+            "as a slow consumer (it then resumes from the buffer)"
+        },
+    )
+    sse_retry_ms: int = field(
+        default=2000, metadata={"help": "reconnection delay sent to EventSource clients (retry:)"}
+    )
+    max_frame_size: int = field(
+        default=64 * 1024,
+        metadata={"help": "largest WebSocket frame accepted from a client, in bytes (1009 above)"},
+    )
+    max_body_size: int = field(
+        default=256 * 1024, metadata={"help": "largest REST request body, in bytes (413 above)"}
+    )
+    max_strategy_length: int = field(
+        default=4000, metadata={"help": "longest strategy_description accepted, in characters"}
+    )
+    agent_timeout: float = field(
+        default=60.0, metadata={"help": "seconds an agent may run before it is timed out"}
+    )
+    cors_origins: tuple[str, ...] = field(
+        default=("http://localhost:5173",),
+        metadata={"help": "comma-separated origins allowed by CORS (the frontend's)"},
+    )
+    publish_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "bearer token required by POST /api/sessions/{id}/events; "
+            "when unset only loopback clients may publish"
+        },
+    )
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Parse flags, falling back to ``ORCHESTRATOR_*`` environment variables."""
+        env = os.environ if environ is None else environ
+        parser = build_parser(env)
+        namespace = parser.parse_args(argv)
+        return cls(**vars(namespace))
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _converter(f: dataclasses.Field[Any]) -> Any:
+    kind = str(f.type)
+    if kind == "int":
+        return int
+    if kind == "float":
+        return float
+    if kind.startswith("tuple"):
+        return _csv
+    return str
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Real-time progress streaming server for the orchestrator "
+        "(WebSocket and Server-Sent Events).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Settings):
+        convert = _converter(f)
+        env_name = ENV_PREFIX + f.name.upper()
+        default = f.default
+        if env_name in environ:
+            try:
+                default = convert(environ[env_name])
+            except ValueError:
+                parser.error(f"{env_name}={environ[env_name]!r} is not a valid {f.type}")
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=convert,
+            default=default,
+            help=f"{f.metadata['help']} [env {env_name}] (default: {shown})",
+        )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    return parser

@@ -1,0 +1,299 @@
+"""The session hub: subscriptions, replay and fan-out. It knows no HTTP.
+
+Data flows one way::
+
+    publish(event) -> broker.append -> broker calls Hub._fan_out(stored)
+                   -> Subscription.deliver for each local subscriber of that session
+                   -> the transport awaits Subscription.get() and writes the frame
+
+Single-process and multi-process delivery take the same path: the in-memory
+broker calls ``_fan_out`` inside ``append``; the Redis broker calls it from
+its one reader per process.
+
+A subscription registers for live events *before* it reads its replay, and
+holds live events back until the replay is queued, then drops what the
+replay already covered (by ``seq``). So nothing published in between is lost
+or sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from pydantic import BaseModel
+
+from .brokers.base import Broker, Replay
+from .messages import (
+    REPLAY_GAP,
+    ControlEvent,
+    StoredEvent,
+    StreamPosition,
+    is_final,
+)
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Frame = StoredEvent | ControlEvent
+CloseReason = Literal["slow_consumer", "shutdown"]
+
+
+class SubscriptionClosed(Exception):
+    """The server ended this subscription: the client should reconnect and resume."""
+
+    def __init__(self, reason: CloseReason) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Subscription:
+    """One subscriber's view of one session: replay first, then live events, in ``seq`` order.
+
+    Live events wait in a bounded queue. A subscriber that falls
+    ``queue_size`` events behind is closed (reason ``slow_consumer``) instead
+    of slowing the publisher or the other subscribers; it resumes from the
+    buffer when it reconnects.
+    """
+
+    def __init__(self, hub: Hub, session_id: str, queue_size: int) -> None:
+        self.session_id = session_id
+        self._hub = hub
+        self._queue_size = queue_size
+        self._control: deque[ControlEvent] = deque()
+        self._replay: deque[StoredEvent] = deque()
+        self._live: deque[StoredEvent] = deque()
+        self._pending: list[StoredEvent] | None = []  # live events held back during replay
+        self._epoch: str | None = None
+        self._last_seq = 0
+        self._final_seen = False
+        self._closed: CloseReason | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    # --- producer side (the hub) --------------------------------------------------------
+
+    def _start(self, replay: Replay, gap: bool) -> None:
+        """Queue the replay (after a ``replay_gap`` notice if needed), then release held events."""
+        if gap:
+            self._control.append(
+                ControlEvent.error(
+                    self.session_id,
+                    REPLAY_GAP,
+                    "Some earlier events are no longer available; replaying what is retained.",
+                )
+            )
+        if replay.info is not None:
+            self._epoch = replay.info.epoch
+        for event in replay.events:
+            self._accept(event, self._replay)
+        if replay.info is not None and replay.info.ended and not replay.events and not gap:
+            # Resumed exactly at the final event: there is nothing left to send.
+            self._final_seen = True
+        held, self._pending = self._pending, None
+        for event in held or ():
+            self.deliver(event)
+        self._wake()
+
+    def _accept(self, event: StoredEvent, into: deque[StoredEvent]) -> None:
+        self._epoch = event.epoch
+        self._last_seq = event.seq
+        into.append(event)
+
+    def deliver(self, event: StoredEvent) -> None:
+        """Take one live event. Never blocks, never awaits."""
+        if self._closed is not None:
+            return
+        if self._pending is not None:
+            self._pending.append(event)
+            return
+        same_stream = self._epoch is None or event.epoch == self._epoch
+        if same_stream and event.seq <= self._last_seq:
+            return  # already replayed
+        if not same_stream or event.seq != self._last_seq + 1:
+            # Missed something (a lossy live path, or the stream was recreated):
+            # re-read from where we are; the broker signals a gap if it must.
+            self._pending = [event]
+            self._hub._resync(self)
+            return
+        if len(self._live) >= self._queue_size:
+            self.close("slow_consumer")
+            return
+        self._accept(event, self._live)
+        self._wake()
+
+    def push_control(self, event: ControlEvent) -> None:
+        """Queue an event for this connection only (a heartbeat answer, an error notice)."""
+        self._control.append(event)
+        self._wake()
+
+    def close(self, reason: CloseReason) -> None:
+        if self._closed is None:
+            self._closed = reason
+            self._hub._metrics.subscriber_closed(reason)
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- consumer side (the transport) --------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        """The final event was delivered (or the resume point was the final event)."""
+        return self._final_seen and not self._control
+
+    @property
+    def position(self) -> StreamPosition | None:
+        if self._epoch is None or self._last_seq == 0:
+            return None
+        return StreamPosition(self._epoch, self._last_seq)
+
+    def get_nowait(self) -> Frame | None:
+        """The next frame to send, or ``None`` when there is none yet.
+
+        Raises :class:`SubscriptionClosed` once the server has ended the
+        subscription (after any control notice queued for it).
+        """
+        if self._control:
+            return self._control.popleft()
+        if self._closed is not None:
+            raise SubscriptionClosed(self._closed)
+        source = self._replay or self._live
+        if not source:
+            return None
+        event = source.popleft()
+        if event.final:
+            self._final_seen = True
+        return event
+
+    async def get(self, timeout: float) -> Frame | None:
+        """Wait up to ``timeout`` seconds for the next frame; ``None`` on time-out."""
+        frame = self.get_nowait()
+        if frame is not None:
+            return frame
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._waiter
+        except TimeoutError:
+            return None
+        finally:
+            self._waiter = None
+        return self.get_nowait()
+
+
+class Hub:
+    """Sessions, their local subscribers, and the one publish path."""
+
+    def __init__(self, broker: Broker, *, queue_size: int, metrics: Metrics) -> None:
+        self.broker = broker
+        self._queue_size = queue_size
+        self._metrics = metrics
+        self._subscribers: dict[str, set[Subscription]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.broker.start(self._fan_out)
+
+    async def close(self) -> None:
+        self.close_all("shutdown")
+        for task in list(self._background):
+            task.cancel()
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.broker.close()
+
+    # --- publishing -----------------------------------------------------------------------
+
+    async def publish(self, event: BaseModel) -> StoredEvent:
+        """Validate-once, encode-once, store: the event then reaches every subscriber.
+
+        Raises ``SessionEnded`` after the final event and ``ServiceUnavailable``
+        when the broker cannot be reached.
+        """
+        session_id: str = getattr(event, "session_id")
+        event_type: str = getattr(event, "type")
+        stored = await self.broker.append(
+            session_id, event_type, event.model_dump_json(), is_final(event)
+        )
+        self._metrics.published.labels(type=event_type).inc()
+        return stored
+
+    def _fan_out(self, event: StoredEvent) -> None:
+        for subscription in self._subscribers.get(event.session_id, ()):
+            subscription.deliver(event)
+
+    # --- subscribing ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self, session_id: str, last_event_id: str | None = None
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe to one session, resuming after ``last_event_id`` if given.
+
+        A malformed ``last_event_id`` is a position that cannot be served:
+        the subscriber gets ``replay_gap`` and every retained event. The
+        subscription is always removed on exit, cancellation included.
+        """
+        position = StreamPosition.parse(last_event_id) if last_event_id else None
+        malformed = bool(last_event_id) and position is None
+        subscription = Subscription(self, session_id, self._queue_size)
+        local = self._subscribers.setdefault(session_id, set())
+        local.add(subscription)
+        self._metrics.subscribers.inc()
+        try:
+            if len(local) == 1:
+                await self.broker.watch(session_id)
+            replay = await self.broker.read(session_id, position)
+            self._metrics.replays.inc()
+            if replay.gap or malformed:
+                self._metrics.replay_gaps.inc()
+            subscription._start(replay, gap=replay.gap or malformed)
+            yield subscription
+        finally:
+            self._metrics.subscribers.dec()
+            local.discard(subscription)
+            if not local and self._subscribers.get(session_id) is local:
+                del self._subscribers[session_id]
+                await self.broker.unwatch(session_id)
+
+    def _resync(self, subscription: Subscription) -> None:
+        task = asyncio.create_task(self._resync_one(subscription))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _resync_one(self, subscription: Subscription) -> None:
+        try:
+            replay = await self.broker.read(subscription.session_id, subscription.position)
+        except Exception:
+            log.exception("resync of a subscriber of %s failed", subscription.session_id)
+            subscription.close("slow_consumer")  # it reconnects and resumes from the buffer
+            return
+        if replay.gap:
+            self._metrics.replay_gaps.inc()
+        subscription._start(replay, gap=replay.gap)
+
+    def close_all(self, reason: CloseReason) -> None:
+        """End every subscription (server shutdown): clients reconnect and resume elsewhere."""
+        for local in self._subscribers.values():
+            for subscription in local:
+                subscription.close(reason)
+
+    # --- introspection (metrics, tests) ---------------------------------------------------
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(local) for local in self._subscribers.values())
+
+    @property
+    def session_count(self) -> int:
+        """Sessions with at least one subscriber in this process."""
+        return len(self._subscribers)

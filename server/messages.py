@@ -1,0 +1,249 @@
+"""The five event types of the wire contract (PROTOCOL.md), and their encoding.
+
+An event is validated once, encoded to JSON once, and the same encoded text
+is sent to every subscriber. ``id`` and ``seq`` are not fields of the models:
+they are positions assigned by the broker when the event is stored, and are
+spliced into the already-encoded JSON (see :class:`StoredEvent`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_serializer
+
+SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
+
+# Control error codes: sent to one connection only, never stored or replayed.
+REPLAY_GAP = "replay_gap"
+INVALID_MESSAGE = "invalid_message"
+INVALID_SESSION_ID = "invalid_session_id"
+SLOW_CONSUMER = "slow_consumer"
+OVERLOADED = "overloaded"
+
+
+def is_valid_session_id(session_id: str) -> bool:
+    return SESSION_ID_PATTERN.fullmatch(session_id) is not None
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_timestamp(value: datetime) -> str:
+    """RFC 3339 in UTC with microseconds and a ``Z``: ``2026-11-27T20:01:02.123456Z``."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    session_id: str
+    timestamp: datetime = Field(default_factory=utc_now)
+
+    @field_serializer("timestamp")
+    def _rfc3339(self, value: datetime) -> str:
+        return format_timestamp(value)
+
+
+class AgentStatusEvent(_Event):
+    """An agent started, or reports what it is doing (drives the agent's card)."""
+
+    type: Literal["agent_status"] = "agent_status"
+    agent: str = Field(min_length=1, max_length=64)
+    status: str = Field(max_length=2000)
+    progress: int = Field(ge=0, le=100)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProgressEvent(_Event):
+    """Overall progress of a workflow step (drives the overall progress bar)."""
+
+    type: Literal["progress"] = "progress"
+    agent: str = Field(min_length=1, max_length=64)
+    status: str = Field(max_length=2000)
+    progress: int = Field(ge=0, le=100)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class CompleteEvent(_Event):
+    """An agent finished; the orchestrator's, with ``final=True``, ends the session."""
+
+    type: Literal["complete"] = "complete"
+    agent: str = Field(min_length=1, max_length=64)
+    status: str = Field(default="Complete", max_length=2000)
+    progress: Literal[100] = 100
+    data: dict[str, Any] = Field(default_factory=dict)
+    final: bool = False
+
+
+class ErrorEvent(_Event):
+    """Something failed. ``error`` and ``details`` are for users: never exception text."""
+
+    type: Literal["error"] = "error"
+    code: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    error: str = Field(min_length=1, max_length=2000)
+    details: str = Field(default="", max_length=2000)
+    agent: str | None = None
+    final: bool = False
+
+
+class HeartbeatEvent(_Event):
+    """Sent on every stream every ``heartbeat_interval`` and in answer to a client ping."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    message: Literal["ping"] = "ping"
+
+
+Event = Annotated[
+    AgentStatusEvent | ProgressEvent | CompleteEvent | ErrorEvent | HeartbeatEvent,
+    Field(discriminator="type"),
+]
+# What other services may publish: every type but heartbeat, which is never stored.
+PublishableEvent = Annotated[
+    AgentStatusEvent | ProgressEvent | CompleteEvent | ErrorEvent,
+    Field(discriminator="type"),
+]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+PUBLISHABLE_ADAPTER: TypeAdapter[PublishableEvent] = TypeAdapter(PublishableEvent)
+
+
+def is_final(event: BaseModel) -> bool:
+    return bool(getattr(event, "final", False))
+
+
+# --- stored events and their positions ------------------------------------------------------
+
+
+def make_event_id(epoch: str, seq: int) -> str:
+    return f"{epoch}-{seq}"
+
+
+class StreamPosition:
+    """A position in one session's stream: ``(epoch, seq)``.
+
+    The epoch names one life of the stream. When a stream is lost and
+    recreated (evicted, or a Redis without persistence restarted) it gets a
+    new epoch, so an old id can never be mistaken for a position in the new
+    stream (the idea of centrifuge's ``StreamPosition{Offset, Epoch}``).
+    """
+
+    __slots__ = ("epoch", "seq")
+
+    def __init__(self, epoch: str, seq: int) -> None:
+        self.epoch = epoch
+        self.seq = seq
+
+    @classmethod
+    def parse(cls, event_id: str) -> StreamPosition | None:
+        """Parse ``"<epoch>-<seq>"``; ``None`` for anything malformed."""
+        epoch, sep, seq_text = event_id.rpartition("-")
+        if not sep or not epoch or len(event_id) > 64 or not seq_text.isdigit():
+            return None
+        if not epoch.isalnum() or not seq_text.isascii() or len(seq_text) > 18:
+            return None
+        seq = int(seq_text)
+        return cls(epoch, seq) if seq >= 1 else None
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, StreamPosition)
+            and other.epoch == self.epoch
+            and other.seq == self.seq
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.epoch, self.seq))
+
+    def __repr__(self) -> str:
+        return f"StreamPosition({self.epoch!r}, {self.seq})"
+
+
+class StoredEvent:
+    """An event as stored in a session's stream, encoded once for every subscriber.
+
+    ``payload`` is the complete wire form as UTF-8 JSON, ``id`` and ``seq``
+    included: the same ``bytes`` object is written to every WebSocket. The
+    SSE frame is built from it on first use and cached, so SSE subscribers
+    share one ``bytes`` object too.
+    """
+
+    __slots__ = ("_sse", "epoch", "final", "id", "payload", "seq", "session_id", "type")
+
+    def __init__(
+        self, session_id: str, epoch: str, seq: int, type: str, final: bool, body: str
+    ) -> None:
+        self.session_id = session_id
+        self.epoch = epoch
+        self.seq = seq
+        self.type = type
+        self.final = final
+        self.id = make_event_id(epoch, seq)
+        # ``body`` is the model's JSON without id/seq; splice them in once.
+        self.payload = f'{body[:-1]},"id":"{self.id}","seq":{seq}}}'.encode()
+        self._sse: bytes | None = None
+
+    @property
+    def position(self) -> StreamPosition:
+        return StreamPosition(self.epoch, self.seq)
+
+    @property
+    def sse_frame(self) -> bytes:
+        if self._sse is None:
+            self._sse = sse_frame(self.payload, event=self.type, event_id=self.id)
+        return self._sse
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.payload)
+        return result
+
+    def __repr__(self) -> str:
+        return f"StoredEvent({self.id!r}, {self.type!r}, final={self.final})"
+
+
+class ControlEvent:
+    """An event for one connection only (heartbeat, control error): no ``id``, never stored."""
+
+    __slots__ = ("payload", "type")
+
+    id = None
+    final = False
+
+    def __init__(self, type: str, payload: bytes) -> None:
+        self.type = type
+        self.payload = payload
+
+    @property
+    def sse_frame(self) -> bytes:
+        return sse_frame(self.payload, event=self.type)
+
+    @classmethod
+    def error(cls, session_id: str, code: str, error: str, details: str = "") -> ControlEvent:
+        event = ErrorEvent(session_id=session_id, code=code, error=error, details=details)
+        return cls("error", event.model_dump_json().encode())
+
+    @classmethod
+    def heartbeat(cls, session_id: str) -> ControlEvent:
+        return cls("heartbeat", HeartbeatEvent(session_id=session_id).model_dump_json().encode())
+
+
+_LINE_BREAKS = re.compile(r"\r\n|\r|\n")
+_BYTE_LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
+
+
+def sse_frame(data: bytes, *, event: str, event_id: str | None = None) -> bytes:
+    """Frame one Server-Sent Event: ``id:``, ``event:``, one ``data:`` per line, blank line.
+
+    CR and LF are stripped from ``id`` and ``event`` (they would end the field);
+    encoded JSON never holds a raw line break, but data is split per line anyway
+    so that any text stays one event.
+    """
+    head = ""
+    if event_id is not None:
+        head = f"id: {_LINE_BREAKS.sub('', event_id)}\n"
+    head += f"event: {_LINE_BREAKS.sub('', event)}\n"
+    lines = _BYTE_LINE_BREAKS.split(data)
+    return head.encode() + b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
