@@ -55,9 +55,7 @@ class InvalidSessionId(ClientError):
     code = "invalid_session_id"
 
     def __init__(self) -> None:
-        super().__init__(
-            "Session ids are 8 to 128 characters of letters, digits, '-' and '_'."
-        )
+        super().__init__("Session ids are 8 to 128 characters of letters, digits, '-' and '_'.")
 
 
 class Unauthorized(ClientError):

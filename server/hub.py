@@ -219,8 +219,8 @@ class Hub:
         Raises ``SessionEnded`` after the final event and ``ServiceUnavailable``
         when the broker cannot be reached.
         """
-        session_id: str = getattr(event, "session_id")
-        event_type: str = getattr(event, "type")
+        session_id: str = event.session_id
+        event_type: str = event.type
         stored = await self.broker.append(
             session_id, event_type, event.model_dump_json(), is_final(event)
         )

@@ -33,7 +33,9 @@ class Metrics:
             registry=r,
         )
         self.replays = Counter(
-            "orchestrator_replays", "Subscriptions started (each replays what it missed)", registry=r
+            "orchestrator_replays",
+            "Subscriptions started (each replays what it missed)",
+            registry=r,
         )
         self.replay_gaps = Counter(
             "orchestrator_replay_gaps",

@@ -100,9 +100,7 @@ class AgentHandoffManager:
         return tuple(self._agents)
 
     def _reporter(self, name: str, session_id: str | None) -> Reporter:
-        async def report(
-            status: str, progress: int, data: Mapping[str, Any] | None = None
-        ) -> None:
+        async def report(status: str, progress: int, data: Mapping[str, Any] | None = None) -> None:
             if session_id is None:
                 return
             await self._publish(
@@ -148,8 +146,11 @@ class AgentHandoffManager:
                 ref = reference_id()
                 log.error("agent %s timed out after %.1fs [ref %s]", name, limit, ref)
                 await self._publish_error(
-                    session_id, name, "agent_timeout",
-                    f"The {name} agent took too long and was stopped.", ref,
+                    session_id,
+                    name,
+                    "agent_timeout",
+                    f"The {name} agent took too long and was stopped.",
+                    ref,
                 )
                 raise AgentFailed(name, outcome, ref) from None
             except AgentFailed:
@@ -158,8 +159,11 @@ class AgentHandoffManager:
                 ref = reference_id()
                 log.exception("agent %s failed [ref %s]", name, ref)
                 await self._publish_error(
-                    session_id, name, "agent_failed",
-                    f"The {name} agent could not finish its work.", ref,
+                    session_id,
+                    name,
+                    "agent_failed",
+                    f"The {name} agent could not finish its work.",
+                    ref,
                 )
                 raise AgentFailed(name, outcome, ref) from None
             if session_id is not None:

@@ -1,0 +1,174 @@
+"""The REST endpoints: start a workflow, read a session, publish an event, health, metrics."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import uuid
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .context import STREAM_CONTEXT
+from .errors import (
+    ClientError,
+    InvalidRequest,
+    InvalidSessionId,
+    ServiceUnavailable,
+    Unauthorized,
+)
+from .messages import PUBLISHABLE_ADAPTER, SESSION_ID_PATTERN, is_valid_session_id
+from .snapshot import session_snapshot
+from .workflow import WorkflowRunner, wait_outcome
+
+WORKFLOW_RUNNER = web.AppKey("workflow_runner", WorkflowRunner)
+
+
+class RunWorkflowRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    strategy_description: str = Field(min_length=1)
+    session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN.pattern)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """A readable, internals-free summary of what is wrong with the input."""
+    problems = []
+    for item in error.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(part) for part in item["loc"]) or "body"
+        problems.append(f"{where}: {item['msg']}")
+    return "Invalid request: " + "; ".join(problems) + "."
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or a clear 400. Size is capped by ``client_max_size``."""
+    text = await request.text()
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def session_id_of(request: web.Request) -> str:
+    session_id = request.match_info["session_id"]
+    if not is_valid_session_id(session_id):
+        raise InvalidSessionId()
+    return session_id
+
+
+def stream_urls(session_id: str) -> dict[str, str]:
+    return {
+        "websocket": f"/ws/orchestrator/{session_id}",
+        "sse": f"/sse/orchestrator/{session_id}",
+    }
+
+
+async def run_workflow(request: web.Request) -> web.Response:
+    ctx = request.app[STREAM_CONTEXT]
+    body = await read_json_object(request)
+    try:
+        run = RunWorkflowRequest.model_validate(body)
+    except ValidationError as error:
+        raise InvalidRequest(describe_validation_error(error), status=422) from None
+    if len(run.strategy_description) > ctx.settings.max_strategy_length:
+        raise InvalidRequest(
+            f"strategy_description is longer than {ctx.settings.max_strategy_length} characters.",
+            status=422,
+        )
+    session_id = run.session_id or str(uuid.uuid4())
+    task = await request.app[WORKFLOW_RUNNER].start(session_id, run.strategy_description)
+    if request.query.get("wait", "").lower() not in ("1", "true", "yes"):
+        return web.json_response(
+            {"session_id": session_id, "status": "running", "stream": stream_urls(session_id)},
+            status=202,
+        )
+    outcome = await wait_outcome(task)
+    body_out: dict[str, Any] = {
+        "session_id": session_id,
+        "status": outcome.status,
+        "result": outcome.result,
+        "stream": stream_urls(session_id),
+    }
+    if outcome.error is not None:
+        body_out["error"] = outcome.error
+    return web.json_response(body_out)
+
+
+async def get_session(request: web.Request) -> web.Response:
+    ctx = request.app[STREAM_CONTEXT]
+    session_id = session_id_of(request)
+    replay = await ctx.hub.broker.read(session_id, None)
+    if replay.info is None:
+        raise ClientError(
+            "No such session (it never started, or has expired).",
+            code="session_not_found",
+            status=404,
+        )
+    return web.json_response(session_snapshot(session_id, replay.info, replay.events))
+
+
+def _may_publish(request: web.Request, token: str | None) -> bool:
+    if token is not None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False
+
+
+async def publish_event(request: web.Request) -> web.Response:
+    ctx = request.app[STREAM_CONTEXT]
+    session_id = session_id_of(request)
+    if not _may_publish(request, ctx.settings.publish_token):
+        if ctx.settings.publish_token is None:
+            raise Unauthorized(
+                "Publishing is only allowed from this machine unless a publish token is set.",
+                code="forbidden",
+                status=403,
+            )
+        raise Unauthorized("A valid 'Authorization: Bearer <publish token>' header is required.")
+    body = await read_json_object(request)
+    for server_field in ("session_id", "timestamp", "id", "seq"):
+        if server_field in body:
+            raise InvalidRequest(
+                f"'{server_field}' is filled in by the server; leave it out.", status=422
+            )
+    try:
+        event = PUBLISHABLE_ADAPTER.validate_python({**body, "session_id": session_id})
+    except ValidationError as error:
+        raise InvalidRequest(describe_validation_error(error), status=422) from None
+    stored = await ctx.hub.publish(event)
+    return web.json_response({"id": stored.id, "seq": stored.seq}, status=202)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ctx = request.app[STREAM_CONTEXT]
+    if not await ctx.hub.broker.ping():
+        raise ServiceUnavailable("The event store is not reachable.")
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[STREAM_CONTEXT]
+    return web.Response(
+        body=ctx.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/orchestrator/run-workflow", run_workflow)
+    app.router.add_get("/api/sessions/{session_id}", get_session)
+    app.router.add_post("/api/sessions/{session_id}/events", publish_event)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,152 @@
+"""create_app(): routes, middlewares, and the lifetime of the hub, broker and agents."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from .agents import register_agents
+from .agents.handoff import AgentHandoffManager
+from .agents.llm import LLMSettings
+from .api import WORKFLOW_RUNNER, add_routes
+from .brokers.base import Broker
+from .brokers.memory import MemoryBroker
+from .config import Settings
+from .context import STREAM_CONTEXT, StreamContext
+from .errors import StreamError, reference_id
+from .hub import Hub
+from .metrics import Metrics
+from .transports.sse import sse_handler
+from .transports.websocket import websocket_handler
+from .workflow import WorkflowRunner
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_CODES = {
+    404: ("not_found", "There is nothing at this address."),
+    405: ("method_not_allowed", "This method is not allowed here."),
+    413: ("payload_too_large", "The request body is too large."),
+}
+
+
+def error_body(status: int, code: str, message: str, reference: str) -> web.Response:
+    return web.json_response(
+        {"error": message, "code": code, "reference": reference}, status=status
+    )
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error becomes ``{"error", "code", "reference"}``; internals go to the log only."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
+        return error_body(exc.status, code, message, reference_id())
+    except StreamError as exc:
+        ref = reference_id()
+        if exc.status >= 500:
+            log.warning(
+                "%s %s -> %s: %s [ref %s]",
+                request.method,
+                request.path,
+                exc.status,
+                exc.message,
+                ref,
+            )
+        return error_body(exc.status, exc.code, exc.message, ref)
+    except Exception:
+        ref = reference_id()
+        log.exception("%s %s failed [ref %s]", request.method, request.path, ref)
+        return error_body(500, "internal_error", "Something went wrong on our side.", ref)
+
+
+def cors_middleware(allowed: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Answer CORS preflights from the allowed origins (the headers themselves are added
+    in ``on_response_prepare``, so streaming responses get them too)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" and origin and _origin_allowed(origin, allowed):
+            return web.Response(
+                status=204,
+                headers={
+                    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                    "Access-Control-Allow-Headers": "Content-Type, Authorization, Last-Event-ID",
+                    "Access-Control-Max-Age": "600",
+                },
+            )
+        return await handler(request)
+
+    return middleware
+
+
+def _origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    return origin in allowed or "*" in allowed
+
+
+def _add_cors_headers(allowed: tuple[str, ...]) -> Callable[..., Awaitable[None]]:
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        if origin and _origin_allowed(origin, allowed):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+            response.headers["Vary"] = "Origin"
+
+    return on_prepare
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html")
+
+
+def create_app(settings: Settings, *, broker: Broker | None = None) -> web.Application:
+    """Build the app. ``broker`` defaults to the in-memory one."""
+    metrics = Metrics()
+    if broker is None:
+        broker = MemoryBroker(settings.buffer_size, settings.session_ttl)
+    hub = Hub(broker, queue_size=settings.subscriber_queue_size, metrics=metrics)
+    handoff = AgentHandoffManager(hub.publish, default_timeout=settings.agent_timeout)
+    runner = WorkflowRunner(hub, handoff, metrics)
+
+    app = web.Application(
+        client_max_size=settings.max_body_size,
+        middlewares=[errors_middleware, cors_middleware(settings.cors_origins)],
+    )
+    app[STREAM_CONTEXT] = StreamContext(settings, hub, metrics)
+    app[WORKFLOW_RUNNER] = runner
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        await hub.start()
+        agents = register_agents(handoff, LLMSettings.from_env())
+        try:
+            yield
+        finally:
+            await runner.close()
+            await hub.close()
+            await agents.close()
+
+    async def on_shutdown(app: web.Application) -> None:
+        # Before handlers are awaited: end every stream so clients reconnect elsewhere.
+        await runner.close()
+        hub.close_all("shutdown")
+
+    app.cleanup_ctx.append(lifetime)
+    app.on_shutdown.append(on_shutdown)
+    app.on_response_prepare.append(_add_cors_headers(settings.cors_origins))
+
+    app.router.add_get("/ws/orchestrator/{session_id}", websocket_handler)
+    app.router.add_get("/sse/orchestrator/{session_id}", sse_handler)
+    add_routes(app)
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", STATIC_DIR, name="static")
+    return app

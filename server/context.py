@@ -1,0 +1,21 @@
+"""What every request handler needs, behind one typed app key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .config import Settings
+from .hub import Hub
+from .metrics import Metrics
+
+
+@dataclass(frozen=True, slots=True)
+class StreamContext:
+    settings: Settings
+    hub: Hub
+    metrics: Metrics
+
+
+STREAM_CONTEXT = web.AppKey("stream_context", StreamContext)

@@ -1,0 +1,57 @@
+"""A session's state, folded from its stored events (so any process can answer it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .brokers.base import SessionInfo
+from .messages import StoredEvent
+
+ORCHESTRATOR = "orchestrator"
+
+
+def session_snapshot(
+    session_id: str, info: SessionInfo, events: list[StoredEvent]
+) -> dict[str, Any]:
+    """``state`` is ``pending`` (nothing published yet), ``running``, ``complete`` or
+    ``failed``; ``agents`` holds each agent's latest status and progress."""
+    progress = 0
+    agents: dict[str, dict[str, Any]] = {}
+    result: Any = None
+    error: dict[str, Any] | None = None
+    state = "pending" if info.last_seq == 0 else "running"
+    for stored in events:
+        event = stored.to_dict()
+        agent = event.get("agent")
+        if event["type"] in ("agent_status", "progress", "complete") and agent != ORCHESTRATOR:
+            agents[str(agent)] = {
+                "status": event["status"],
+                "progress": event["progress"],
+                "state": "complete" if event["type"] == "complete" else "running",
+            }
+        elif event["type"] == "error" and agent and agent != ORCHESTRATOR:
+            agents[str(agent)] = {
+                **agents.get(str(agent), {"progress": 0}),
+                "status": event["error"],
+                "state": "failed",
+            }
+        if agent == ORCHESTRATOR and event["type"] in ("progress", "complete"):
+            progress = max(progress, int(event["progress"]))
+        if stored.final:
+            if event["type"] == "complete":
+                state, result = "complete", event.get("data", {}).get("result", event.get("data"))
+            else:
+                state = "failed"
+                error = {k: event[k] for k in ("code", "error", "details")}
+    if info.ended and state == "running":
+        state = "complete"  # the final event was trimmed from a tiny buffer
+    return {
+        "session_id": session_id,
+        "state": state,
+        "last_event_id": events[-1].id if events else None,
+        "last_seq": info.last_seq,
+        "progress": progress,
+        "agents": agents,
+        "result": result,
+        "error": error,
+    }

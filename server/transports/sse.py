@@ -1,0 +1,92 @@
+"""Server-Sent Events transport, on aiohttp-sse.
+
+The response starts with a ``retry:`` line; each stored event is written as
+its cached ``id:/event:/data:`` frame (framed once, shared by every
+subscriber); heartbeats and control errors carry no ``id:`` so the
+browser's last event id only ever moves to a stored event. The response ends
+after the final event, and a reconnect that resumes at the final event gets
+``204 No Content``, which makes ``EventSource`` stop for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from ..context import STREAM_CONTEXT
+from ..errors import InvalidSessionId
+from ..hub import SubscriptionClosed
+from ..messages import SLOW_CONSUMER, ControlEvent, is_valid_session_id
+
+# aiohttp-sse's own ": ping" comments are replaced by heartbeat events, which
+# a browser can see; its ping task still serves as the "stream alive" sentinel.
+_NO_COMMENT_PINGS = 365 * 24 * 3600.0
+
+
+def resume_point(request: web.Request) -> str | None:
+    """The ``Last-Event-ID`` header wins over ``?last_event_id=`` (PROTOCOL.md)."""
+    return request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or None
+
+
+async def sse_handler(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[STREAM_CONTEXT]
+    session_id = request.match_info["session_id"]
+    if not is_valid_session_id(session_id):
+        raise InvalidSessionId()
+
+    async with ctx.hub.subscribe(session_id, resume_point(request)) as subscription:
+        if subscription.finished:
+            # Resumed at the final event: nothing will ever follow.
+            return web.Response(status=204)
+
+        response = EventSourceResponse(
+            ping_interval=_NO_COMMENT_PINGS,
+            send_timeout=None,
+        )
+        await response.prepare(request)
+        gauge = ctx.metrics.connections.labels(transport="sse")
+        delivered = ctx.metrics.delivered.labels(transport="sse")
+        interval = ctx.settings.heartbeat_interval
+        gauge.inc()
+        try:
+            await response.write(f"retry: {ctx.settings.sse_retry_ms}\n\n".encode())
+            while not subscription.finished:
+                frame = await subscription.get(interval)
+                if frame is None:
+                    frame = ControlEvent.heartbeat(session_id)
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    break
+                if transport.get_write_buffer_size():
+                    # The peer is behind: this write may wait on it, so bound the wait.
+                    try:
+                        async with asyncio.timeout(interval):
+                            await response.write(frame.sse_frame)
+                    except TimeoutError:
+                        subscription.close("slow_consumer")
+                        transport.abort()
+                        break
+                else:
+                    await response.write(frame.sse_frame)
+                if frame.id is not None:
+                    delivered.inc()
+        except SubscriptionClosed as closed:
+            if closed.reason == SLOW_CONSUMER:
+                notice = ControlEvent.error(
+                    session_id,
+                    SLOW_CONSUMER,
+                    "This connection fell too far behind; reconnect to resume.",
+                )
+                with contextlib.suppress(ConnectionError):
+                    await response.write(notice.sse_frame)
+        except ConnectionError:
+            pass  # the client went away
+        finally:
+            gauge.dec()
+            response.stop_streaming()
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+        return response

@@ -1,0 +1,148 @@
+"""WebSocket transport: one text frame per event, commands from the client.
+
+Two loops per connection: this handler reads the client's frames, and a
+pump task writes frames from the subscription. Only the pump writes, so
+frames never interleave. Close codes follow PROTOCOL.md: 1000 after the
+final event, 1001 on shutdown, 1008 refused, 1009 frame too large (aiohttp),
+1013 too slow to keep up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..context import STREAM_CONTEXT, StreamContext
+from ..hub import Subscription, SubscriptionClosed
+from ..messages import (
+    INVALID_MESSAGE,
+    INVALID_SESSION_ID,
+    SLOW_CONSUMER,
+    ControlEvent,
+    is_valid_session_id,
+)
+
+log = logging.getLogger(__name__)
+
+_CLOSE_CODES = {
+    "slow_consumer": (WSCloseCode.TRY_AGAIN_LATER, b"too slow to keep up; resume later"),
+    "shutdown": (WSCloseCode.GOING_AWAY, b"server going away; reconnect and resume"),
+}
+# How long closing may wait on a peer that does not read, before the socket is dropped.
+_CLOSE_TIMEOUT = 2.0
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[STREAM_CONTEXT]
+    session_id = request.match_info["session_id"]
+    ws = web.WebSocketResponse(
+        heartbeat=ctx.settings.heartbeat_interval,
+        max_msg_size=ctx.settings.max_frame_size,
+        timeout=_CLOSE_TIMEOUT,
+    )
+    await ws.prepare(request)
+    if not is_valid_session_id(session_id):
+        notice = ControlEvent.error(
+            session_id[:128],
+            INVALID_SESSION_ID,
+            "Session ids are 8 to 128 characters of letters, digits, '-' and '_'.",
+        )
+        await ws.send_frame(notice.payload, WSMsgType.TEXT)
+        await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"invalid session id")
+        return ws
+
+    gauge = ctx.metrics.connections.labels(transport="websocket")
+    gauge.inc()
+    try:
+        last_event_id = request.query.get("last_event_id")
+        async with ctx.hub.subscribe(session_id, last_event_id) as subscription:
+            pump = asyncio.create_task(_pump(ws, request, subscription, ctx))
+            try:
+                await _read_commands(ws, subscription)
+            finally:
+                pump.cancel()
+                await asyncio.wait({pump})
+    finally:
+        gauge.dec()
+    return ws
+
+
+async def _read_commands(ws: web.WebSocketResponse, subscription: Subscription) -> None:
+    """Answer ``{"type": "ping"}``; anything else gets ``invalid_message``. Ends on close."""
+    async for message in ws:
+        if message.type is WSMsgType.TEXT and _is_ping(message.data):
+            subscription.push_control(ControlEvent.heartbeat(subscription.session_id))
+        elif message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            subscription.push_control(
+                ControlEvent.error(
+                    subscription.session_id,
+                    INVALID_MESSAGE,
+                    'Unknown message. The only command is {"type": "ping"}.',
+                )
+            )
+
+
+def _is_ping(text: str) -> bool:
+    try:
+        command = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(command, dict) and command.get("type") == "ping"
+
+
+async def _pump(
+    ws: web.WebSocketResponse,
+    request: web.Request,
+    subscription: Subscription,
+    ctx: StreamContext,
+) -> None:
+    """Write frames until the final event, a server-side close, or a dead peer."""
+    delivered = ctx.metrics.delivered.labels(transport="websocket")
+    interval = ctx.settings.heartbeat_interval
+    try:
+        while not subscription.finished:
+            frame = await subscription.get(interval)
+            if frame is None:
+                frame = ControlEvent.heartbeat(subscription.session_id)
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return
+            if transport.get_write_buffer_size():
+                # The peer is behind: this send may wait on it, so bound the wait.
+                try:
+                    async with asyncio.timeout(ctx.settings.heartbeat_interval):
+                        await ws.send_frame(frame.payload, WSMsgType.TEXT)
+                except TimeoutError:
+                    subscription.close("slow_consumer")
+                    transport.abort()
+                    return
+            else:
+                await ws.send_frame(frame.payload, WSMsgType.TEXT)
+            if frame.id is not None:
+                delivered.inc()
+        await _close(ws, WSCloseCode.OK, b"workflow finished")
+    except SubscriptionClosed as closed:
+        if closed.reason == SLOW_CONSUMER:
+            notice = ControlEvent.error(
+                subscription.session_id,
+                SLOW_CONSUMER,
+                "This connection fell too far behind; reconnect to resume.",
+            )
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await ws.send_frame(notice.payload, WSMsgType.TEXT)
+        code, reason = _CLOSE_CODES[closed.reason]
+        await _close(ws, code, reason)
+    except ConnectionError:
+        pass  # the peer went away; the reader loop sees it too
+
+
+async def _close(ws: web.WebSocketResponse, code: int, reason: bytes) -> None:
+    # aiohttp drops the socket itself when the peer does not answer in time.
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(_CLOSE_TIMEOUT * 2):
+            await ws.close(code=code, message=reason)

@@ -1,0 +1,183 @@
+"""The orchestrator workflow: its steps in order, and the runner that owns the tasks.
+
+The stream of one run (PROTOCOL.md "Starting the workflow")::
+
+    progress(orchestrator, 5)   "Reading your strategy"
+      agent_status(extraction, 0) ... complete(extraction)
+    progress(orchestrator, 25)  "Forecasting demand ..."
+      agent_status(demand, 0), agent_status(demand, n) per product ... complete(demand)
+    progress(orchestrator, 70)  ... inventory ... progress(85) ... pricing
+    complete(orchestrator, final=True, data={"result": {...}})
+
+or, when a step fails, that agent's ``error`` then a final ``error`` of the
+orchestrator. Errors carry a reference id; the exception stays in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .agents.demand import DemandForecast
+from .agents.extraction import ExtractionResult
+from .agents.handoff import AgentFailed, AgentHandoffManager
+from .agents.inventory import InventoryPlan, InventoryRequest
+from .agents.pricing import PricingPlan, PricingRequest
+from .errors import Conflict, reference_id
+from .hub import Hub
+from .messages import CompleteEvent, ErrorEvent, ProgressEvent
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+ORCHESTRATOR = "orchestrator"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowOutcome:
+    status: Literal["complete", "failed"]
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+class WorkflowRunner:
+    """Runs at most one workflow per session, ever, across every process sharing the broker."""
+
+    def __init__(self, hub: Hub, handoff: AgentHandoffManager, metrics: Metrics) -> None:
+        self._hub = hub
+        self._handoff = handoff
+        self._metrics = metrics
+        self._tasks: dict[str, asyncio.Task[WorkflowOutcome]] = {}
+
+    async def start(self, session_id: str, strategy: str) -> asyncio.Task[WorkflowOutcome]:
+        """Claim the session and start its workflow; ``Conflict`` if it already ran."""
+        if not await self._hub.broker.claim(session_id):
+            raise Conflict(
+                "This session already has a workflow. Start a new session to run another.",
+                code="session_exists",
+            )
+        task = asyncio.create_task(self._run(session_id, strategy), name=f"workflow-{session_id}")
+        self._tasks[session_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(session_id, None))
+        return task
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Give running workflows ``grace`` seconds, then interrupt them (each ends with a
+        final ``workflow_interrupted`` error so its subscribers stop waiting)."""
+        tasks = list(self._tasks.values())
+        if not tasks:
+            return
+        if grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+
+    async def _run(self, session_id: str, strategy: str) -> WorkflowOutcome:
+        try:
+            result = await self._steps(session_id, strategy)
+        except asyncio.CancelledError:
+            await self._fail(
+                session_id,
+                "workflow_interrupted",
+                "The forecast was interrupted because the server is restarting. "
+                "Please run it again.",
+                reference_id(),
+            )
+            self._metrics.workflows.labels(outcome="interrupted").inc()
+            raise
+        except AgentFailed as failure:
+            error = await self._fail(
+                session_id,
+                "workflow_failed",
+                f"The forecast could not be completed: the {failure.agent} agent failed.",
+                failure.reference,
+            )
+            self._metrics.workflows.labels(outcome="failed").inc()
+            return WorkflowOutcome("failed", error=error)
+        except Exception:
+            ref = reference_id()
+            log.exception("workflow of session %s failed [ref %s]", session_id, ref)
+            error = await self._fail(
+                session_id, "internal_error", "Something went wrong on our side.", ref
+            )
+            self._metrics.workflows.labels(outcome="failed").inc()
+            return WorkflowOutcome("failed", error=error)
+        await self._hub.publish(
+            CompleteEvent(
+                session_id=session_id,
+                agent=ORCHESTRATOR,
+                status="Forecast ready",
+                data={"result": result},
+                final=True,
+            )
+        )
+        self._metrics.workflows.labels(outcome="complete").inc()
+        return WorkflowOutcome("complete", result=result)
+
+    async def _fail(self, session_id: str, code: str, message: str, ref: str) -> dict[str, Any]:
+        event = ErrorEvent(
+            session_id=session_id,
+            agent=ORCHESTRATOR,
+            code=code,
+            error=message,
+            details=f"Reference {ref}",
+            final=True,
+        )
+        try:
+            await self._hub.publish(event)
+        except Exception:
+            # The stream itself is unreachable; the log keeps the story.
+            log.exception("could not publish the final error of %s [ref %s]", session_id, ref)
+        return {"code": code, "error": message, "reference": ref}
+
+    async def _progress(self, session_id: str, status: str, progress: int) -> None:
+        await self._hub.publish(
+            ProgressEvent(
+                session_id=session_id, agent=ORCHESTRATOR, status=status, progress=progress
+            )
+        )
+
+    async def _steps(self, session_id: str, strategy: str) -> dict[str, Any]:
+        call = self._handoff.call_agent
+
+        await self._progress(session_id, "Reading your strategy", 5)
+        extraction: ExtractionResult = await call("extraction", strategy, session_id=session_id)
+        parameters = extraction.parameters
+
+        await self._progress(session_id, "Forecasting demand", 25)
+        forecast: DemandForecast = await call("demand", parameters, session_id=session_id)
+
+        await self._progress(session_id, "Planning inventory", 70)
+        inventory: InventoryPlan = await call(
+            "inventory",
+            InventoryRequest(parameters=parameters, forecast=forecast),
+            session_id=session_id,
+        )
+
+        await self._progress(session_id, "Recommending prices", 85)
+        pricing: PricingPlan = await call(
+            "pricing",
+            PricingRequest(parameters=parameters, forecast=forecast),
+            session_id=session_id,
+        )
+        await self._progress(session_id, "Putting the result together", 95)
+        return {
+            "strategy": strategy,
+            "parameters": parameters.model_dump(mode="json"),
+            "extraction_method": extraction.method,
+            "forecast": forecast.model_dump(mode="json"),
+            "inventory": inventory.model_dump(mode="json"),
+            "pricing": pricing.model_dump(mode="json"),
+        }
+
+
+async def wait_outcome(task: asyncio.Task[WorkflowOutcome]) -> WorkflowOutcome:
+    """Await a run without letting the caller's cancellation (a client that hung up) stop it."""
+    return await asyncio.shield(task)

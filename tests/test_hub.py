@@ -1,0 +1,336 @@
+"""The session hub and the in-memory broker, with no server: ordering, replay, gaps,
+bounds, eviction, fan-out and the slow-consumer policy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.brokers.memory import MemoryBroker
+from server.errors import SessionEnded
+from server.hub import Hub, Subscription, SubscriptionClosed
+from server.messages import (
+    REPLAY_GAP,
+    CompleteEvent,
+    ControlEvent,
+    ProgressEvent,
+    StoredEvent,
+)
+from server.metrics import Metrics
+from tests.timing import EVENT_TIMEOUT
+
+SID = "session-0001"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def progress(n: int, session_id: str = SID) -> ProgressEvent:
+    return ProgressEvent(session_id=session_id, agent="demand", status=f"step {n}", progress=n % 101)
+
+
+def final(session_id: str = SID) -> CompleteEvent:
+    return CompleteEvent(session_id=session_id, agent="orchestrator", final=True)
+
+
+async def make_hub(
+    buffer_size: int = 100, queue_size: int = 50, ttl: float = 60.0, clock: Clock | None = None
+) -> Hub:
+    broker = MemoryBroker(buffer_size, ttl, clock=clock or Clock())
+    hub = Hub(broker, queue_size=queue_size, metrics=Metrics())
+    await hub.start()
+    return hub
+
+
+async def drain(sub: Subscription) -> list[StoredEvent | ControlEvent]:
+    """Everything queued for ``sub`` right now."""
+    frames = []
+    while (frame := sub.get_nowait()) is not None:
+        frames.append(frame)
+    return frames
+
+
+def seqs(frames: list[StoredEvent | ControlEvent]) -> list[int]:
+    return [f.seq for f in frames if isinstance(f, StoredEvent)]
+
+
+def codes(frames: list[StoredEvent | ControlEvent]) -> list[str]:
+    return [f.to_dict()["code"] if isinstance(f, StoredEvent) else _code(f) for f in frames
+            if f.type == "error"]
+
+
+def _code(frame: ControlEvent) -> str:
+    import json
+
+    return str(json.loads(frame.payload)["code"])
+
+
+async def test_seq_is_gapless_and_ids_carry_the_epoch() -> None:
+    """Stored events get seq 1, 2, 3 ... and ids "<epoch>-<seq>"."""
+    hub = await make_hub()
+    stored = [await hub.publish(progress(i)) for i in range(1, 6)]
+    assert [e.seq for e in stored] == [1, 2, 3, 4, 5]
+    epochs = {e.id.rsplit("-", 1)[0] for e in stored}
+    assert len(epochs) == 1
+    assert all(e.to_dict()["id"] == e.id and e.to_dict()["seq"] == e.seq for e in stored)
+    await hub.close()
+
+
+async def test_new_subscriber_gets_everything_retained_then_live() -> None:
+    """A subscriber with no resume point gets the whole retained story, then live events."""
+    hub = await make_hub()
+    for i in range(1, 4):
+        await hub.publish(progress(i))
+    async with hub.subscribe(SID) as sub:
+        assert seqs(await drain(sub)) == [1, 2, 3]
+        await hub.publish(progress(4))
+        assert seqs(await drain(sub)) == [4]
+    await hub.close()
+
+
+@pytest.mark.parametrize("resume_after", range(0, 11))
+async def test_replay_from_every_position(resume_after: int) -> None:
+    """Resuming after event k yields exactly k+1 .. n, no gap notice."""
+    hub = await make_hub()
+    stored = [await hub.publish(progress(i)) for i in range(1, 11)]
+    last_id = stored[resume_after - 1].id if resume_after else None
+    async with hub.subscribe(SID, last_id) as sub:
+        frames = await drain(sub)
+    assert codes(frames) == []
+    assert seqs(frames) == list(range(resume_after + 1, 11))
+    await hub.close()
+
+
+@pytest.mark.parametrize(
+    "make_id",
+    [
+        pytest.param(lambda epoch: f"{epoch}-2", id="trimmed"),
+        pytest.param(lambda epoch: "deadbeef-7", id="earlier-epoch"),
+        pytest.param(lambda epoch: f"{epoch}-99", id="ahead"),
+        pytest.param(lambda epoch: "not an id", id="malformed"),
+        pytest.param(lambda epoch: "abc-", id="malformed-no-seq"),
+        pytest.param(lambda epoch: f"{epoch}-0", id="zero"),
+        pytest.param(lambda epoch: "x" * 5000, id="huge"),
+    ],
+)
+async def test_unservable_positions_get_replay_gap_then_everything(make_id) -> None:  # type: ignore[no-untyped-def]
+    """A position that cannot be served: replay_gap first, then every retained event."""
+    hub = await make_hub(buffer_size=5)
+    stored = [await hub.publish(progress(i)) for i in range(1, 11)]  # 6..10 retained
+    epoch = stored[0].epoch
+    async with hub.subscribe(SID, make_id(epoch)) as sub:
+        frames = await drain(sub)
+    assert codes(frames) == [REPLAY_GAP]
+    assert frames[0].type == "error" and frames[0].id is None  # control: no id
+    assert seqs(frames) == [6, 7, 8, 9, 10]
+    await hub.close()
+
+
+async def test_resume_on_unknown_session_gets_gap_then_waits() -> None:
+    """Resuming into a session that has no stream yet is a gap; live events then flow."""
+    hub = await make_hub()
+    async with hub.subscribe(SID, "cafe1234-3") as sub:
+        assert codes(await drain(sub)) == [REPLAY_GAP]
+        await hub.publish(progress(1))
+        assert seqs(await drain(sub)) == [1]
+    await hub.close()
+
+
+async def test_buffer_keeps_only_the_newest_events() -> None:
+    """The per-session buffer is bounded to buffer_size."""
+    hub = await make_hub(buffer_size=3)
+    for i in range(1, 8):
+        await hub.publish(progress(i))
+    replay = await hub.broker.read(SID, None)
+    assert [e.seq for e in replay.events] == [5, 6, 7]
+    await hub.close()
+
+
+async def test_nothing_is_stored_after_the_final_event() -> None:
+    """Publishing after the final event raises SessionEnded, and the stream is unchanged."""
+    hub = await make_hub()
+    await hub.publish(progress(1))
+    end = await hub.publish(final())
+    with pytest.raises(SessionEnded):
+        await hub.publish(progress(2))
+    info = await hub.broker.info(SID)
+    assert info is not None and info.ended and info.final_id == end.id and info.last_seq == 2
+    await hub.close()
+
+
+async def test_subscription_finishes_after_final_and_resume_at_final_is_finished() -> None:
+    """After the final event a subscription is finished; resuming at it gives nothing more."""
+    hub = await make_hub()
+    await hub.publish(progress(1))
+    end = await hub.publish(final())
+    async with hub.subscribe(SID) as sub:
+        assert seqs(await drain(sub)) == [1, 2]
+        assert sub.finished
+    async with hub.subscribe(SID, end.id) as sub:
+        assert await drain(sub) == []
+        assert sub.finished
+    await hub.close()
+
+
+async def test_many_subscribers_share_one_encoding() -> None:
+    """Every subscriber gets the same bytes object: an event is encoded once."""
+    hub = await make_hub()
+    async with hub.subscribe(SID) as a, hub.subscribe(SID) as b, hub.subscribe(SID) as c:
+        await hub.publish(progress(1))
+        frames = [(await drain(s))[0] for s in (a, b, c)]
+    assert frames[0].payload is frames[1].payload is frames[2].payload
+    await hub.close()
+
+
+async def test_sessions_are_isolated() -> None:
+    """A subscriber sees only its own session's events."""
+    hub = await make_hub()
+    async with hub.subscribe("session-a1") as a, hub.subscribe("session-b1") as b:
+        await hub.publish(progress(1, "session-a1"))
+        await hub.publish(progress(2, "session-b1"))
+        await hub.publish(progress(3, "session-a1"))
+        assert [f.session_id for f in await drain(a)] == ["session-a1"] * 2  # type: ignore[union-attr]
+        assert [f.session_id for f in await drain(b)] == ["session-b1"]  # type: ignore[union-attr]
+    await hub.close()
+
+
+async def test_slow_consumer_is_closed_and_never_delays_the_others() -> None:
+    """A subscriber that falls queue_size behind is closed; a reading one gets everything."""
+    hub = await make_hub(queue_size=10)
+    async with hub.subscribe(SID) as slow, hub.subscribe(SID) as fast:
+        got: list[int] = []
+        for i in range(1, 31):
+            await hub.publish(progress(i))
+            got += seqs(await drain(fast))
+        assert got == list(range(1, 31))
+        with pytest.raises(SubscriptionClosed) as closed:
+            await drain(slow)
+        assert closed.value.reason == "slow_consumer"
+    # It resumes from the buffer with nothing lost.
+    async with hub.subscribe(SID, None) as again:
+        assert seqs(await drain(again)) == list(range(1, 31))
+    await hub.close()
+
+
+async def test_replay_larger_than_the_live_queue_is_not_a_slow_consumer() -> None:
+    """The replay backlog does not count against the live-queue bound."""
+    hub = await make_hub(buffer_size=200, queue_size=5)
+    for i in range(1, 101):
+        await hub.publish(progress(i))
+    async with hub.subscribe(SID) as sub:
+        assert seqs(await drain(sub)) == list(range(1, 101))
+    await hub.close()
+
+
+async def test_events_published_during_replay_are_neither_lost_nor_doubled() -> None:
+    """Events stored while a subscriber reads its replay arrive once, in order."""
+
+    class SlowReadBroker(MemoryBroker):
+        async def read(self, session_id, after):  # type: ignore[no-untyped-def]
+            replay = await super().read(session_id, after)
+            # Events land between the read and the hand-over to live delivery.
+            await self.append(session_id, "progress", progress(98).model_dump_json(), False)
+            await self.append(session_id, "progress", progress(99).model_dump_json(), False)
+            return replay
+
+    hub = Hub(SlowReadBroker(100, 60.0), queue_size=50, metrics=Metrics())
+    await hub.start()
+    await hub.publish(progress(1))
+    async with hub.subscribe(SID) as sub:
+        await hub.publish(progress(4))
+        assert seqs(await drain(sub)) == [1, 2, 3, 4]
+    await hub.close()
+
+
+async def test_subscribers_are_removed_on_exit_and_on_cancellation() -> None:
+    """Leaving a subscription, normally or by cancellation, leaves nothing behind."""
+    hub = await make_hub()
+    async with hub.subscribe(SID):
+        assert hub.subscriber_count == 1
+    assert hub.subscriber_count == 0 and hub.session_count == 0
+
+    entered = asyncio.Event()
+
+    async def waiter() -> None:
+        async with hub.subscribe(SID) as sub:
+            entered.set()
+            await sub.get(timeout=3600)
+
+    task = asyncio.create_task(waiter())
+    await asyncio.wait_for(entered.wait(), EVENT_TIMEOUT)
+    assert hub.subscriber_count == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert hub.subscriber_count == 0 and hub.session_count == 0
+    await hub.close()
+
+
+async def test_get_wakes_on_publish_and_times_out_when_idle() -> None:
+    """get() returns a live event as soon as it is published, None when the wait runs out."""
+    hub = await make_hub()
+    async with hub.subscribe(SID) as sub:
+        assert await sub.get(timeout=0.01) is None
+        waiting = asyncio.create_task(sub.get(timeout=EVENT_TIMEOUT))
+        await asyncio.sleep(0)  # let it start waiting
+        await hub.publish(progress(1))
+        frame = await waiting
+        assert isinstance(frame, StoredEvent) and frame.seq == 1
+    await hub.close()
+
+
+async def test_ended_and_idle_sessions_are_evicted_after_ttl() -> None:
+    """After session_ttl without activity a session is forgotten; a new one gets a new epoch."""
+    clock = Clock()
+    hub = await make_hub(ttl=60.0, clock=clock)
+    broker = hub.broker
+    assert isinstance(broker, MemoryBroker)
+    first = await hub.publish(progress(1))
+    await hub.publish(final())
+    assert await broker.claim("never-started")  # an idle session that never started
+    clock.now += 59
+    assert broker.sweep() == 0
+    clock.now += 2
+    assert broker.sweep() == 2
+    assert broker.session_count() == 0
+    assert await broker.info(SID) is None
+    again = await hub.publish(progress(1))
+    assert again.seq == 1 and again.epoch != first.epoch
+    await hub.close()
+
+
+async def test_subscriber_on_a_recreated_stream_gets_a_gap_notice() -> None:
+    """If the stream is lost and recreated under a live subscriber, it is told (replay_gap)."""
+    clock = Clock()
+    hub = await make_hub(ttl=60.0, clock=clock)
+    broker = hub.broker
+    assert isinstance(broker, MemoryBroker)
+    await hub.publish(progress(1))
+    await hub.publish(progress(2))
+    async with hub.subscribe(SID) as sub:
+        assert seqs(await drain(sub)) == [1, 2]
+        clock.now += 120
+        broker.sweep()
+        await hub.publish(progress(1))  # a new life of the stream: seq 1 again
+        frame = await sub.get(timeout=EVENT_TIMEOUT)
+        rest = [frame, *await drain(sub)] if frame else []
+    assert codes(rest) == [REPLAY_GAP]
+    assert seqs(rest) == [1]
+    await hub.close()
+
+
+async def test_close_all_ends_every_subscription_for_shutdown() -> None:
+    """Shutdown closes every subscription with reason 'shutdown'."""
+    hub = await make_hub()
+    async with hub.subscribe(SID) as sub:
+        hub.close_all("shutdown")
+        with pytest.raises(SubscriptionClosed) as closed:
+            await sub.get(timeout=EVENT_TIMEOUT)
+        assert closed.value.reason == "shutdown"
+    await hub.close()
