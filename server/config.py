@@ -79,7 +79,10 @@ class Settings:
             "when unset only loopback clients may publish"
         },
     )
-    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    log_level: str = field(
+        default="INFO",
+        metadata={"help": "how much to log", "choices": ("DEBUG", "INFO", "WARNING", "ERROR")},
+    )
 
     @classmethod
     def from_args(
@@ -128,6 +131,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             dest=f.name,
             type=convert,
             default=default,
+            choices=f.metadata.get("choices"),
             help=f"{f.metadata['help']} [env {env_name}] (default: {shown})",
         )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
