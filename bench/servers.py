@@ -1,0 +1,171 @@
+"""The servers under test, and how to start, wait for and stop each one.
+
+To add a server (the Redis rows, say), add a :class:`ServerSpec` to
+:data:`SERVERS`: its command line, the transports it serves, and an
+``unavailable`` check that says why it cannot run here (then its rows are
+skipped with that reason, not failed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_CPU = 0  # the server is pinned here; the load generator to the other core
+LOADGEN_CPU = 1
+
+
+def _available() -> str | None:
+    return None
+
+
+def _redis_broker_unavailable() -> str | None:
+    """The ``--broker redis`` flag exists and a Redis answers on 127.0.0.1:6379."""
+    try:
+        help_text = subprocess.run(
+            [sys.executable, "-m", "server", "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout
+    except subprocess.TimeoutExpired:
+        return "python -m server --help timed out"
+    if "--broker" not in help_text:
+        return "the server has no --broker flag yet"
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=2.0):
+            pass
+    except OSError:
+        return "no Redis on 127.0.0.1:6379"
+    return None
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    command: Callable[[int], list[str]]
+    transports: frozenset[str] = frozenset({"ws", "sse"})
+    replay: bool = False
+    note: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    unavailable: Callable[[], str | None] = _available
+    scenarios: frozenset[str] | None = None  # None: every scenario
+
+
+def _ours(port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "server", "--port", str(port), "--log-level", "WARNING", *extra]
+
+
+SERVERS: dict[str, ServerSpec] = {
+    spec.name: spec
+    for spec in (
+        ServerSpec(
+            "ours",
+            lambda port: _ours(port),
+            replay=True,
+            note="server/ (memory broker)",
+        ),
+        ServerSpec(
+            "naive",
+            lambda port: [sys.executable, "-m", "bench.peers.naive_aiohttp", "--port", str(port)],
+            note="bench/peers/naive_aiohttp.py: no buffer, replay or validation",
+        ),
+        ServerSpec(
+            "seed",
+            lambda port: [sys.executable, "-m", "bench.peers.seed_fastapi", "--port", str(port)],
+            transports=frozenset({"ws"}),
+            note="bench/peers/seed_fastapi.py: FastAPI+uvicorn, one WebSocket per session",
+        ),
+        ServerSpec(
+            "ours-redis",
+            lambda port: _ours(port, "--broker", "redis"),
+            replay=True,
+            note="server/ with --broker redis (Redis on 127.0.0.1:6379)",
+            unavailable=_redis_broker_unavailable,
+            scenarios=frozenset({"fanout", "sessions", "fanout_sse", "sessions_sse"}),
+        ),
+    )
+}
+DEFAULT_SERVERS = ("ours", "naive", "seed")
+
+
+def pinned(cpu: int) -> Callable[[], None]:
+    """A ``preexec_fn``: pin the child to ``cpu`` (when the machine has it) and lift
+    its open-files limit to the hard limit."""
+
+    def setup() -> None:
+        if cpu < (os.cpu_count() or 1):
+            os.sched_setaffinity(0, {cpu})
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    return setup
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running(spec: ServerSpec, log_path: Path, ready_timeout: float = 60.0) -> Iterator[
+    tuple[subprocess.Popen[bytes], int]
+]:
+    """Start ``spec`` on a free port, pinned to SERVER_CPU; always stop it on exit."""
+    port = free_port()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            spec.command(port),
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **spec.env},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=pinned(SERVER_CPU),
+        )
+    try:
+        _wait_ready(process, port, ready_timeout)
+        yield process, port
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+
+def _wait_ready(process: subprocess.Popen[bytes], port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{port}/healthz"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server not ready on port {port} within {timeout} s")

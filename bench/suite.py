@@ -1,0 +1,270 @@
+"""``python -m bench``: every scenario against every server, a table, and a JSON file.
+
+For each (scenario, server) pair a fresh server process is started, pinned
+to core 0, and a fresh load generator process (:mod:`bench.loadgen`),
+pinned to core 1, runs the scenario and reports. Both are always stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import report
+from .servers import DEFAULT_SERVERS, LOADGEN_CPU, ROOT, SERVERS, pinned, running
+
+JSON = dict[str, Any]
+RESULTS = ROOT / "bench" / "results"
+
+_THROUGHPUT = {
+    "kind": "throughput",
+    "connect_concurrency": 100,
+    "connect_timeout": 120.0,
+    "publish_connections": 8,
+    "warmup_timeout": 5.0,
+    "drain_timeout": 10.0,
+}
+# The full scales of issue 7.
+SCENARIOS: dict[str, JSON] = {
+    "fanout": {
+        **_THROUGHPUT,
+        "transport": "ws",
+        "sessions": 1,
+        "subscribers_per_session": 1000,
+        "rate": 20,  # events/s: x 1,000 subscribers = 20,000 deliveries/s
+        "fixed_s": 10.0,
+        "sat_s": 8.0,
+        "window_events": 20,
+    },
+    "sessions": {
+        **_THROUGHPUT,
+        "transport": "ws",
+        "sessions": 1000,
+        "subscribers_per_session": 1,
+        "rate": 1000,  # events/s over all sessions = 1,000 deliveries/s
+        "fixed_s": 10.0,
+        "sat_s": 8.0,
+        "window_events": 256,
+    },
+    "idle_ws": {
+        "kind": "idle",
+        "transport": "ws",
+        "connections": 10_000,
+        "connect_concurrency": 200,
+        "connect_timeout": 300.0,
+        "hold_s": 2.0,
+        "probe_sessions": 100,
+    },
+    "storm": {
+        "kind": "storm",
+        "transport": "ws",
+        "clients": 1000,
+        "sessions": 1,
+        "warm_events": 5,
+        "behind": 50,
+        "connect_concurrency": 100,
+        "connect_timeout": 120.0,
+        "storm_timeout": 10.0,
+    },
+}
+SCENARIOS["fanout_sse"] = {**SCENARIOS["fanout"], "transport": "sse"}
+SCENARIOS["sessions_sse"] = {**SCENARIOS["sessions"], "transport": "sse"}
+SCENARIOS["idle_sse"] = {**SCENARIOS["idle_ws"], "transport": "sse"}
+SCENARIOS["storm_sse"] = {**SCENARIOS["storm"], "transport": "sse"}
+ORDER = (
+    "fanout",
+    "fanout_sse",
+    "sessions",
+    "sessions_sse",
+    "idle_ws",
+    "idle_sse",
+    "storm",
+    "storm_sse",
+)
+
+# ``--quick``: the same scenarios at smoke-test scale.
+QUICK: dict[str, JSON] = {
+    "fanout": {"subscribers_per_session": 50, "fixed_s": 1.0, "sat_s": 1.0, "warmup_timeout": 1.0},
+    "sessions": {"sessions": 50, "rate": 100, "fixed_s": 1.0, "sat_s": 1.0, "warmup_timeout": 1.0},
+    "idle_ws": {"connections": 300, "hold_s": 0.5, "probe_sessions": 20},
+    "storm": {"clients": 50, "behind": 20, "storm_timeout": 3.0},
+}
+QUICK["fanout_sse"] = QUICK["fanout"]
+QUICK["sessions_sse"] = QUICK["sessions"]
+QUICK["idle_sse"] = QUICK["idle_ws"]
+QUICK["storm_sse"] = QUICK["storm"]
+
+
+def scenario_config(name: str, quick: bool) -> JSON:
+    cfg = {**SCENARIOS[name], **(QUICK[name] if quick else {})}
+    if cfg["kind"] == "throughput":
+        cfg["scenario_timeout"] = (
+            cfg["connect_timeout"] + cfg["warmup_timeout"] + 3 * cfg["fixed_s"]
+            + cfg["sat_s"] + 2 * cfg["drain_timeout"] + 30
+        )
+    elif cfg["kind"] == "idle":
+        cfg["scenario_timeout"] = cfg["connect_timeout"] + 120
+    else:
+        cfg["scenario_timeout"] = cfg["connect_timeout"] + cfg["storm_timeout"] + 90
+    return cfg
+
+
+def run_one(scenario: str, server: str, quick: bool, log_dir: Path) -> JSON:
+    """One scenario against one fresh server; never raises for a failed run."""
+    spec = SERVERS[server]
+    cfg = scenario_config(scenario, quick)
+    row: JSON = {"scenario": scenario, "server": server, "transport": cfg["transport"]}
+    if cfg["transport"] not in spec.transports:
+        return {**row, "skipped": f"{server} has no {cfg['transport'].upper()}"}
+    if spec.scenarios is not None and scenario not in spec.scenarios:
+        return {**row, "skipped": "not part of this server's rows"}
+    reason = spec.unavailable()
+    if reason:
+        return {**row, "skipped": reason}
+    try:
+        with running(spec, log_dir / f"{server}.log") as (process, port):
+            cfg = {**cfg, "port": port, "server_pid": process.pid}
+            loadgen = subprocess.Popen(
+                [sys.executable, "-m", "bench.loadgen"],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                preexec_fn=pinned(LOADGEN_CPU),
+            )
+            try:
+                out, err = loadgen.communicate(
+                    json.dumps(cfg).encode(), timeout=cfg["scenario_timeout"] + 60
+                )
+            finally:
+                if loadgen.poll() is None:
+                    loadgen.kill()
+                    loadgen.wait(10)
+            if loadgen.returncode != 0 or not out:
+                tail = err.decode(errors="replace").strip().splitlines()[-3:]
+                return {**row, "error": f"load generator failed: {' | '.join(tail)}"}
+            result = json.loads(out)
+            alive = process.poll() is None
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        return {**row, "error": f"{type(exc).__name__}: {exc}"}
+    return {**row, **result, "config": cfg, "server_survived": alive}
+
+
+def machine() -> JSON:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("aiohttp", "aiohttp-sse", "pydantic", "fastapi", "uvicorn", "websockets"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "packages": versions,
+    }
+
+
+def aggregate(runs: list[JSON]) -> JSON:
+    """Medians over repeats, field by field (numbers only; the rest from the first run)."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def merge(values: list[Any]) -> Any:
+        if all(isinstance(v, dict) for v in values):
+            keys = values[0].keys()
+            return {k: merge([v.get(k) for v in values]) for k in keys}
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        if numbers and len(numbers) == len(values):
+            return statistics.median(numbers)
+        return values[0]
+
+    merged = merge(runs)
+    merged["repeats"] = len(runs)
+    return merged
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark our server against the naive aiohttp peer and the seed design.",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke-test scales (< 1 min)")
+    parser.add_argument(
+        "--scenario",
+        default="all",
+        help=f"comma-separated scenarios, or 'all': {', '.join(ORDER)}",
+    )
+    parser.add_argument(
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help=f"comma-separated servers: {', '.join(SERVERS)}",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs per row; medians reported")
+    parser.add_argument("--output", type=Path, default=None, help="JSON file to write")
+    args = parser.parse_args(argv)
+    args.scenarios = list(ORDER) if args.scenario == "all" else args.scenario.split(",")
+    args.server_names = args.servers.split(",")
+    for name in args.scenarios:
+        if name not in SCENARIOS:
+            parser.error(f"unknown scenario {name!r}; choose from {', '.join(ORDER)}")
+    for name in args.server_names:
+        if name not in SERVERS:
+            parser.error(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
+    if not 1 <= args.repeat <= 9:
+        parser.error("--repeat is between 1 and 9")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    output = args.output or RESULTS / f"bench-{stamp}.json"
+    log_dir = RESULTS / "logs" / stamp
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    rows: list[JSON] = []
+    for scenario in args.scenarios:
+        for server in args.server_names:
+            runs = []
+            for _ in range(args.repeat):
+                result = run_one(scenario, server, args.quick, log_dir)
+                runs.append(result)
+                if "skipped" in result or "error" in result:
+                    break
+            row = aggregate(runs)
+            rows.append(row)
+            print(report.progress_line(row), file=sys.stderr, flush=True)
+    document = {
+        "started": stamp,
+        "quick": args.quick,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "machine": machine(),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "rows": rows,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(document, indent=2))
+    print(report.markdown(document))
+    print(f"\nJSON: {output}")
+    return 0

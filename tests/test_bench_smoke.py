@@ -1,0 +1,49 @@
+"""The benchmark suite runs end to end at smoke scale (functional only: no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_fanout_against_ours_delivers_everything_once(tmp_path: Path) -> None:
+    """`python -m bench --quick --scenario fanout --servers ours` reports no loss or duplicate."""
+    output = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--scenario",
+            "fanout",
+            "--servers",
+            "ours",
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "| fanout | ours |" in completed.stdout
+
+    (row,) = json.loads(output.read_text())["rows"]
+    assert "error" not in row and "skipped" not in row, row
+    assert row["opened"] == row["subscribers"]
+    assert row["receivers"] == row["subscribers"]
+    assert row["lost"] == 0
+    assert row["duplicated"] == 0
+    assert row["reordered"] == 0
+    assert row["starved"] == 0
+    assert row["publish_failed"] == 0
+    assert row["fixed"]["deliveries"] == row["fixed"]["expected_deliveries"] > 0
+    assert row["saturation"]["deliveries"] > 0
+    assert row["server_survived"]
