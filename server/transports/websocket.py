@@ -43,6 +43,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         heartbeat=ctx.settings.heartbeat_interval,
         max_msg_size=ctx.settings.max_frame_size,
         timeout=_CLOSE_TIMEOUT,
+        # No permessage-deflate: a frame encoded once is sent as is to every subscriber,
+        # instead of being compressed again for each one.
+        compress=False,
     )
     await ws.prepare(request)
     if not is_valid_session_id(session_id):
