@@ -106,48 +106,48 @@ class Category:
 
 CATALOG: tuple[Category, ...] = (
     Category(
-        "outdoor_furniture", "Outdoor furniture", -1.8, 0.25, 0.10, 0.35, 0.03,
+        "outdoor_furniture", "Outdoor furniture", -1.8, 0.25, 0.10, 0.35, 0.02,
         (
-            Product("OF-01", "Teak bench", 349.0, 180.0, 55, 0.08, 170, 0.95, 0.0, 240, 6),
-            Product("OF-02", "Patio dining set", 899.0, 520.0, 22, 0.10, 160, 1.10, 0.0, 90, 8),
-            Product("OF-03", "Sun lounger", 229.0, 110.0, 80, 0.06, 185, 1.05, 0.0, 420, 5),
-            Product("OF-04", "Garden parasol", 149.0, 65.0, 110, 0.05, 180, 1.00, 0.0, 600, 4),
-            Product("OF-05", "Rope hammock", 119.0, 50.0, 45, 0.12, 190, 0.90, 0.0, 150, 4),
+            Product("OF-01", "Teak bench", 349.0, 180.0, 55, 0.14, 170, 0.95, 0.0, 240, 6),
+            Product("OF-02", "Patio dining set", 899.0, 520.0, 22, 0.16, 160, 1.10, 0.0, 90, 8),
+            Product("OF-03", "Sun lounger", 229.0, 110.0, 80, 0.12, 185, 1.05, 0.0, 420, 5),
+            Product("OF-04", "Garden parasol", 149.0, 65.0, 110, 0.10, 180, 1.00, 0.0, 600, 4),
+            Product("OF-05", "Rope hammock", 119.0, 50.0, 45, 0.18, 190, 0.90, 0.0, 150, 4),
         ),
     ),
     Category(
-        "garden_tools", "Garden tools", -1.3, 0.20, 0.09, 0.40, 0.025,
+        "garden_tools", "Garden tools", -1.3, 0.20, 0.09, 0.40, 0.02,
         (
-            Product("GT-01", "Cordless lawn mower", 399.0, 230.0, 40, 0.07, 120, 0.85, 0.0, 160, 6),
-            Product("GT-02", "Pruning shears", 29.0, 11.0, 260, 0.03, 105, 0.60, 0.25, 1400, 3),
-            Product("GT-03", "Expandable hose", 49.0, 20.0, 190, 0.04, 140, 0.75, 0.0, 900, 3),
-            Product("GT-04", "Raised planter box", 89.0, 40.0, 70, 0.09, 110, 0.70, 0.0, 300, 4),
+            Product("GT-01", "Cordless lawn mower", 399.0, 230.0, 40, 0.12, 120, 0.85, 0.0, 160, 6),
+            Product("GT-02", "Pruning shears", 29.0, 11.0, 260, 0.06, 105, 0.60, 0.25, 1400, 3),
+            Product("GT-03", "Expandable hose", 49.0, 20.0, 190, 0.08, 140, 0.75, 0.0, 900, 3),
+            Product("GT-04", "Raised planter box", 89.0, 40.0, 70, 0.14, 110, 0.70, 0.0, 300, 4),
         ),
     ),
     Category(
-        "grills", "Grills & BBQ", -1.5, 0.30, 0.10, 0.30, 0.03,
+        "grills", "Grills & BBQ", -1.5, 0.30, 0.10, 0.30, 0.025,
         (
-            Product("GR-01", "Kettle grill", 179.0, 95.0, 75, 0.04, 175, 0.95, 0.20, 380, 5),
-            Product("GR-02", "Gas grill 3-burner", 549.0, 330.0, 35, 0.06, 165, 1.00, 0.30, 140, 8),
-            Product("GR-03", "Pizza oven", 299.0, 160.0, 30, 0.15, 190, 0.80, 0.45, 120, 6),
-            Product("GR-04", "Grill cover", 39.0, 14.0, 150, 0.05, 170, 0.85, 0.0, 800, 2),
+            Product("GR-01", "Kettle grill", 179.0, 95.0, 75, 0.08, 175, 0.95, 0.20, 380, 5),
+            Product("GR-02", "Gas grill 3-burner", 549.0, 330.0, 35, 0.10, 165, 1.00, 0.30, 140, 8),
+            Product("GR-03", "Pizza oven", 299.0, 160.0, 30, 0.22, 190, 0.80, 0.45, 120, 6),
+            Product("GR-04", "Grill cover", 39.0, 14.0, 150, 0.08, 170, 0.85, 0.0, 800, 2),
         ),
     ),
     Category(
-        "heating", "Outdoor heating", -1.2, 0.20, 0.11, 0.25, 0.04,
+        "heating", "Outdoor heating", -1.2, 0.20, 0.11, 0.25, 0.03,
         (
-            Product("HE-01", "Patio heater", 259.0, 140.0, 45, 0.09, 350, 1.05, 0.0, 260, 6),
-            Product("HE-02", "Steel fire pit", 189.0, 90.0, 60, 0.12, 300, 0.80, 0.25, 320, 5),
-            Product("HE-03", "Wall heater", 329.0, 185.0, 25, -0.04, 10, 0.90, 0.0, 110, 7),
+            Product("HE-01", "Patio heater", 259.0, 140.0, 45, 0.14, 350, 1.05, 0.0, 260, 6),
+            Product("HE-02", "Steel fire pit", 189.0, 90.0, 60, 0.18, 300, 0.80, 0.25, 320, 5),
+            Product("HE-03", "Wall heater", 329.0, 185.0, 25, -0.02, 10, 0.90, 0.0, 110, 7),
         ),
     ),
     Category(
-        "lighting", "Outdoor lighting", -2.2, 0.25, 0.08, 0.45, 0.02,
+        "lighting", "Outdoor lighting", -2.2, 0.25, 0.08, 0.45, 0.015,
         (
-            Product("LI-01", "Solar path lights", 45.0, 18.0, 210, 0.06, 160, 0.55, 0.0, 1100, 3),
-            Product("LI-02", "String lights", 35.0, 12.0, 320, 0.10, 200, 0.35, 0.90, 1800, 3),
-            Product("LI-03", "Motion flood light", 79.0, 36.0, 90, 0.05, 300, 0.30, 0.20, 450, 4),
-            Product("LI-04", "LED lantern", 25.0, 9.0, 180, 0.08, 190, 0.45, 0.40, 900, 2),
+            Product("LI-01", "Solar path lights", 45.0, 18.0, 210, 0.10, 160, 0.55, 0.0, 1100, 3),
+            Product("LI-02", "String lights", 35.0, 12.0, 320, 0.16, 200, 0.35, 0.90, 1800, 3),
+            Product("LI-03", "Motion flood light", 79.0, 36.0, 90, 0.08, 300, 0.30, 0.20, 450, 4),
+            Product("LI-04", "LED lantern", 25.0, 9.0, 180, 0.12, 190, 0.45, 0.40, 900, 2),
         ),
     ),
 )  # fmt: skip

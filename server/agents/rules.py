@@ -282,6 +282,10 @@ def _extract_price(text: str, notes: list[str]) -> tuple[str, float | None, bool
 
 
 def _extract_horizon(text: str, notes: list[str]) -> tuple[str, int | None]:
+    pattern, weeks, label = _HORIZON_WORDS[0]  # "half a year" before "a year" can match
+    if (half := pattern.search(text)) is not None:
+        notes.append(f"read '{half.group(0).strip()}' as {label}: {weeks} weeks")
+        return _blank(text, half.start(), half.end()), weeks
     matches = list(_HORIZON_RE.finditer(text))
     if matches:
         preferred = [m for m in matches if m.group("lead")]
@@ -376,7 +380,10 @@ def extract_rules(text: str) -> RuleExtraction:
     if _ALL_CHANNELS_RE.search(work):
         values["channel"] = "all"
     else:
-        online = _ONLINE_RE.search(work) is not None
+        online_hits = list(_ONLINE_RE.finditer(work))
+        for hit in online_hits:  # "web shop" is online, not a shop
+            work = _blank(work, hit.start(), hit.end())
+        online = bool(online_hits)
         store = _STORE_RE.search(work) is not None
         if online != store:
             values["channel"] = "online" if online else "store"

@@ -1,0 +1,301 @@
+"""LLM extraction with the real OpenAI SDK against a local Chat Completions server.
+
+The server is aiohttp on 127.0.0.1 with a free port, answering
+``POST /v1/chat/completions`` (and Azure's deployment path) from a script of
+responses, one per request, and recording what it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from server.agents.extraction import FALLBACK_STATUS, ExtractionAgent
+from server.agents.llm import LLMSettings
+from tests.agents.conftest import Recorder
+
+API_KEY = "sk-test-SECRET-4c8f2e9a1b7d"
+STRATEGY = "15% off outdoor furniture for 8 weeks"
+# What a model would answer for STRATEGY, but different from what the rules read (channel),
+# so a test can tell which path produced the parameters.
+LLM_ANSWER = {
+    "product_category": "outdoor_furniture",
+    "horizon_weeks": 8,
+    "price_change_pct": -15.0,
+    "promotion": True,
+    "channel": "online",
+    "service_level": None,
+    "lead_time_weeks": None,
+}
+
+
+def completion(content: str) -> dict[str, Any]:
+    """A chat.completion object as the Chat Completions API returns it."""
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 1_764_000_000,
+        "model": "test-model",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 50, "completion_tokens": 30, "total_tokens": 80},
+    }
+
+
+def ok(content: str) -> web.Response:
+    return web.json_response(completion(content))
+
+
+def status(code: int, message: str) -> web.Response:
+    # retry-after-ms makes the SDK's retry wait 1 ms instead of its back-off
+    return web.json_response(
+        {"error": {"message": message, "type": "test_error", "code": None}},
+        status=code,
+        headers={"retry-after-ms": "1"},
+    )
+
+
+@dataclass
+class ChatServer:
+    """The script of responses and the requests received."""
+
+    url: str = ""
+    script: list[str | int] = field(default_factory=list)  # content, or an HTTP status
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(
+            {"path": request.path, "query": dict(request.query), "headers": dict(request.headers),
+             "body": body}
+        )  # fmt: skip
+        step = self.script.pop(0) if self.script else "hang"
+        if step == "hang":
+            await self.release.wait()  # until the test ends: the client must time out
+            return status(503, "released")
+        if isinstance(step, int):
+            return status(step, f"scripted {step} for key {API_KEY}")
+        return ok(step)
+
+    def settings(self, **overrides: Any) -> LLMSettings:
+        values: dict[str, Any] = {
+            "provider": "openai",
+            "api_key": API_KEY,
+            "model": "test-model",
+            "base_url": f"{self.url}/v1",
+            "timeout": 5.0,
+            "max_retries": 2,
+        }
+        values.update(overrides)
+        return LLMSettings(**values)
+
+
+@pytest.fixture
+async def chat_server() -> AsyncIterator[ChatServer]:
+    server = ChatServer()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", server.handle)
+    app.router.add_post("/openai/deployments/{deployment}/chat/completions", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    server.url = f"http://127.0.0.1:{port}"
+    yield server
+    server.release.set()
+    await runner.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def capture_everything(caplog: pytest.LogCaptureFixture) -> None:
+    """Every logger at DEBUG (the SDK's and the HTTP client's included), to look for the key."""
+    caplog.set_level(logging.DEBUG)
+
+
+def assert_no_key(recorder: Recorder, caplog: pytest.LogCaptureFixture) -> None:
+    reported = json.dumps([(r.status, r.data) for r in recorder.reports])
+    assert API_KEY not in reported
+    assert API_KEY[-8:] not in reported
+    logged = "\n".join(r.getMessage() for r in caplog.records) + caplog.text
+    assert API_KEY not in logged
+    assert API_KEY[-8:] not in logged
+
+
+def fallback_reported(recorder: Recorder, reason_part: str) -> bool:
+    return any(
+        r.status.startswith("Language model unavailable (")
+        and r.status.endswith("); used rule-based extraction")
+        and reason_part in r.status
+        and r.data.get("method") == "rules"
+        for r in recorder.reports
+    )
+
+
+async def test_success_gives_the_models_parameters(
+    chat_server: ChatServer, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A valid structured answer becomes the parameters, method 'llm', with a strict schema."""
+    chat_server.script = [json.dumps(LLM_ANSWER)]
+    result = await ExtractionAgent(chat_server.settings())(STRATEGY, recorder)
+
+    assert result.method == "llm"
+    assert result.model == "test-model"
+    assert result.parameters.channel == "online"  # the model's answer, not the rules'
+    assert result.parameters.price_change_pct == -15.0
+    assert result.parameters.service_level == 0.95  # null -> default
+    (sent,) = chat_server.requests
+    assert sent["headers"]["Authorization"] == f"Bearer {API_KEY}"
+    assert sent["body"]["messages"][-1]["content"] == STRATEGY
+    schema = sent["body"]["response_format"]
+    assert schema["type"] == "json_schema"
+    assert schema["json_schema"]["strict"] is True
+    assert set(schema["json_schema"]["schema"]["required"]) == set(LLM_ANSWER)
+    assert not fallback_reported(recorder, "")
+    assert recorder.statuses[-1].startswith("Language model read: Outdoor furniture, 8 weeks")
+    assert any(r.name.startswith("openai") for r in caplog.records)  # the SDK's logs were seen
+    assert_no_key(recorder, caplog)
+
+
+async def test_output_that_is_not_json_falls_back_to_the_rules(
+    chat_server: ChatServer, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Prose instead of JSON: rule-based parameters, and the stream says why."""
+    chat_server.script = ["Sure! Outdoor furniture, 8 weeks, 15% off."]
+    result = await ExtractionAgent(chat_server.settings())(STRATEGY, recorder)
+
+    assert result.method == "rules"
+    assert result.fallback_reason == "its answer was not valid JSON"
+    assert result.parameters.channel == "all"
+    assert result.parameters.horizon_weeks == 8
+    assert fallback_reported(recorder, "not valid JSON")
+    assert len(chat_server.requests) == 1  # not retried
+    assert_no_key(recorder, caplog)
+
+
+async def test_output_outside_the_schema_falls_back_to_the_rules(
+    chat_server: ChatServer, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Valid JSON with an unknown category and a 90-week horizon does not validate."""
+    chat_server.script = [json.dumps({**LLM_ANSWER, "product_category": "toys"})]
+    result = await ExtractionAgent(chat_server.settings())(STRATEGY, recorder)
+    assert result.method == "rules"
+    assert fallback_reported(recorder, "did not match the parameters schema")
+
+    chat_server.script = [json.dumps({**LLM_ANSWER, "horizon_weeks": 90})]
+    result = await ExtractionAgent(chat_server.settings())(STRATEGY, recorder)
+    assert result.method == "rules"
+    assert result.parameters.horizon_weeks == 8
+    assert_no_key(recorder, caplog)
+
+
+async def test_429_then_success_is_retried_by_the_sdk(
+    chat_server: ChatServer, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 429 is retried (after retry-after-ms) and the second answer is used."""
+    chat_server.script = [429, json.dumps(LLM_ANSWER)]
+    result = await ExtractionAgent(chat_server.settings(max_retries=2))(STRATEGY, recorder)
+
+    assert result.method == "llm"
+    assert result.parameters.channel == "online"
+    assert len(chat_server.requests) == 2
+    assert_no_key(recorder, caplog)
+
+
+async def test_500_falls_back_after_the_retries(
+    chat_server: ChatServer, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that keeps answering 500: 1 + max_retries requests, then the rules."""
+    chat_server.script = [500, 500, 500, 500]
+    result = await ExtractionAgent(chat_server.settings(max_retries=1))(STRATEGY, recorder)
+
+    assert result.method == "rules"
+    assert result.fallback_reason == "server error, HTTP 500"
+    assert len(chat_server.requests) == 2
+    assert fallback_reported(recorder, "HTTP 500")
+    assert result.parameters.product_category == "outdoor_furniture"
+    assert_no_key(recorder, caplog)  # the 500's body quoted the key: it must not leak
+
+
+async def test_401_quoting_the_key_does_not_leak_it(
+    chat_server: ChatServer, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused key (whose error text quotes it) is reported as 'credentials refused'."""
+    chat_server.script = [401]
+    result = await ExtractionAgent(chat_server.settings())(STRATEGY, recorder)
+    assert result.fallback_reason == "credentials refused, HTTP 401"
+    assert len(chat_server.requests) == 1
+    assert_no_key(recorder, caplog)
+
+
+async def test_time_out_falls_back_to_the_rules(
+    chat_server: ChatServer, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that never answers: the SDK's time-out, then the rules, said in the stream."""
+    chat_server.script = ["hang"]
+    agent = ExtractionAgent(chat_server.settings(timeout=0.3, max_retries=0))
+    result = await agent(STRATEGY, recorder)
+
+    assert result.method == "rules"
+    assert result.fallback_reason == "timed out after 0.3 s"
+    assert fallback_reported(recorder, "timed out")
+    assert len(chat_server.requests) == 1
+    assert_no_key(recorder, caplog)
+
+
+async def test_unreachable_server_falls_back(recorder: Recorder) -> None:
+    """Nothing listening on the port: 'could not connect', then the rules."""
+    settings = LLMSettings(
+        provider="openai", api_key=API_KEY, base_url="http://127.0.0.1:9/v1", max_retries=0
+    )
+    result = await ExtractionAgent(settings)(STRATEGY, recorder)
+    assert result.method == "rules"
+    assert fallback_reported(recorder, "could not connect")
+
+
+@pytest.mark.parametrize("llm", [None, LLMSettings.from_env({})], ids=["none", "no-credentials"])
+async def test_no_credentials_is_announced(llm: LLMSettings | None, recorder: Recorder) -> None:
+    """Without a model the rules are used and the stream says so."""
+    result = await ExtractionAgent(llm)(STRATEGY, recorder)
+    assert result.method == "rules"
+    assert recorder.statuses[-1] == FALLBACK_STATUS.format(reason=result.fallback_reason)
+    assert result.summary()["method"] == "rules"
+    assert result.summary()["fallback_reason"] == result.fallback_reason
+
+
+async def test_azure_goes_through_the_deployment_path(
+    chat_server: ChatServer, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Azure client posts to /openai/deployments/<name>/... with api-key and api-version."""
+    chat_server.script = [json.dumps(LLM_ANSWER)]
+    settings = LLMSettings.from_env(
+        {
+            "AZURE_OPENAI_ENDPOINT": chat_server.url,
+            "AZURE_OPENAI_API_KEY": API_KEY,
+            "AZURE_OPENAI_DEPLOYMENT": "forecast-gpt",
+            "AZURE_OPENAI_API_VERSION": "2024-10-21",
+        }
+    )
+    result = await ExtractionAgent(settings)(STRATEGY, recorder)
+
+    assert result.method == "llm"
+    assert result.model == "forecast-gpt"
+    (sent,) = chat_server.requests
+    assert sent["path"] == "/openai/deployments/forecast-gpt/chat/completions"
+    assert sent["query"]["api-version"] == "2024-10-21"
+    assert sent["headers"]["api-key"] == API_KEY
+    assert_no_key(recorder, caplog)

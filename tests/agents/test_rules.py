@@ -1,0 +1,130 @@
+"""The rule-based extractor on a table of phrasings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from server.agents.extraction import extract_rule_based
+from server.agents.parameters import ForecastParameters
+from server.agents.rules import extract_rules
+
+DEFAULTS = ForecastParameters().model_dump()
+
+# (strategy, the fields that must differ from the defaults)
+CASES: list[tuple[str, dict[str, Any]]] = [
+    (
+        "15% off outdoor furniture for 8 weeks",
+        {"product_category": "outdoor_furniture", "horizon_weeks": 8, "price_change_pct": -15.0,
+         "promotion": True},
+    ),
+    (
+        "Run a 20% discount on grills online over the next 3 months",
+        {"product_category": "grills", "horizon_weeks": 13, "price_change_pct": -20.0,
+         "promotion": True, "channel": "online"},
+    ),
+    (
+        "Cut prices on garden tools by 10% in stores for six weeks, no promotion",
+        {"product_category": "garden_tools", "horizon_weeks": 6, "price_change_pct": -10.0,
+         "channel": "store"},
+    ),
+    (
+        "Raise lighting prices 5% for a quarter",
+        {"product_category": "lighting", "horizon_weeks": 13, "price_change_pct": 5.0},
+    ),
+    (
+        "Price increase of 7.5% on fire pits over 12 weeks, omnichannel",
+        {"product_category": "heating", "horizon_weeks": 12, "price_change_pct": 7.5},
+    ),
+    (
+        "Increase sales of patio heaters by 10% with a promo campaign for 4 weeks",
+        {"product_category": "heating", "horizon_weeks": 4, "promotion": True},
+    ),
+    (
+        "Forecast everything for the next year at a 98% service level with a 3-week lead time",
+        {"horizon_weeks": 52, "service_level": 0.98, "lead_time_weeks": 3},
+    ),
+    (
+        "Half price string lights for a fortnight",
+        {"product_category": "lighting", "horizon_weeks": 2, "price_change_pct": -50.0,
+         "promotion": True},
+    ),
+    (
+        "BOGO on pizza ovens for 30 days online and in-store",
+        {"product_category": "grills", "horizon_weeks": 5, "promotion": True},
+    ),
+    (
+        "Store-wide sale: 25 percent off for the next 2 weeks",
+        {"horizon_weeks": 2, "price_change_pct": -25.0, "promotion": True},
+    ),
+    (
+        "What if we drop the price of teak benches by twenty percent?",
+        {"product_category": "outdoor_furniture", "price_change_pct": -20.0},
+    ),
+    (
+        "a 12.5% price cut on garden furniture for 2 months",
+        {"product_category": "outdoor_furniture", "horizon_weeks": 9, "price_change_pct": -12.5},
+    ),
+    (
+        "Patio heaters, web shop only, lead time of 10 days, 16-week horizon",
+        {"product_category": "heating", "horizon_weeks": 16, "channel": "online",
+         "lead_time_weeks": 2},
+    ),
+    (
+        "Lawn mowers -10% price, no promotion, 26 weeks",
+        {"product_category": "garden_tools", "horizon_weeks": 26, "price_change_pct": -10.0},
+    ),
+    (
+        "BBQ flash sale with 30% off in our stores for half a year",
+        {"product_category": "grills", "horizon_weeks": 26, "price_change_pct": -30.0,
+         "promotion": True, "channel": "store"},
+    ),
+    (
+        "Lanterns: price +8% for 100 weeks",
+        {"product_category": "lighting", "horizon_weeks": 52, "price_change_pct": 8.0},
+    ),
+    ("", {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("strategy", "expected"), CASES, ids=[c[0][:40] or "empty" for c in CASES])
+def test_phrasings(strategy: str, expected: dict[str, Any]) -> None:
+    """Each phrasing gives exactly the expected parameters, the rest left at their defaults."""
+    assert extract_rule_based(strategy).model_dump() == {**DEFAULTS, **expected}
+
+
+def test_a_percentage_that_is_not_a_price_is_not_read_as_one() -> None:
+    """'increase sales by 10 %' and a service level are not price changes."""
+    params = extract_rule_based("increase sales by 10% at a 90% service level for 8 weeks")
+    assert params.price_change_pct == 0.0
+    assert params.service_level == pytest.approx(0.90)
+
+
+def test_a_price_change_without_direction_is_noted_not_guessed() -> None:
+    """'a 10 % price change' says neither up nor down: unchanged, with a note saying so."""
+    found = extract_rules("10% price change for BBQs over 8 weeks")
+    assert found.parameters.price_change_pct == 0.0
+    assert any("names no direction" in note for note in found.notes)
+
+
+def test_defaults_are_noted() -> None:
+    """A strategy naming no horizon and no category says which defaults it used."""
+    notes = extract_rules("make more money").notes
+    assert any("no horizon given; used 12 weeks" in note for note in notes)
+    assert any("forecasting all categories" in note for note in notes)
+
+
+def test_several_categories_pick_the_first_and_say_so() -> None:
+    """Two categories: the first is forecast, and a note names the other."""
+    found = extract_rules("Outdoor furniture and grills, 8 weeks, -10% price")
+    assert found.parameters.product_category == "outdoor_furniture"
+    assert any("Grills & BBQ" in note for note in found.notes)
+
+
+def test_out_of_range_values_are_limited_and_noted() -> None:
+    """A 70 % cut and a 2-year horizon are held to the model's bounds, with notes."""
+    found = extract_rules("70% off heaters for 2 years")
+    assert found.parameters.price_change_pct == -50.0
+    assert found.parameters.horizon_weeks == 52
+    assert len(found.notes) >= 2
