@@ -22,18 +22,18 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
-
-from pydantic import BaseModel
 
 from .brokers.base import Broker, Replay
 from .messages import (
     REPLAY_GAP,
+    CompleteEvent,
     ControlEvent,
+    ErrorEvent,
+    StorableEvent,
     StoredEvent,
     StreamPosition,
-    is_final,
 )
 from .metrics import Metrics
 
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 Frame = StoredEvent | ControlEvent
 CloseReason = Literal["slow_consumer", "shutdown"]
+Sink = Callable[[StoredEvent], bool]
+"""A transport's direct writer: writes the event now and returns ``True``, or returns
+``False`` when it cannot without waiting (the socket is backed up)."""
 
 
 class SubscriptionClosed(Exception):
@@ -54,10 +57,12 @@ class SubscriptionClosed(Exception):
 class Subscription:
     """One subscriber's view of one session: replay first, then live events, in ``seq`` order.
 
-    Live events wait in a bounded queue. A subscriber that falls
-    ``queue_size`` events behind is closed (reason ``slow_consumer``) instead
-    of slowing the publisher or the other subscribers; it resumes from the
-    buffer when it reconnects.
+    A transport that can write without waiting sets :attr:`sink`: while
+    nothing is queued, a live event goes straight to the socket, with no queue
+    and no task switch. Otherwise live events wait in a bounded queue for the
+    transport's task. A subscriber that falls ``queue_size`` events behind is
+    closed (reason ``slow_consumer``) instead of slowing the publisher or the
+    other subscribers; it resumes from the buffer when it reconnects.
     """
 
     def __init__(self, hub: Hub, session_id: str, queue_size: int) -> None:
@@ -73,6 +78,7 @@ class Subscription:
         self._final_seen = False
         self._closed: CloseReason | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self.sink: Sink | None = None
 
     # --- producer side (the hub) --------------------------------------------------------
 
@@ -118,6 +124,16 @@ class Subscription:
             # re-read from where we are; the broker signals a gap if it must.
             self._pending = [event]
             self._hub._resync(self)
+            return
+        sink = self.sink
+        if (
+            sink is not None
+            and not event.final  # the transport's task sends the final event, then closes
+            and not (self._control or self._replay or self._live)  # keep the order
+            and sink(event)
+        ):
+            self._epoch = event.epoch
+            self._last_seq = event.seq
             return
         if len(self._live) >= self._queue_size:
             self.close("slow_consumer")
@@ -213,18 +229,17 @@ class Hub:
 
     # --- publishing -----------------------------------------------------------------------
 
-    async def publish(self, event: BaseModel) -> StoredEvent:
+    async def publish(self, event: StorableEvent) -> StoredEvent:
         """Validate-once, encode-once, store: the event then reaches every subscriber.
 
         Raises ``SessionEnded`` after the final event and ``ServiceUnavailable``
         when the broker cannot be reached.
         """
-        session_id: str = event.session_id
-        event_type: str = event.type
+        final = isinstance(event, CompleteEvent | ErrorEvent) and event.final
         stored = await self.broker.append(
-            session_id, event_type, event.model_dump_json(), is_final(event)
+            event.session_id, event.type, event.model_dump_json(), final
         )
-        self._metrics.published.labels(type=event_type).inc()
+        self._metrics.published.labels(type=event.type).inc()
         return stored
 
     def _fan_out(self, event: StoredEvent) -> None:

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_serializer
 
+from .framing import http_chunk, sse_frame, websocket_text_frame
+
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
 
 # Control error codes: sent to one connection only, never stored or replayed.
@@ -102,17 +104,11 @@ Event = Annotated[
     AgentStatusEvent | ProgressEvent | CompleteEvent | ErrorEvent | HeartbeatEvent,
     Field(discriminator="type"),
 ]
-# What other services may publish: every type but heartbeat, which is never stored.
-PublishableEvent = Annotated[
-    AgentStatusEvent | ProgressEvent | CompleteEvent | ErrorEvent,
-    Field(discriminator="type"),
-]
+# What can be stored, and so published by other services: every type but heartbeat.
+StorableEvent = AgentStatusEvent | ProgressEvent | CompleteEvent | ErrorEvent
+PublishableEvent = Annotated[StorableEvent, Field(discriminator="type")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 PUBLISHABLE_ADAPTER: TypeAdapter[PublishableEvent] = TypeAdapter(PublishableEvent)
-
-
-def is_final(event: BaseModel) -> bool:
-    return bool(getattr(event, "final", False))
 
 
 # --- stored events and their positions ------------------------------------------------------
@@ -166,12 +162,22 @@ class StoredEvent:
     """An event as stored in a session's stream, encoded once for every subscriber.
 
     ``payload`` is the complete wire form as UTF-8 JSON, ``id`` and ``seq``
-    included: the same ``bytes`` object is written to every WebSocket. The
-    SSE frame is built from it on first use and cached, so SSE subscribers
-    share one ``bytes`` object too.
+    included. The SSE and WebSocket frames are built from it on first use and
+    cached, so the subscribers of each transport share one ``bytes`` object.
     """
 
-    __slots__ = ("_sse", "epoch", "final", "id", "payload", "seq", "session_id", "type")
+    __slots__ = (
+        "_sse",
+        "_sse_chunk",
+        "_ws",
+        "epoch",
+        "final",
+        "id",
+        "payload",
+        "seq",
+        "session_id",
+        "type",
+    )
 
     def __init__(
         self, session_id: str, epoch: str, seq: int, type: str, final: bool, body: str
@@ -185,6 +191,8 @@ class StoredEvent:
         # ``body`` is the model's JSON without id/seq; splice them in once.
         self.payload = f'{body[:-1]},"id":"{self.id}","seq":{seq}}}'.encode()
         self._sse: bytes | None = None
+        self._sse_chunk: bytes | None = None
+        self._ws: bytes | None = None
 
     @property
     def position(self) -> StreamPosition:
@@ -195,6 +203,20 @@ class StoredEvent:
         if self._sse is None:
             self._sse = sse_frame(self.payload, event=self.type, event_id=self.id)
         return self._sse
+
+    @property
+    def sse_chunk(self) -> bytes:
+        """The SSE frame as one HTTP chunk, for writing straight to a chunked response."""
+        if self._sse_chunk is None:
+            self._sse_chunk = http_chunk(self.sse_frame)
+        return self._sse_chunk
+
+    @property
+    def ws_frame(self) -> bytes:
+        """The complete WebSocket text frame, header included, for every connection."""
+        if self._ws is None:
+            self._ws = websocket_text_frame(self.payload)
+        return self._ws
 
     def to_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.payload)
@@ -228,22 +250,3 @@ class ControlEvent:
     @classmethod
     def heartbeat(cls, session_id: str) -> ControlEvent:
         return cls("heartbeat", HeartbeatEvent(session_id=session_id).model_dump_json().encode())
-
-
-_LINE_BREAKS = re.compile(r"\r\n|\r|\n")
-_BYTE_LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
-
-
-def sse_frame(data: bytes, *, event: str, event_id: str | None = None) -> bytes:
-    """Frame one Server-Sent Event: ``id:``, ``event:``, one ``data:`` per line, blank line.
-
-    CR and LF are stripped from ``id`` and ``event`` (they would end the field);
-    encoded JSON never holds a raw line break, but data is split per line anyway
-    so that any text stays one event.
-    """
-    head = ""
-    if event_id is not None:
-        head = f"id: {_LINE_BREAKS.sub('', event_id)}\n"
-    head += f"event: {_LINE_BREAKS.sub('', event)}\n"
-    lines = _BYTE_LINE_BREAKS.split(data)
-    return head.encode() + b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"

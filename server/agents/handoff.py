@@ -17,10 +17,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel
-
 from ..errors import reference_id
-from ..messages import AgentStatusEvent, CompleteEvent, ErrorEvent
+from ..messages import AgentStatusEvent, CompleteEvent, ErrorEvent, StorableEvent
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ class Summarizable(Protocol):
 
 
 Agent = Callable[[Any, Reporter], Awaitable[Any]]
-Publish = Callable[[BaseModel], Awaitable[object]]
+Publish = Callable[[StorableEvent], Awaitable[object]]
 Outcome = Literal["success", "timeout", "failed"]
 
 

@@ -19,7 +19,7 @@ from aiohttp_sse import EventSourceResponse
 from ..context import STREAM_CONTEXT
 from ..errors import InvalidSessionId
 from ..hub import SubscriptionClosed
-from ..messages import SLOW_CONSUMER, ControlEvent, is_valid_session_id
+from ..messages import SLOW_CONSUMER, ControlEvent, StoredEvent, is_valid_session_id
 
 # aiohttp-sse's own ": ping" comments are replaced by heartbeat events, which
 # a browser can see; its ping task still serves as the "stream alive" sentinel.
@@ -51,8 +51,20 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         delivered = ctx.metrics.delivered.labels(transport="sse")
         interval = ctx.settings.heartbeat_interval
         gauge.inc()
+
+        def write_now(event: StoredEvent) -> bool:
+            transport = request.transport
+            if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+                return False  # backed up: queue it, and let this task wait on the socket
+            transport.write(event.sse_chunk)  # the response is chunked: one cached chunk
+            delivered.inc()
+            return True
+
         try:
+            # The first write also sends the headers; direct writes may only follow it.
             await response.write(f"retry: {ctx.settings.sse_retry_ms}\n\n".encode())
+            if response.chunked:
+                subscription.sink = write_now
             while not subscription.finished:
                 frame = await subscription.get(interval)
                 if frame is None:

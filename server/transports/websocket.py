@@ -23,6 +23,7 @@ from ..messages import (
     INVALID_SESSION_ID,
     SLOW_CONSUMER,
     ControlEvent,
+    StoredEvent,
     is_valid_session_id,
 )
 
@@ -106,6 +107,18 @@ async def _pump(
     """Write frames until the final event, a server-side close, or a dead peer."""
     delivered = ctx.metrics.delivered.labels(transport="websocket")
     interval = ctx.settings.heartbeat_interval
+
+    def write_now(event: StoredEvent) -> bool:
+        transport = request.transport
+        if ws.closed or transport is None or transport.is_closing():
+            return False
+        if transport.get_write_buffer_size():
+            return False  # backed up: queue it, and let this task wait on the socket
+        transport.write(event.ws_frame)
+        delivered.inc()
+        return True
+
+    subscription.sink = write_now
     try:
         while not subscription.finished:
             frame = await subscription.get(interval)
