@@ -32,7 +32,9 @@ class Clock:
 
 
 def progress(n: int, session_id: str = SID) -> ProgressEvent:
-    return ProgressEvent(session_id=session_id, agent="demand", status=f"step {n}", progress=n % 101)
+    return ProgressEvent(
+        session_id=session_id, agent="demand", status=f"step {n}", progress=n % 101
+    )
 
 
 def final(session_id: str = SID) -> CompleteEvent:
