@@ -15,13 +15,16 @@ the hub, the brokers or the web server.
 
 from __future__ import annotations
 
-from .demand import DemandAgent, DemandForecast, ForecastExecutor
-from .extraction import ExtractionAgent
-from .handoff import AgentHandoffManager
-from .inventory import InventoryPlan, InventoryRequest, inventory_agent
-from .llm import LLMSettings
-from .parameters import ExtractionResult, ForecastParameters
-from .pricing import PricingPlan, PricingRequest, pricing_agent
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .demand import DemandForecast, ForecastExecutor
+    from .handoff import AgentHandoffManager
+    from .inventory import InventoryPlan, InventoryRequest
+    from .llm import LLMSettings
+    from .parameters import ExtractionResult, ForecastParameters
+    from .pricing import PricingPlan, PricingRequest
 
 __all__ = [
     "AgentResources",
@@ -35,6 +38,27 @@ __all__ = [
     "PricingRequest",
     "register_agents",
 ]
+
+# Imported on first use, so that the forecast worker processes, which import
+# ``server.agents.forecasting`` and with it this package, do not load the OpenAI SDK,
+# pydantic models and the rest they never use.
+_LAZY = {
+    "DemandForecast": ".demand",
+    "ExtractionResult": ".parameters",
+    "ForecastParameters": ".parameters",
+    "InventoryPlan": ".inventory",
+    "InventoryRequest": ".inventory",
+    "LLMSettings": ".llm",
+    "PricingPlan": ".pricing",
+    "PricingRequest": ".pricing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)
 
 
 class AgentResources:
@@ -58,6 +82,11 @@ def register_agents(
     ``llm`` of None, or one without credentials, means rule-based extraction (announced in
     the stream). ``forecast_workers`` sizes the process pool (default: one per CPU).
     """
+    from .demand import DemandAgent, ForecastExecutor
+    from .extraction import ExtractionAgent
+    from .inventory import inventory_agent
+    from .pricing import pricing_agent
+
     executor = ForecastExecutor(forecast_workers)
     manager.register("extraction", ExtractionAgent(llm))
     manager.register("demand", DemandAgent(executor))

@@ -14,9 +14,12 @@ For each product of ``params.product_category`` (sold through ``params.channel``
    (with the prices and promotions those weeks really had); the MAPE against what was
    sold, next to the seasonal-naive model's MAPE, per product and for the total.
 
-The fits run in a :class:`ForecastExecutor` (a process pool): statsmodels holds
-the GIL, so a thread would stall the event loop, and with it every stream's
-heartbeats. The agent reports each product as it finishes, with its numbers.
+The fits run in a :class:`ForecastExecutor` (a process pool): fitting is mostly
+Python code holding the GIL, so in a thread it would take turns with the event
+loop for the one interpreter, and several sessions forecasting at once would
+slow every stream's events and heartbeats. In worker processes the fits use
+every core and the loop's interpreter stays free. The agent reports each
+product as it finishes, with its numbers.
 """
 
 from __future__ import annotations
