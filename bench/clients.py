@@ -14,6 +14,8 @@ the load generator, not the server, stays the lighter side.
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import re
 import time
 from array import array
@@ -165,6 +167,137 @@ def _control_kind(payload: bytes) -> str:
         return "error:" + code.group(1).decode(errors="replace")
     kind = re.search(rb'"type":\s*"([^"]*)"', payload)
     return kind.group(1).decode(errors="replace") if kind else "unknown"
+
+
+# --- WebSocket subscriber (raw frames on a raw socket) ----------------------------------
+
+
+class RawWSClient(asyncio.Protocol):
+    """One WebSocket on a raw socket: the upgrade, then frames parsed in ``data_received``.
+
+    No task wakes up per message (unlike the aiohttp client), so the load
+    generator spends a few microseconds per delivery. Server frames are
+    unmasked text frames; pings are answered, a close frame is echoed.
+    """
+
+    def __init__(self, path: str, tally: Tally, want_id: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self.tally = tally
+        self.want_id = want_id
+        self.headers_done: asyncio.Future[int] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        key = base64.b64encode(os.urandom(16)).decode()
+        self._request = (
+            f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        self._buf = bytearray()
+        self._fragments = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self._request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tally.open = False
+        if not self.headers_done.done():
+            self.headers_done.set_exception(exc or ConnectionResetError("closed before upgrade"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def close(self) -> None:
+        """Send a close frame (1000) and drop the socket."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.send(0x8, b"\x03\xe8")
+            self.transport.close()
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        """One masked client frame (payloads here are short control frames)."""
+        assert self.transport is not None and len(payload) < 126
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.transport.write(bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        buf = self._buf
+        buf += data
+        if not self.headers_done.done():
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = int(buf[9:12])
+            del buf[: end + 4]
+            self.headers_done.set_result(status)
+            if status != 101:
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self.tally.open = True
+            self.tally.connections += 1
+        pos = 0
+        size = len(buf)
+        tally = self.tally
+        search = EVENT_RE.search
+        while size - pos >= 2:
+            first, second = buf[pos], buf[pos + 1]
+            length = second & 0x7F
+            head = 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                head = 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            if second & 0x80:
+                head += 4  # a masked server frame is a protocol error; read past it anyway
+            if size - pos < head + length:
+                break
+            payload = bytes(buf[pos + head : pos + head + length])
+            pos += head + length
+            opcode = first & 0x0F
+            if not first & 0x80 or opcode == 0:
+                self._fragments += payload
+                if not first & 0x80:
+                    continue
+                payload = bytes(self._fragments)
+                self._fragments.clear()
+                opcode = 1
+            if opcode == 1:
+                found = search(payload)
+                if found is None:
+                    tally.recorder.control(_control_kind(payload))
+                    continue
+                if self.want_id:
+                    event_id = ID_RE.search(payload)
+                    if event_id is not None:
+                        tally.last_id = event_id.group(1).decode()
+                tally.on_event(int(found[1]), int(found[2]), int(found[3]), now)
+            elif opcode == 0x9:
+                self.send(0xA, payload[:125])
+            elif opcode == 0x8:
+                self.close()
+        if pos:
+            del buf[:pos]
+
+
+async def raw_ws_subscribe(
+    port: int, path: str, tally: Tally, want_id: bool = False
+) -> RawWSClient:
+    """Open one WebSocket; returns once the server answered 101."""
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(lambda: RawWSClient(path, tally, want_id), HOST, port)
+    status = await client.headers_done
+    if status != 101:
+        raise ConnectionError(f"WebSocket upgrade answered {status}")
+    return client
 
 
 # --- SSE subscriber (raw stream parse) ------------------------------------------------
@@ -417,9 +550,7 @@ class Publisher:
             await asyncio.wait(set(self.in_flight), timeout=timeout)
 
 
-async def wait_until(
-    condition: Callable[[], bool], timeout: float, poll: float = 0.005
-) -> bool:
+async def wait_until(condition: Callable[[], bool], timeout: float, poll: float = 0.005) -> bool:
     """Poll ``condition`` until true or ``timeout`` seconds passed; returns the last value."""
     deadline = time.monotonic() + timeout
     while not condition():

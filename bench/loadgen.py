@@ -38,10 +38,12 @@ import psutil
 from .clients import (
     JSON,
     Publisher,
+    RawWSClient,
     Recorder,
     SSEClient,
     Tally,
     describe,
+    raw_ws_subscribe,
     sse_subscribe,
     wait_until,
     ws_subscribe,
@@ -103,9 +105,13 @@ def percentiles(samples: Sequence[int]) -> JSON:
 class Subscribers:
     """Opens, holds and closes the subscribers of one scenario (WebSocket or SSE)."""
 
-    def __init__(self, port: int, transport: str, session_ids: list[str]) -> None:
+    def __init__(
+        self, port: int, transport: str, session_ids: list[str], ws_client: str = "raw"
+    ) -> None:
         self.port = port
         self.transport = transport
+        self.ws_client = ws_client
+        self.raw_clients: list[RawWSClient] = []
         self.session_ids = session_ids
         self.http: aiohttp.ClientSession | None = None
         self.ws_tasks: set[asyncio.Task[None]] = set()
@@ -114,7 +120,7 @@ class Subscribers:
         self.retries = 0
 
     async def __aenter__(self) -> Subscribers:
-        if self.transport == "ws":
+        if self.transport == "ws" and self.ws_client == "aiohttp":
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
             self.http = aiohttp.ClientSession(connector=connector)
         return self
@@ -134,10 +140,12 @@ class Subscribers:
             client = await sse_subscribe(self.port, path, tally, last_id)
             self.sse_clients.append(client)
             return
-        assert self.http is not None
-        url = f"http://127.0.0.1:{self.port}{path}"
         if last_id:
-            url += f"?last_event_id={last_id}"
+            path += f"?last_event_id={last_id}"
+        if self.http is None:
+            self.raw_clients.append(await raw_ws_subscribe(self.port, path, tally, want_id))
+            return
+        url = f"http://127.0.0.1:{self.port}{path}"
         connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(ws_subscribe(self.http, url, tally, connected, want_id))
         self.ws_tasks.add(task)
@@ -195,6 +203,9 @@ class Subscribers:
             if client.transport is not None:
                 client.transport.close()
         self.sse_clients.clear()
+        for raw in self.raw_clients:
+            raw.close()
+        self.raw_clients.clear()
         tasks = set(self.ws_tasks)
         for task in tasks:
             task.cancel()
@@ -235,7 +246,7 @@ async def throughput(cfg: JSON, server: psutil.Process) -> JSON:
     recorder = Recorder(len(PHASES))
     tallies = [Tally(recorder, s) for s in range(sessions) for _ in range(per_session)]
     result: JSON = {"subscribers": len(tallies), "sessions": sessions}
-    async with Subscribers(port, cfg["transport"], ids) as subs:
+    async with Subscribers(port, cfg["transport"], ids, cfg["ws_client"]) as subs:
         started = time.monotonic()
         opened = await subs.open_many(
             tallies, concurrency=cfg["connect_concurrency"], timeout=cfg["connect_timeout"]
@@ -402,13 +413,13 @@ async def idle(cfg: JSON, server: psutil.Process) -> JSON:
     recorder = Recorder(len(PHASES))
     result: JSON = {"connections": count}
     # Warm the server's code paths and allocator with a few connections, then let go.
-    async with Subscribers(port, cfg["transport"], warm_ids) as warm:
+    async with Subscribers(port, cfg["transport"], warm_ids, cfg["ws_client"]) as warm:
         warm_tallies = [Tally(recorder, s) for s in range(len(warm_ids))]
         await warm.open_many(warm_tallies, concurrency=50, timeout=30.0)
     await asyncio.sleep(1.0)
     rss0 = await _settled_rss(server)
     tallies = [Tally(recorder, s) for s in range(count)]
-    async with Subscribers(port, cfg["transport"], ids) as subs:
+    async with Subscribers(port, cfg["transport"], ids, cfg["ws_client"]) as subs:
         started = time.monotonic()
         opened = await subs.open_many(
             tallies, concurrency=cfg["connect_concurrency"], timeout=cfg["connect_timeout"]
@@ -468,7 +479,7 @@ async def storm(cfg: JSON, server: psutil.Process) -> JSON:
     publisher = Publisher(port, ids, min(sessions, 8))
     await publisher.start()
     try:
-        async with Subscribers(port, cfg["transport"], ids) as subs:
+        async with Subscribers(port, cfg["transport"], ids, cfg["ws_client"]) as subs:
             result["opened"] = await subs.open_many(
                 tallies,
                 concurrency=cfg["connect_concurrency"],

@@ -38,8 +38,10 @@ def _status(row: JSON) -> str | None:
 def _integrity_note(row: JSON) -> str:
     notes = []
     if row.get("starved"):
-        notes.append(f"{row['starved']:,} of {row.get('subscribers', row.get('clients'))} "
-                     "subscribers got nothing")
+        notes.append(
+            f"{row['starved']:,} of {row.get('subscribers', row.get('clients'))} "
+            "subscribers got nothing"
+        )
     if row.get("opened") is not None:
         wanted = row.get("subscribers", row.get("clients", row.get("connections")))
         if wanted and row["opened"] < wanted:

@@ -17,12 +17,14 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_CPU = 0  # the server is pinned here; the load generator to the other core
 LOADGEN_CPU = 1
+JSON = dict[str, Any]
 
 
 def _available() -> str | None:
@@ -62,6 +64,44 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)
     unavailable: Callable[[], str | None] = _available
     scenarios: frozenset[str] | None = None  # None: every scenario
+    cwd: Path = ROOT  # ``ours@REV`` runs a copy of server/ as of REV from here
+
+
+def resolve(name: str) -> ServerSpec:
+    """A server by name; ``ours@REV`` (any git revision) is our server as of that commit,
+    so that one change can be measured against the one before it in the same run."""
+    base, _, rev = name.partition("@")
+    spec = SERVERS[base]
+    if not rev:
+        return spec
+    commit = _git("rev-parse", "--short=10", f"{rev}^{{commit}}")
+    where = ROOT / "bench" / "results" / "revs" / commit
+    if not (where / "server" / "__main__.py").exists():
+        where.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "archive", commit, "server"], cwd=ROOT, capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
+        # Not every revision tracked the demo page's folder; the app wants it to exist.
+        (where / "server" / "static").mkdir(exist_ok=True)
+    return replace(spec, name=name, cwd=where, note=f"{spec.note} as of {commit}")
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+
+
+def source_revision() -> JSON:
+    """Which server/ the plain ``ours`` runs: HEAD, and whether server/ has local changes."""
+    try:
+        return {
+            "head": _git("rev-parse", "--short=10", "HEAD"),
+            "server_dirty": bool(_git("status", "--porcelain", "--", "server")),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return {"head": None, "server_dirty": None}
 
 
 def _ours(port: int, *extra: str) -> list[str]:
@@ -122,16 +162,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(spec: ServerSpec, log_path: Path, ready_timeout: float = 60.0) -> Iterator[
-    tuple[subprocess.Popen[bytes], int]
-]:
+def running(
+    spec: ServerSpec, log_path: Path, ready_timeout: float = 60.0
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """Start ``spec`` on a free port, pinned to SERVER_CPU; always stop it on exit."""
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             spec.command(port),
-            cwd=ROOT,
+            cwd=spec.cwd,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **spec.env},
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -19,8 +19,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import report
-from .servers import DEFAULT_SERVERS, LOADGEN_CPU, ROOT, SERVERS, pinned, running
+from . import profile, report
+from .servers import (
+    DEFAULT_SERVERS,
+    LOADGEN_CPU,
+    ROOT,
+    SERVERS,
+    pinned,
+    resolve,
+    running,
+    source_revision,
+)
 
 JSON = dict[str, Any]
 RESULTS = ROOT / "bench" / "results"
@@ -108,8 +117,12 @@ def scenario_config(name: str, quick: bool) -> JSON:
     cfg = {**SCENARIOS[name], **(QUICK[name] if quick else {})}
     if cfg["kind"] == "throughput":
         cfg["scenario_timeout"] = (
-            cfg["connect_timeout"] + cfg["warmup_timeout"] + 3 * cfg["fixed_s"]
-            + cfg["sat_s"] + 2 * cfg["drain_timeout"] + 30
+            cfg["connect_timeout"]
+            + cfg["warmup_timeout"]
+            + 3 * cfg["fixed_s"]
+            + cfg["sat_s"]
+            + 2 * cfg["drain_timeout"]
+            + 30
         )
     elif cfg["kind"] == "idle":
         cfg["scenario_timeout"] = cfg["connect_timeout"] + 120
@@ -118,11 +131,24 @@ def scenario_config(name: str, quick: bool) -> JSON:
     return cfg
 
 
-def run_one(scenario: str, server: str, quick: bool, log_dir: Path) -> JSON:
-    """One scenario against one fresh server; never raises for a failed run."""
-    spec = SERVERS[server]
+def run_one(
+    scenario: str,
+    server: str,
+    quick: bool,
+    log_dir: Path,
+    profile_dir: Path | None = None,
+    ws_client: str = "raw",
+) -> JSON:
+    """One scenario against one fresh server; never raises for a failed run.
+
+    With ``profile_dir``, py-spy records the server for the whole scenario.
+    """
     cfg = scenario_config(scenario, quick)
     row: JSON = {"scenario": scenario, "server": server, "transport": cfg["transport"]}
+    try:
+        spec = resolve(server)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {**row, "error": f"cannot resolve {server}: {exc}"}
     if cfg["transport"] not in spec.transports:
         return {**row, "skipped": f"{server} has no {cfg['transport'].upper()}"}
     if spec.scenarios is not None and scenario not in spec.scenarios:
@@ -131,8 +157,14 @@ def run_one(scenario: str, server: str, quick: bool, log_dir: Path) -> JSON:
     if reason:
         return {**row, "skipped": reason}
     try:
-        with running(spec, log_dir / f"{server}.log") as (process, port):
-            cfg = {**cfg, "port": port, "server_pid": process.pid}
+        with running(spec, log_dir / f"{server.replace('@', '-at-')}.log") as (process, port):
+            cfg = {**cfg, "port": port, "server_pid": process.pid, "ws_client": ws_client}
+            raw = (
+                profile_dir / f"{scenario}-{server.replace('@', '-at-')}.txt"
+                if profile_dir
+                else None
+            )
+            recorder = profile.start(process.pid, raw) if raw else None
             loadgen = subprocess.Popen(
                 [sys.executable, "-m", "bench.loadgen"],
                 cwd=ROOT,
@@ -149,6 +181,11 @@ def run_one(scenario: str, server: str, quick: bool, log_dir: Path) -> JSON:
                 if loadgen.poll() is None:
                     loadgen.kill()
                     loadgen.wait(10)
+                if recorder is not None and raw is not None:
+                    summary = profile.stop(recorder, raw)
+                    if summary:
+                        row["profile"] = str(raw)
+                        print(summary, file=sys.stderr)
             if loadgen.returncode != 0 or not out:
                 tail = err.decode(errors="replace").strip().splitlines()[-3:]
                 return {**row, "error": f"load generator failed: {' | '.join(tail)}"}
@@ -216,10 +253,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--servers",
         default=",".join(DEFAULT_SERVERS),
-        help=f"comma-separated servers: {', '.join(SERVERS)}",
+        help=f"comma-separated servers: {', '.join(SERVERS)}; ours@REV runs server/ "
+        "as of a git revision",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per row; medians reported")
     parser.add_argument("--output", type=Path, default=None, help="JSON file to write")
+    parser.add_argument(
+        "--ws-client",
+        choices=("raw", "aiohttp"),
+        default="raw",
+        help="WebSocket subscriber: raw frames on a raw socket (cheap), or aiohttp's client",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="record each server with py-spy (bench/results/profiles/) and print top frames",
+    )
     args = parser.parse_args(argv)
     args.scenarios = list(ORDER) if args.scenario == "all" else args.scenario.split(",")
     args.server_names = args.servers.split(",")
@@ -227,7 +276,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}; choose from {', '.join(ORDER)}")
     for name in args.server_names:
-        if name not in SERVERS:
+        if name.partition("@")[0] not in SERVERS:
             parser.error(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
     if not 1 <= args.repeat <= 9:
         parser.error("--repeat is between 1 and 9")
@@ -246,7 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         for server in args.server_names:
             runs = []
             for _ in range(args.repeat):
-                result = run_one(scenario, server, args.quick, log_dir)
+                result = run_one(
+                    scenario,
+                    server,
+                    args.quick,
+                    log_dir,
+                    RESULTS / "profiles" / stamp if args.profile else None,
+                    args.ws_client,
+                )
                 runs.append(result)
                 if "skipped" in result or "error" in result:
                     break
@@ -258,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "argv": sys.argv[1:] if argv is None else argv,
         "machine": machine(),
+        "ours_source": source_revision(),
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "elapsed_s": round(time.monotonic() - started, 1),
