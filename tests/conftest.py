@@ -14,8 +14,6 @@ from server.context import STREAM_CONTEXT
 from server.hub import Hub
 from tests.timing import HEARTBEAT_INTERVAL
 
-pytest_plugins = ["aiohttp.pytest_plugin"]
-
 
 @pytest.fixture
 def settings() -> Settings:
