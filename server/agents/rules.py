@@ -107,17 +107,18 @@ _CATEGORY_RE = [
 
 _PERCENT_RE = re.compile(r"(?<![\w.])([+-]?\d+(?:\.\d+)?)\s*(?:%|percent\b|per cent\b|pct\b)")
 _SERVICE_RE = re.compile(
-    r"(?:(\d+(?:\.\d+)?)\s*(?:%|percent|per cent)?\s+service[- ]level"
+    r"(?:(?<![\w.])(\d+(?:\.\d+)?)\s*(?:%|percent|per cent)?\s+service[- ]level"
     r"|service[- ]level\s*(?:of|at|=|:|to)?\s*(\d+(?:\.\d+)?)\s*(?:%|percent|per cent)?)"
 )
 _LEAD_TIME_RE = re.compile(
-    r"(?:(\d+)\s*[- ]?\s*(weeks?|wks?|days?)'?\s+(?:of\s+)?(?:supplier\s+)?lead[- ]?times?"
+    r"(?:(?<![\w.])(\d+)\s*[- ]?\s*(weeks?|wks?|days?)'?\s+(?:of\s+)?(?:supplier\s+)?"
+    r"lead[- ]?times?"
     r"|lead[- ]?times?\s*(?:of|is|=|:)?\s*(\d+)\s*[- ]?\s*(weeks?|wks?|days?))"
 )
 _HORIZON_RE = re.compile(
     r"(?:(?P<lead>for|over|next|during|within|across|horizon(?: of)?|the coming|coming)\s+)?"
     r"(?:(?:the\s+)?(?:next|coming)\s+)?"
-    r"(?P<n>\d+(?:\.\d+)?|an?)\s*(?:-|\s)?\s*"
+    r"(?<![\w.])(?P<n>\d+(?:\.\d+)?|an?)\s*(?:-|\s)?\s*"
     r"(?P<unit>weeks?|wks?|months?|mos?|quarters?|years?|yrs?|days?|fortnights?)\b"
 )
 _HORIZON_WORDS: tuple[tuple[re.Pattern[str], int, str], ...] = (
@@ -153,6 +154,8 @@ _STORE_RE = re.compile(
 _ALL_CHANNELS_RE = re.compile(
     r"\b(?:omni[- ]?channel|all channels|both channels|every channel|cross[- ]channel)\b"
 )
+_WINDOW = 120  # characters either side of a percentage in which to look for its meaning
+_MAX_PERCENTAGES = 20  # percentages read at most (a strategy has one or two)
 _CLAUSE_BREAK = re.compile(r"[,;.:!?()]|\b(?:and|but|while|whereas|then)\b")
 _WORD_RE = re.compile(r"[a-z][a-z'-]*|[+-]?\d+(?:\.\d+)?%?")
 
@@ -217,11 +220,11 @@ def _weeks(amount: float, unit: str) -> int:
 
 def _clause_words(text: str, start: int, end: int) -> tuple[list[str], list[str]]:
     """The words of the clause around ``text[start:end]``: before (nearest first), after."""
-    before_text = text[:start]
+    before_text = text[max(0, start - _WINDOW) : start]
     breaks = list(_CLAUSE_BREAK.finditer(before_text))
     if breaks:
         before_text = before_text[breaks[-1].end() :]
-    after_text = text[end:]
+    after_text = text[end : end + _WINDOW]
     first_break = _CLAUSE_BREAK.search(after_text)
     if first_break is not None:
         after_text = after_text[: first_break.start()]
@@ -252,7 +255,7 @@ def _extract_price(text: str, notes: list[str]) -> tuple[str, float | None, bool
     """The price change in percent, from the first percentage that reads as one."""
     found: float | None = None
     implies_promotion = False
-    for match in list(_PERCENT_RE.finditer(text)):
+    for match in list(_PERCENT_RE.finditer(text))[:_MAX_PERCENTAGES]:
         raw = match.group(1)
         before, after = _clause_words(text, match.start(), match.end())
         direction = _price_direction(before, after, raw[0] in "+-")
