@@ -129,6 +129,12 @@ SERVERS: dict[str, ServerSpec] = {
             note="bench/peers/seed_fastapi.py: FastAPI+uvicorn, one WebSocket per session",
         ),
         ServerSpec(
+            "floor",
+            lambda port: [sys.executable, "-m", "bench.peers.floor_aiohttp", "--port", str(port)],
+            note="bench/peers/floor_aiohttp.py: one shared pre-built frame per event, "
+            "transport.write to each subscriber (a lower bound, not a design)",
+        ),
+        ServerSpec(
             "ours-redis",
             lambda port: _ours(port, "--broker", "redis"),
             replay=True,
