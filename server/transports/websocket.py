@@ -42,7 +42,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     session_id = request.match_info["session_id"]
     ws = web.WebSocketResponse(
         heartbeat=ctx.settings.heartbeat_interval,
-        max_msg_size=ctx.settings.max_frame_size,
+        # aiohttp refuses a frame of exactly max_msg_size bytes (it checks ">="), while
+        # max_frame_size is the largest frame accepted: 1009 only above it.
+        max_msg_size=ctx.settings.max_frame_size + 1,
         timeout=_CLOSE_TIMEOUT,
         # No permessage-deflate: a frame encoded once is sent as is to every subscriber,
         # instead of being compressed again for each one.
