@@ -64,3 +64,21 @@ def hub_of(server: TestServer) -> Hub:
 @pytest.fixture
 async def hub(server: TestServer) -> AsyncIterator[Hub]:
     yield hub_of(server)
+
+
+# --- transport, API and end-to-end tests ------------------------------------------------------
+
+ClientFactory = Callable[[Settings], Awaitable[TestClient]]
+
+
+@pytest.fixture
+async def make_client(
+    make_server: ServerFactory, aiohttp_client: Callable[..., Awaitable[TestClient]]
+) -> ClientFactory:
+    """Start the real app with the given settings; an aiohttp test client of it
+    (``client.server`` is the server, ``client.session`` a plain ``ClientSession``)."""
+
+    async def factory(settings: Settings) -> TestClient:
+        return await aiohttp_client(await make_server(settings))
+
+    return factory

@@ -1,0 +1,57 @@
+"""Each transport test runs once per independent client: aiohttp's WebSocket client and the
+``websockets`` library; a raw SSE parse over aiohttp and ``curl -N``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
+
+from tests.clients import (
+    SSEStream,
+    WSClient,
+    http_url,
+    open_aiohttp_sse,
+    open_aiohttp_ws,
+    open_curl_sse,
+    open_websockets_ws,
+    ws_url,
+)
+
+WSOpener = Callable[[TestServer, str], AbstractAsyncContextManager[WSClient]]
+SSEOpener = Callable[..., AbstractAsyncContextManager[SSEStream]]
+
+
+@pytest.fixture(params=["aiohttp", "websockets"])
+async def open_ws(request: pytest.FixtureRequest) -> AsyncIterator[WSOpener]:
+    """``open_ws(server, path)``: a WebSocket connection through one of two client libraries."""
+    if request.param == "websockets":
+        yield lambda server, path: open_websockets_ws(ws_url(server, path))
+        return
+    async with ClientSession() as session:
+        yield lambda server, path: open_aiohttp_ws(session, ws_url(server, path))
+
+
+@pytest.fixture(params=["aiohttp", "curl"])
+async def open_sse(request: pytest.FixtureRequest) -> AsyncIterator[SSEOpener]:
+    """``open_sse(server, path, headers=None)``: an SSE response read by aiohttp or curl -N."""
+    if request.param == "curl":
+
+        def curl(
+            server: TestServer, path: str, headers: Mapping[str, str] | None = None
+        ) -> AbstractAsyncContextManager[SSEStream]:
+            return open_curl_sse(http_url(server, path), headers)
+
+        yield curl
+        return
+    async with ClientSession() as session:
+
+        def aiohttp(
+            server: TestServer, path: str, headers: Mapping[str, str] | None = None
+        ) -> AbstractAsyncContextManager[SSEStream]:
+            return open_aiohttp_sse(session, http_url(server, path), headers)
+
+        yield aiohttp
