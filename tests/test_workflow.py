@@ -1,0 +1,266 @@
+"""The workflow runner and the agent handoff: the event story of a run, failures and
+time-outs that end in sanitized errors, and sessions that never disturb each other."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient
+
+from server.agents import register_agents
+from server.agents.handoff import AgentFailed, AgentHandoffManager, Reporter
+from server.brokers.memory import MemoryBroker
+from server.context import STREAM_CONTEXT
+from server.errors import Conflict
+from server.hub import Hub
+from server.messages import ProgressEvent, StoredEvent
+from server.metrics import Metrics
+from server.workflow import WorkflowRunner
+from tests.timing import EVENT_TIMEOUT, WORKFLOW_TIMEOUT
+
+STRATEGY = "15% off outdoor furniture for 8 weeks"
+SECRET = "sk-live-0123456789abcdef"
+
+
+class Rig:
+    """A hub, a handoff manager with the real agents, and a runner: no HTTP."""
+
+    def __init__(self) -> None:
+        self.metrics = Metrics()
+        self.hub = Hub(MemoryBroker(500, 60.0), queue_size=500, metrics=self.metrics)
+        self.handoff = AgentHandoffManager(self.hub.publish, default_timeout=30.0)
+        self.runner = WorkflowRunner(self.hub, self.handoff, self.metrics)
+
+    async def events(self, session_id: str) -> list[dict[str, Any]]:
+        replay = await self.hub.broker.read(session_id, None)
+        return [event.to_dict() for event in replay.events]
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    rig = Rig()
+    await rig.hub.start()
+    resources = register_agents(rig.handoff, None, forecast_workers=1)
+    yield rig
+    await rig.runner.close()
+    await rig.hub.close()
+    await resources.close()
+
+
+def replace_agent(rig: Rig, name: str, agent: Any) -> None:
+    rig.handoff._agents[name] = agent  # the registry has no "replace": tests only
+
+
+async def test_a_run_streams_each_agent_and_ends_with_the_final_result(rig: Rig) -> None:
+    """Orchestrator progress rises; each agent: agent_status 0, its reports, complete; then
+    the orchestrator's final complete with the whole result."""
+    task = await rig.runner.start("workflow-0001", STRATEGY)
+    outcome = await asyncio.wait_for(task, WORKFLOW_TIMEOUT)
+    assert outcome.status == "complete"
+    events = await rig.events("workflow-0001")
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+    overall = [e["progress"] for e in events if e["agent"] == "orchestrator"]
+    assert overall == sorted(overall) and overall[-1] == 100
+
+    for agent in ("extraction", "demand", "inventory", "pricing"):
+        mine = [e for e in events if e.get("agent") == agent]
+        assert mine[0]["type"] == "agent_status" and mine[0]["progress"] == 0
+        assert mine[-1]["type"] == "complete" and mine[-1]["final"] is False
+        assert all(e["type"] == "agent_status" for e in mine[1:-1])
+    demand_reports = [e["status"] for e in events if e.get("agent") == "demand"][1:-1]
+    assert any("units over 8 weeks" in status for status in demand_reports)
+
+    last = events[-1]
+    assert last["type"] == "complete" and last["agent"] == "orchestrator" and last["final"]
+    result = last["data"]["result"]
+    assert set(result) >= {"parameters", "forecast", "inventory", "pricing"}
+    assert result["parameters"]["horizon_weeks"] == 8
+    assert result == outcome.result
+
+    log = rig.handoff.execution_log
+    assert [r.agent for r in log] == ["extraction", "demand", "inventory", "pricing"]
+    assert all(r.outcome == "success" and r.duration_s >= 0 for r in log)
+
+
+async def test_a_failing_agent_fails_its_workflow_with_sanitized_errors(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent that raises: its error event, then a final workflow error; the exception
+    text (here a secret) is only in the log, next to the same reference id."""
+
+    async def leaky_demand(params: Any, report: Reporter) -> Any:
+        await report("Fitting", 10)
+        raise RuntimeError(f"connection to db failed, password={SECRET}")
+
+    replace_agent(rig, "demand", leaky_demand)
+    with caplog.at_level(logging.ERROR):
+        outcome = await asyncio.wait_for(
+            await rig.runner.start("workflow-0002", STRATEGY), WORKFLOW_TIMEOUT
+        )
+    assert outcome.status == "failed"
+    events = await rig.events("workflow-0002")
+    errors = [e for e in events if e["type"] == "error"]
+    assert [(e["agent"], e["code"], e["final"]) for e in errors] == [
+        ("demand", "agent_failed", False),
+        ("orchestrator", "workflow_failed", True),
+    ]
+    assert events[-1] == errors[-1]
+    wire = json.dumps(events) + json.dumps(outcome.error)
+    assert SECRET not in wire and "RuntimeError" not in wire and "Traceback" not in wire
+    reference = errors[0]["details"].removeprefix("Reference ")
+    assert errors[1]["details"] == f"Reference {reference}"
+    logged = [r for r in caplog.records if reference in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and SECRET in str(logged[0].exc_info[1])
+
+
+async def test_an_agent_time_out_is_an_error_event_and_fails_the_workflow(rig: Rig) -> None:
+    """An agent over its time-out is stopped: agent_timeout, then a final workflow error."""
+    stuck = asyncio.Event()
+
+    async def stuck_extraction(strategy: str, report: Reporter) -> Any:
+        await stuck.wait()  # never set: only the time-out ends this
+
+    replace_agent(rig, "extraction", stuck_extraction)
+    rig.handoff._default_timeout = 0.2
+    outcome = await asyncio.wait_for(
+        await rig.runner.start("workflow-0003", "10% off garden tools for 2 weeks"),
+        WORKFLOW_TIMEOUT,
+    )
+    assert outcome.status == "failed"
+    errors = [e for e in await rig.events("workflow-0003") if e["type"] == "error"]
+    assert [(e["agent"], e["code"]) for e in errors] == [
+        ("pricing", "agent_timeout"),
+        ("orchestrator", "workflow_failed"),
+    ]
+    assert rig.handoff.execution_log[-1].outcome == "timeout"
+
+
+async def test_a_failing_workflow_does_not_disturb_another_session(rig: Rig) -> None:
+    """One session's agent failure leaves a concurrent session's run complete and clean."""
+    real_inventory = rig.handoff._agents["inventory"]
+
+    async def inventory_failing_for_one(request: Any, report: Reporter) -> Any:
+        if request.parameters.horizon_weeks == 3:
+            raise ValueError("boom")
+        return await real_inventory(request, report)
+
+    replace_agent(rig, "inventory", inventory_failing_for_one)
+    bad = await rig.runner.start("workflow-bad1", "outdoor furniture for 3 weeks")
+    good = await rig.runner.start("workflow-good", STRATEGY)
+    bad_outcome, good_outcome = await asyncio.wait_for(asyncio.gather(bad, good), WORKFLOW_TIMEOUT)
+    assert (bad_outcome.status, good_outcome.status) == ("failed", "complete")
+    good_events = await rig.events("workflow-good")
+    assert all(e["session_id"] == "workflow-good" for e in good_events)
+    assert not any(e["type"] == "error" for e in good_events)
+
+
+async def test_a_session_runs_at_most_one_workflow(rig: Rig) -> None:
+    """Starting a second workflow on a session is a conflict."""
+    task = await rig.runner.start("workflow-0004", STRATEGY)
+    with pytest.raises(Conflict):
+        await rig.runner.start("workflow-0004", STRATEGY)
+    await asyncio.wait_for(task, WORKFLOW_TIMEOUT)
+
+
+async def test_closing_the_runner_interrupts_running_workflows_with_a_final_error(
+    rig: Rig,
+) -> None:
+    """Shutdown: a workflow still running ends with a final workflow_interrupted error."""
+    started = asyncio.Event()
+
+    async def slow_demand(params: Any, report: Reporter) -> Any:
+        started.set()
+        await asyncio.Event().wait()
+
+    replace_agent(rig, "demand", slow_demand)
+    task = await rig.runner.start("workflow-0005", STRATEGY)
+    await asyncio.wait_for(started.wait(), EVENT_TIMEOUT)
+    await rig.runner.close(grace=0.0)
+    assert task.cancelled()
+    last = (await rig.events("workflow-0005"))[-1]
+    assert (last["type"], last["code"], last["final"]) == ("error", "workflow_interrupted", True)
+
+
+async def test_handoff_reports_through_the_reporter_and_logs_durations() -> None:
+    """call_agent: agent_status at 0, the agent's own reports, complete with its summary."""
+    published: list[Any] = []
+
+    async def publish(event: Any) -> None:
+        published.append(event)
+
+    class Result:
+        def summary(self) -> dict[str, Any]:
+            return {"units": 42}
+
+    async def agent(context: Mapping[str, int], report: Reporter) -> Result:
+        await report("Halfway", 50, {"n": context["n"]})
+        return Result()
+
+    manager = AgentHandoffManager(publish)
+    manager.register("counter", agent)
+    with pytest.raises(ValueError):
+        manager.register("counter", agent)
+    result = await manager.call_agent("counter", {"n": 7}, session_id="handoff-0001")
+    assert isinstance(result, Result)
+    assert [(e.type, e.progress) for e in published] == [
+        ("agent_status", 0),
+        ("agent_status", 50),
+        ("complete", 100),
+    ]
+    assert published[1].data == {"n": 7} and published[2].data == {"units": 42}
+    # Without a session, nothing is published, but the call is still logged.
+    await manager.call_agent("counter", {"n": 1})
+    assert len(published) == 3 and len(manager.execution_log) == 2
+
+    async def broken(context: Any, report: Reporter) -> None:
+        raise KeyError("x")
+
+    manager.register("broken", broken)
+    with pytest.raises(AgentFailed):
+        await manager.call_agent("broken", None, session_id="handoff-0001")
+    assert published[-1].type == "error" and published[-1].code == "agent_failed"
+
+
+async def test_a_running_forecast_does_not_delay_another_sessions_stream(
+    client: TestClient,
+) -> None:
+    """While a real forecast runs in one session, events published into another reach
+    their WebSocket subscriber promptly: model fitting never stalls the event loop."""
+    hub = client.server.app[STREAM_CONTEXT].hub
+    response = await client.post(
+        "/api/orchestrator/run-workflow",
+        json={
+            "strategy_description": "5% off all products for 26 weeks",
+            "session_id": "busy-session-1",
+        },
+    )
+    assert response.status == 202
+    latencies: list[float] = []
+    async with client.ws_connect("/ws/orchestrator/quiet-session-1") as ws:
+        snapshot: dict[str, Any] = {"state": "running"}
+        n = 0
+        while snapshot["state"] in ("pending", "running"):
+            n += 1
+            sent = time.perf_counter()
+            stored: StoredEvent = await hub.publish(
+                ProgressEvent(
+                    session_id="quiet-session-1", agent="probe", status=f"{n}", progress=1
+                )
+            )
+            message = await ws.receive(timeout=EVENT_TIMEOUT)
+            assert message.type is WSMsgType.TEXT
+            assert json.loads(message.data)["id"] == stored.id
+            latencies.append(time.perf_counter() - sent)
+            await asyncio.sleep(0.02)  # pacing between probes, not synchronisation
+            snapshot = await (await client.get("/api/sessions/busy-session-1")).json()
+    assert snapshot["state"] == "complete"
+    assert len(latencies) >= 5, "the forecast finished before it could be probed"
+    assert max(latencies) < 0.25, f"slowest delivery {max(latencies) * 1000:.0f} ms"
