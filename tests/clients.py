@@ -435,6 +435,14 @@ class SSEStream:
         self.messages.append(message)
         return message
 
+    async def read_body(self, timeout: float = EVENT_TIMEOUT) -> bytes:
+        """The rest of the response body, unparsed (for error responses)."""
+        body = bytearray()
+        async with asyncio.timeout(timeout):
+            while chunk := await self._read_chunk():
+                body += chunk
+        return bytes(body)
+
     async def next_event(self, timeout: float = EVENT_TIMEOUT) -> Event | None:
         """The next event (a message with data, e.g. not the ``retry:`` one), checking that
         its ``id:`` line and ``event:`` line agree with its JSON."""
@@ -525,10 +533,11 @@ async def open_curl_sse(
     url: URL | str,
     headers: Mapping[str, str] | None = None,
     head_timeout: float = EVENT_TIMEOUT,
+    extra_args: tuple[str, ...] = (),
 ) -> AsyncIterator[CurlSSE]:
     """Run ``curl -N --include <url>``; always reaped on exit (terminated if still running)."""
     args = ["curl", "-N", "--silent", "--show-error", "--include", "--noproxy", "*"]
-    args += ["--max-time", str(WORKFLOW_TIMEOUT)]
+    args += ["--max-time", str(WORKFLOW_TIMEOUT), *extra_args]
     for name, value in (headers or {}).items():
         args += ["-H", f"{name}: {value}"]
     args.append(str(url))
