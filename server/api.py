@@ -43,11 +43,17 @@ def describe_validation_error(error: ValidationError) -> str:
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a clear 400. Size is capped by ``client_max_size``."""
-    text = await request.text()
+    """The body as a JSON object, or a clear 400. Size is capped by ``client_max_size``.
+
+    JSON is UTF-8 (RFC 8259), so the raw bytes are parsed whatever charset the
+    Content-Type names: bytes that do not decode (``UnicodeDecodeError`` is a
+    ``ValueError``), a bogus charset and nesting deeper than the parser's
+    recursion limit are all "not valid JSON", never a 500.
+    """
+    raw = await request.read()
     try:
-        body = json.loads(text)
-    except ValueError:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
         raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
