@@ -221,15 +221,22 @@ class Meter:
         self.me = psutil.Process()
         self.wall0 = time.monotonic()
         self.server0 = cpu_seconds(server)
+        self.ticks0 = server.cpu_times()
         self.me0 = cpu_seconds(self.me)
 
     def stop(self) -> JSON:
         wall = time.monotonic() - self.wall0
         server = cpu_seconds(self.server) - self.server0
+        ticks = self.server.cpu_times()
+        user = ticks.user - self.ticks0.user
+        system = ticks.system - self.ticks0.system
         me = cpu_seconds(self.me) - self.me0
         return {
             "wall_s": round(wall, 3),
             "server_cpu_s": round(server, 4),
+            # Kernel share of the server's CPU (clock ticks, so coarse on short windows):
+            # on loopback a send() also pays the receiving side's TCP processing.
+            "server_system_share": round(system / (user + system), 3) if user + system else None,
             "server_cpu_util": round(server / wall, 3) if wall else None,
             "loadgen_cpu_util": round(me / wall, 3) if wall else None,
         }

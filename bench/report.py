@@ -263,4 +263,5 @@ def progress_line(row: JSON) -> str:
         parts.append(f"replay {row['replay_s']} s")
     if "lost" in row:
         parts.append(f"lost {row['lost']} dup {row['duplicated']}")
+    parts.append(f"load {row.get('load_before')}")
     return f"[bench] {row['scenario']:<13} {row['server']:<10} " + "; ".join(parts)

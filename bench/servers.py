@@ -67,9 +67,36 @@ class ServerSpec:
     cwd: Path = ROOT  # ``ours@REV`` runs a copy of server/ as of REV from here
 
 
+def _uvloop_unavailable() -> str | None:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "uvloop is not installed (pip install uvloop)"
+    return None
+
+
 def resolve(name: str) -> ServerSpec:
-    """A server by name; ``ours@REV`` (any git revision) is our server as of that commit,
-    so that one change can be measured against the one before it in the same run."""
+    """A server by name. ``ours@REV`` (any git revision) is our server as of that
+    commit, so that one change can be measured against the one before it in the same
+    run; a ``+uvloop`` suffix (``naive+uvloop``, ``ours@REV+uvloop``) runs it on uvloop."""
+    if name.endswith("+uvloop"):
+        spec = resolve(name.removesuffix("+uvloop"))
+        if spec.command(0)[1] != "-m":
+            raise ValueError(f"{name}: only module servers can run on uvloop")
+
+        def command(port: int) -> list[str]:
+            return [sys.executable, "-m", "bench.with_uvloop", *spec.command(port)[2:]]
+
+        # bench/ must be importable from an ``ours@REV`` copy's folder too.
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        return replace(
+            spec,
+            name=name,
+            command=command,
+            env={**spec.env, "PYTHONPATH": path},
+            note=f"{spec.note}, on uvloop",
+            unavailable=lambda: spec.unavailable() or _uvloop_unavailable(),
+        )
     base, _, rev = name.partition("@")
     spec = SERVERS[base]
     if not rev:

@@ -144,10 +144,15 @@ def run_one(
     With ``profile_dir``, py-spy records the server for the whole scenario.
     """
     cfg = scenario_config(scenario, quick)
-    row: JSON = {"scenario": scenario, "server": server, "transport": cfg["transport"]}
+    row: JSON = {
+        "scenario": scenario,
+        "server": server,
+        "transport": cfg["transport"],
+        "load_before": round(os.getloadavg()[0], 2),  # others' work on the machine
+    }
     try:
         spec = resolve(server)
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
         return {**row, "error": f"cannot resolve {server}: {exc}"}
     if cfg["transport"] not in spec.transports:
         return {**row, "skipped": f"{server} has no {cfg['transport'].upper()}"}
@@ -157,7 +162,10 @@ def run_one(
     if reason:
         return {**row, "skipped": reason}
     try:
-        with running(spec, log_dir / f"{server.replace('@', '-at-')}.log") as (process, port):
+        with running(spec, log_dir / f"{server.replace('@', '-at-').replace('+', '-')}.log") as (
+            process,
+            port,
+        ):
             cfg = {**cfg, "port": port, "server_pid": process.pid, "ws_client": ws_client}
             raw = (
                 profile_dir / f"{scenario}-{server.replace('@', '-at-')}.txt"
@@ -276,7 +284,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}; choose from {', '.join(ORDER)}")
     for name in args.server_names:
-        if name.partition("@")[0] not in SERVERS:
+        if name.removesuffix("+uvloop").partition("@")[0] not in SERVERS:
             parser.error(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
     if not 1 <= args.repeat <= 9:
         parser.error("--repeat is between 1 and 9")

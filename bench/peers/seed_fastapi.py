@@ -194,7 +194,17 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8002)
     args = parser.parse_args()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    # The stock asyncio loop and h11, whatever else is installed, so the row stays
+    # comparable from machine to machine (uvicorn's "auto" picks uvloop/httptools if present).
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        loop="asyncio",
+        http="h11",
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":
