@@ -1,0 +1,256 @@
+"""``python -m server``: flags, their ``ORCHESTRATOR_*`` environment variables, and a real
+server process that serves and stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+from aiohttp import ClientConnectionError, ClientSession
+
+from server.config import ENV_PREFIX, Settings
+from tests.clients import (
+    new_session_id,
+    open_aiohttp_sse,
+    open_aiohttp_ws,
+    read_events,
+    read_to_end,
+)
+from tests.timing import POLL_INTERVAL, SERVER_START_TIMEOUT, SERVER_STOP_TIMEOUT
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED_FLAGS = (
+    "host",
+    "port",
+    "heartbeat_interval",
+    "buffer_size",
+    "session_ttl",
+    "log_level",
+)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    """This process's environment without any ``ORCHESTRATOR_*`` variable, plus ``extra``
+    (and a wide terminal, so argparse wraps the help less)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    return {**environ, "COLUMNS": "400", **extra}
+
+
+async def run_cli(*args: str, environ: Mapping[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``python -m server <args>`` to completion: exit status, stdout, stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", *args,
+        cwd=ROOT,
+        env=dict(environ or clean_environ()),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(SERVER_START_TIMEOUT):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+def help_entry(help_text: str, name: str) -> str:
+    """The ``--help`` entry of the setting ``name``: its option line and the indented lines
+    that follow it, with whitespace collapsed."""
+    entries: list[list[str]] = []
+    for line in help_text.splitlines():
+        if line.lstrip().startswith("-"):
+            entries.append([line])
+        elif entries and line.startswith(" "):
+            entries[-1].append(line)
+        else:
+            entries.append([])
+    found = [e for e in entries if e and e[0].lstrip().startswith(flag(name) + " ")]
+    assert len(found) == 1, f"{flag(name)} is not listed once in --help"
+    return " ".join(" ".join(found[0]).split())
+
+
+# --- flags and environment --------------------------------------------------------------------
+
+
+async def test_help_lists_every_setting_with_its_flag_and_environment_variable() -> None:
+    """``--help`` lists a flag for every setting, each with its explanation, its
+    ``ORCHESTRATOR_<NAME>`` variable and its default; the issue's six flags are among them."""
+    status, out, _ = await run_cli("--help")
+    assert status == 0
+    names = [f.name for f in dataclasses.fields(Settings)]
+    assert set(REQUIRED_FLAGS) <= set(names)
+    for f in dataclasses.fields(Settings):
+        entry = help_entry(out, f.name)
+        assert f"[env {env_name(f.name)}]" in entry
+        assert " ".join(f.metadata["help"].split()) in entry
+        assert "(default: " in entry
+
+
+async def test_environment_variable_sets_the_default() -> None:
+    """``ORCHESTRATOR_<NAME>`` sets a setting's value when no flag is given (``--help``
+    shows it as the default)."""
+    environ = clean_environ(ORCHESTRATOR_BUFFER_SIZE="77", ORCHESTRATOR_LOG_LEVEL="DEBUG")
+    status, out, _ = await run_cli("--help", environ=environ)
+    assert status == 0
+    assert help_entry(out, "buffer_size").endswith("(default: 77)")
+    assert help_entry(out, "log_level").endswith("(default: DEBUG)")
+
+
+def test_flag_beats_environment_which_beats_the_default() -> None:
+    """For every kind of setting (int, float, list, optional text) the flag wins over the
+    environment variable, and the variable over the default."""
+    environ = {
+        "ORCHESTRATOR_PORT": "9001",
+        "ORCHESTRATOR_HEARTBEAT_INTERVAL": "2.5",
+        "ORCHESTRATOR_CORS_ORIGINS": "http://a.example, http://b.example",
+        "ORCHESTRATOR_PUBLISH_TOKEN": "from-env",
+    }
+    from_env = Settings.from_args([], environ)
+    assert (from_env.port, from_env.heartbeat_interval) == (9001, 2.5)
+    assert from_env.cors_origins == ("http://a.example", "http://b.example")
+    assert from_env.publish_token == "from-env"
+    assert from_env.buffer_size == Settings().buffer_size
+
+    argv = ["--port", "9002", "--heartbeat-interval", "7", "--cors-origins", "http://c.example",
+            "--publish-token", "from-flag"]  # fmt: skip
+    from_flags = Settings.from_args(argv, environ)
+    assert (from_flags.port, from_flags.heartbeat_interval) == (9002, 7.0)
+    assert from_flags.cors_origins == ("http://c.example",)
+    assert from_flags.publish_token == "from-flag"
+
+
+async def test_invalid_environment_value_is_refused_with_its_name() -> None:
+    """An environment variable that does not parse stops the server with status 2 and a
+    message naming the variable."""
+    status, _, err = await run_cli(environ=clean_environ(ORCHESTRATOR_PORT="eighty"))
+    assert status == 2
+    assert "ORCHESTRATOR_PORT" in err
+    assert "Traceback" not in err
+
+
+async def test_invalid_flag_value_is_refused() -> None:
+    """A flag value that does not parse stops the server with status 2 and a usage
+    message."""
+    status, _, err = await run_cli("--buffer-size", "many")
+    assert status == 2
+    assert "--buffer-size" in err and "Traceback" not in err
+
+
+# --- a real server process --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    *args: str, environ: Mapping[str, str], log: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m server <args>`` as a subprocess (output to ``log``); killed if the test
+    leaves it running."""
+    with log.open("wb") as output:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server", *args,
+            cwd=ROOT, env=dict(environ), stdout=output, stderr=output,
+        )  # fmt: skip
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def wait_healthy(
+    http: ClientSession, base: str, process: asyncio.subprocess.Process, log: Path
+) -> None:
+    """Poll ``/healthz`` until it answers 200 (bounded); fail early if the server exits."""
+    async with asyncio.timeout(SERVER_START_TIMEOUT):
+        while True:
+            assert process.returncode is None, f"the server exited:\n{log.read_text()}"
+            with contextlib.suppress(ClientConnectionError):
+                async with http.get(base + "/healthz") as response:
+                    if response.status == 200:
+                        assert (await response.json()) == {"status": "ok"}
+                        return
+            await asyncio.sleep(POLL_INTERVAL * 10)
+
+
+async def test_server_process_serves_with_env_and_flags_and_stops_cleanly_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    """``python -m server`` serves ``/healthz`` on the port its flag names (though
+    ``ORCHESTRATOR_PORT`` names another), with a setting taken from the environment
+    (the SSE ``retry:``); on SIGTERM it closes WebSocket clients with 1001, ends SSE
+    responses, and exits 0."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    with socket.socket() as taken:  # the port the environment names stays busy
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        environ = clean_environ(
+            ORCHESTRATOR_PORT=str(taken.getsockname()[1]), ORCHESTRATOR_SSE_RETRY_MS="1234"
+        )
+        async with (
+            serving("--port", str(port), "--host", "127.0.0.1", environ=environ, log=log) as server,
+            ClientSession() as http,
+        ):
+            base = f"http://127.0.0.1:{port}"
+            await wait_healthy(http, base, server, log)
+            session_id = new_session_id()
+            async with (
+                open_aiohttp_ws(http, f"ws://127.0.0.1:{port}/ws/orchestrator/{session_id}") as ws,
+                open_aiohttp_sse(http, f"{base}/sse/orchestrator/{session_id}") as sse,
+            ):
+                retry = await sse.next_message()
+                assert retry is not None and retry.retry == 1234
+                await ws.send_text('{"type": "ping"}')
+                assert (await read_events(ws, 1))[0]["type"] == "heartbeat"
+
+                server.send_signal(signal.SIGTERM)
+                assert await read_to_end(ws, SERVER_STOP_TIMEOUT) == []
+                assert ws.close_code == 1001
+                assert await read_to_end(sse, SERVER_STOP_TIMEOUT) == []
+            async with asyncio.timeout(SERVER_STOP_TIMEOUT):
+                status = await server.wait()
+    assert status == 0, log.read_text()
+    assert "Traceback" not in log.read_text()
+
+
+async def test_idle_server_process_exits_0_on_ctrl_c(tmp_path: Path) -> None:
+    """An idle server stops with status 0 on SIGINT (Ctrl+C in a terminal), without a
+    traceback."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    async with (
+        serving("--port", str(port), environ=clean_environ(), log=log) as server,
+        ClientSession() as http,
+    ):
+        await wait_healthy(http, f"http://127.0.0.1:{port}", server, log)
+        server.send_signal(signal.SIGINT)
+        async with asyncio.timeout(SERVER_STOP_TIMEOUT):
+            status = await server.wait()
+    assert status == 0, log.read_text()
+    assert "Traceback" not in log.read_text()
