@@ -16,6 +16,7 @@ from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
 from .config import Settings
 from .context import STREAM_CONTEXT, StreamContext
+from .contract import add_contract_routes
 from .errors import StreamError, reference_id
 from .hub import Hub
 from .metrics import Metrics
@@ -147,6 +148,7 @@ def create_app(settings: Settings, *, broker: Broker | None = None) -> web.Appli
     app.router.add_get("/ws/orchestrator/{session_id}", websocket_handler)
     app.router.add_get("/sse/orchestrator/{session_id}", sse_handler)
     add_routes(app)
+    add_contract_routes(app)
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC_DIR, name="static")
     return app

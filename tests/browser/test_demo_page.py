@@ -1,0 +1,270 @@
+"""The demo page in a real browser: a whole workflow over WebSocket and over SSE, and a
+server-side drop in the middle of one that the page recovers from without losing or
+repeating an event."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.async_api import Page, expect
+
+from server.config import Settings
+from tests.browser.support import (
+    LiveServer,
+    PageProblems,
+    PausingBroker,
+    refuse_websocket_upgrades,
+    running_server,
+)
+from tests.timing import EVENT_TIMEOUT, WORKFLOW_TIMEOUT
+
+AGENTS = ("extraction", "demand", "inventory", "pricing")
+WORKFLOW_MS = WORKFLOW_TIMEOUT * 1000
+EVENT_MS = EVENT_TIMEOUT * 1000
+
+
+async def run_on_page(page: Page, server: LiveServer, query: str = "") -> None:
+    """Open the page and press Run with the prefilled strategy."""
+    await page.goto(f"{server.url}/{query}")
+    await expect(page.locator("#strategy")).to_have_value("15% off outdoor furniture for 8 weeks")
+    await page.wait_for_function("document.documentElement.dataset.ready === 'true'")
+    await page.click("#run")
+
+
+async def wait_finished(page: Page) -> None:
+    await page.wait_for_function(
+        "window.__stream.run === 'complete' || window.__stream.run === 'failed'",
+        timeout=WORKFLOW_MS,
+    )
+    banner = await page.locator("#error-banner").text_content()
+    assert await page.evaluate("window.__stream.run") == "complete", banner
+
+
+async def stream_state(page: Page) -> dict[str, Any]:
+    state: dict[str, Any] = await page.evaluate(
+        """() => ({
+            sessionId: window.__stream.sessionId,
+            transport: window.__stream.transport,
+            state: window.__stream.state,
+            reconnects: window.__stream.reconnects,
+            replayGaps: window.__stream.replayGaps,
+            seqCounts: window.__stream.seqCounts,
+            types: window.__stream.events.map((e) => e.type),
+            final: window.__stream.events.filter((e) => e.final === true).length,
+        })"""
+    )
+    return state
+
+
+async def server_last_seq(server: LiveServer, session_id: str) -> int:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{server.url}/api/sessions/{session_id}") as response,
+    ):
+        assert response.status == 200
+        snapshot = await response.json()
+    assert snapshot["state"] == "complete"
+    last_seq: int = snapshot["last_seq"]
+    return last_seq
+
+
+async def assert_every_event_once(page: Page, server: LiveServer) -> dict[str, Any]:
+    """The page received every stored event of the session exactly once, the final last."""
+    state = await stream_state(page)
+    last_seq = await server_last_seq(server, state["sessionId"])
+    counts = {int(seq): n for seq, n in state["seqCounts"].items()}
+    assert counts == dict.fromkeys(range(1, last_seq + 1), 1)
+    assert state["final"] == 1
+    assert state["replayGaps"] == 0
+    assert state["state"] == "closed"
+    return state
+
+
+async def assert_finished_page(page: Page) -> None:
+    """Every agent card at 100 % and done; the overall bar full; the chart drawn."""
+    for agent in AGENTS:
+        card = page.locator(f'.agent[data-agent="{agent}"]')
+        await expect(card).to_have_attribute("data-progress", "100")
+        await expect(card).to_have_attribute("data-state", "done")
+        await expect(card.locator('[role="progressbar"]')).to_have_attribute("aria-valuenow", "100")
+    await expect(page.locator("#overall-bar")).to_have_attribute("aria-valuenow", "100")
+    await expect(page.locator("#overall-percent")).to_have_text("100%")
+    await expect(page.locator("#error-banner")).to_be_hidden()
+    await expect(page.locator("#result")).to_be_visible()
+
+    chart = page.locator("#chart svg#forecast-chart")
+    await expect(chart).to_be_visible()
+    for kind in ("history-line", "forecast-line", "interval-band"):
+        d = await chart.locator(f"path.{kind}").get_attribute("d")
+        assert d is not None and d.startswith("M") and d.count("L") >= 8, (kind, d)
+    await expect(page.locator("#kpis .kpi").first).to_be_visible()
+    await expect(page.locator("#parameters dd").first).to_be_visible()
+    await expect(page.locator("#inventory table tbody tr").first).to_be_visible()
+    await expect(page.locator("#pricing table tbody tr").first).to_be_visible()
+
+
+async def test_full_workflow_over_websocket(
+    page: Page, live_server: LiveServer, artifacts: Path
+) -> None:
+    """Run from the page over WebSocket: every card reaches 100 %, the chart is drawn, and
+    each stored event arrives once; a screenshot of the finished page is saved."""
+    await run_on_page(page, live_server)
+    await wait_finished(page)
+    await assert_finished_page(page)
+    state = await assert_every_event_once(page, live_server)
+    assert state["transport"] == "websocket"
+    assert state["reconnects"] == 0
+    connection = page.locator("#connection")
+    await expect(connection).to_have_attribute("data-transport", "websocket")
+    await expect(connection).to_have_attribute("data-state", "closed")
+    await page.screenshot(path=str(artifacts / "demo-finished.png"), full_page=True)
+
+    # Responsive: on a phone nothing sticks out sideways (wide tables scroll in their box).
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.wait_for_function("document.documentElement.scrollWidth <= 390")
+    await page.screenshot(path=str(artifacts / "demo-finished-mobile.png"), full_page=True)
+
+
+async def test_forced_sse_fallback(page: Page, live_server: LiveServer) -> None:
+    """With ``?transport=sse`` the page uses EventSource and ends the same way."""
+    await run_on_page(page, live_server, "?transport=sse")
+    await wait_finished(page)
+    await assert_finished_page(page)
+    state = await assert_every_event_once(page, live_server)
+    assert state["transport"] == "sse"
+    assert state["reconnects"] == 0
+    await expect(page.locator("#connection")).to_have_attribute("data-transport", "sse")
+
+
+async def test_falls_back_to_sse_when_websocket_is_refused(
+    page: Page, browser_settings: Settings, page_problems: PageProblems
+) -> None:
+    """When the WebSocket handshake fails (a proxy answers 502), ``auto`` switches to SSE
+    and the workflow is shown in full."""
+    page_problems.allow(r"WebSocket connection to .* failed")
+    async with running_server(browser_settings, middlewares=[refuse_websocket_upgrades]) as server:
+        await run_on_page(page, server)
+        await wait_finished(page)
+        await assert_finished_page(page)
+        state = await assert_every_event_once(page, server)
+    assert state["transport"] == "sse"
+    assert state["reconnects"] == 1  # the switch itself
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_server_drop_mid_workflow_resumes_without_loss_or_repeats(
+    page: Page, browser_settings: Settings, transport: str
+) -> None:
+    """The server ends every stream (1001 / SSE response ended) while the demand agent runs;
+    the page reconnects, resumes after its last event, and ends with each event once."""
+
+    def demand_started(event: dict[str, object]) -> bool:
+        return event["type"] == "agent_status" and event["agent"] == "demand"
+
+    broker = PausingBroker(browser_settings, pause_after=demand_started)
+    async with running_server(browser_settings, broker=broker) as server:
+        await run_on_page(page, server, f"?transport={transport}")
+        await page.wait_for_function(
+            """() => window.__stream.events.some(
+                   (e) => e.type === 'agent_status' && e.agent === 'demand')""",
+            timeout=WORKFLOW_MS,
+        )
+        assert broker.paused.is_set()
+        seen_before = await page.evaluate("Object.keys(window.__stream.seqCounts).length")
+
+        server.hub.close_all("shutdown")  # what a server going away does to every stream
+        broker.resume()  # the workflow goes on while the page is disconnected
+
+        await page.wait_for_function("window.__stream.reconnects >= 1", timeout=EVENT_MS)
+        await wait_finished(page)
+        await assert_finished_page(page)
+        state = await assert_every_event_once(page, server)
+        assert state["transport"] == transport
+        assert state["reconnects"] >= 1
+        assert len(state["seqCounts"]) > seen_before
+        reconnects = await page.locator("#connection").get_attribute("data-reconnects")
+        assert reconnects is not None and int(reconnects) >= 1
+
+
+async def test_refused_run_shows_the_servers_message(
+    page: Page, browser_settings: Settings, page_problems: PageProblems
+) -> None:
+    """A run the server refuses (422: strategy too long) shows its ``error`` text."""
+    page_problems.allow(r"status of 422")
+    async with running_server(browser_settings.replace(max_strategy_length=10)) as server:
+        await page.goto(server.url + "/")
+        await page.click("#run")
+        await expect(page.locator("#error-banner")).to_be_visible()
+        await expect(page.locator("#error-text")).to_have_text(
+            "strategy_description is longer than 10 characters."
+        )
+        await expect(page.locator("#run")).to_be_enabled()
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "closed")
+
+
+async def test_failed_workflow_shows_the_friendly_error(
+    page: Page, live_server: LiveServer
+) -> None:
+    """A session that ends with a final ``error`` shows its user-facing text and details
+    in the banner, and marks the failed agent (the page follows it with ``?session=``)."""
+    session_id = "failing-session-0001"
+    await page.goto(f"{live_server.url}/?session={session_id}")
+    await page.wait_for_function("window.__stream.state === 'open'")
+    events = [
+        {"type": "agent_status", "agent": "demand", "status": "Starting", "progress": 0},
+        {
+            "type": "error",
+            "agent": "demand",
+            "code": "agent_failed",
+            "error": "The demand agent could not finish its work.",
+            "details": "Reference abc123",
+        },
+        {
+            "type": "error",
+            "agent": "orchestrator",
+            "code": "workflow_failed",
+            "error": "The forecast could not be completed: the demand agent failed.",
+            "details": "Reference abc123",
+            "final": True,
+        },
+    ]
+    async with aiohttp.ClientSession() as http:
+        for event in events:
+            url = f"{live_server.url}/api/sessions/{session_id}/events"
+            async with http.post(url, json=event) as response:
+                assert response.status == 202, await response.text()
+    await page.wait_for_function("window.__stream.run === 'failed'", timeout=EVENT_MS)
+    await expect(page.locator("#error-banner")).to_be_visible()
+    await expect(page.locator("#error-text")).to_have_text(
+        "The forecast could not be completed: the demand agent failed."
+    )
+    await expect(page.locator("#error-details")).to_have_text("Reference abc123")
+    await expect(page.locator('.agent[data-agent="demand"]')).to_have_attribute(
+        "data-state", "failed"
+    )
+    await expect(page.locator("#result")).to_be_hidden()
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "closed")
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_with_stream_tokens_the_page_follows_with_the_token_it_is_given(
+    page: Page, browser_settings: Settings, page_problems: PageProblems, transport: str
+) -> None:
+    """When the server requires stream tokens, the stream opened before the run is refused;
+    the page reopens it with the token from run-workflow and shows the whole workflow."""
+    if "stream_token_secret" not in Settings.__dataclass_fields__:
+        pytest.skip("this tree has no stream tokens (Settings.stream_token_secret)")
+    page_problems.allow(r"status of 401|EventSource's response has a")
+    settings = browser_settings.replace(stream_token_secret="test-secret-0123456789")
+    async with running_server(settings) as server:
+        await run_on_page(page, server, f"?transport={transport}")
+        await wait_finished(page)
+        await assert_finished_page(page)
+        state = await stream_state(page)
+        counts = {int(seq): n for seq, n in state["seqCounts"].items()}
+        assert set(counts.values()) == {1}
+        assert max(counts) == len(counts)
+        assert state["transport"] == transport
