@@ -512,6 +512,15 @@ class Publisher:
             _, conn = await loop.create_connection(HttpConnection, HOST, self.port)
             self.connections.append(conn)
 
+    async def reconnect(self) -> None:
+        """Reopen connections the server closed (uvicorn drops idle keep-alives after 5 s)."""
+        loop = asyncio.get_running_loop()
+        for i, conn in enumerate(self.connections):
+            if conn.lost:
+                _, self.connections[i] = await loop.create_connection(
+                    HttpConnection, HOST, self.port
+                )
+
     def close(self) -> None:
         for conn in self.connections:
             if conn.transport is not None:

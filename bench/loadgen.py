@@ -286,6 +286,7 @@ async def throughput(cfg: JSON, server: psutil.Process) -> JSON:
                 return result
 
             # Phase 1: a fixed rate, below saturation.
+            await publisher.reconnect()
             before = list(publisher.n)
             meter = Meter(server)
             await paced(publisher, live, cfg["rate"], cfg["fixed_s"], phase=1)
@@ -307,6 +308,7 @@ async def throughput(cfg: JSON, server: psutil.Process) -> JSON:
             }
 
             # Phase 2: saturation, with a bounded number of undelivered events.
+            await publisher.reconnect()
             before = list(publisher.n)
             meter = Meter(server)
             start_deliveries = recorder.deliveries
@@ -423,7 +425,7 @@ async def idle(cfg: JSON, server: psutil.Process) -> JSON:
     async with Subscribers(port, cfg["transport"], warm_ids, cfg["ws_client"]) as warm:
         warm_tallies = [Tally(recorder, s) for s in range(len(warm_ids))]
         await warm.open_many(warm_tallies, concurrency=50, timeout=30.0)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(cfg["warm_pause_s"])
     rss0 = await _settled_rss(server)
     tallies = [Tally(recorder, s) for s in range(count)]
     async with Subscribers(port, cfg["transport"], ids, cfg["ws_client"]) as subs:
@@ -493,6 +495,7 @@ async def storm(cfg: JSON, server: psutil.Process) -> JSON:
                 timeout=cfg["connect_timeout"],
                 want_id=True,
             )
+            await publisher.reconnect()
             for _ in range(cfg["warm_events"]):
                 await asyncio.gather(*(publisher.publish(s, 0) for s in range(sessions)))
             warm = cfg["warm_events"]
@@ -503,6 +506,7 @@ async def storm(cfg: JSON, server: psutil.Process) -> JSON:
             await wait_until(lambda: not any(t.open for t in tallies), 10.0)
             await asyncio.sleep(0.2)
             # ... the sessions move on ...
+            await publisher.reconnect()
             for _ in range(cfg["behind"]):
                 await asyncio.gather(*(publisher.publish(s, 0) for s in range(sessions)))
             for tally in tallies:

@@ -71,6 +71,7 @@ SCENARIOS: dict[str, JSON] = {
         "connect_concurrency": 200,
         "connect_timeout": 300.0,
         "hold_s": 2.0,
+        "warm_pause_s": 1.0,
         "probe_sessions": 100,
     },
     "storm": {
@@ -101,11 +102,12 @@ ORDER = (
 )
 
 # ``--quick``: the same scenarios at smoke-test scale.
+_QUICK_PHASES = {"fixed_s": 0.6, "sat_s": 0.6, "warmup_timeout": 1.0, "drain_timeout": 3.0}
 QUICK: dict[str, JSON] = {
-    "fanout": {"subscribers_per_session": 50, "fixed_s": 1.0, "sat_s": 1.0, "warmup_timeout": 1.0},
-    "sessions": {"sessions": 50, "rate": 100, "fixed_s": 1.0, "sat_s": 1.0, "warmup_timeout": 1.0},
-    "idle_ws": {"connections": 300, "hold_s": 0.5, "probe_sessions": 20},
-    "storm": {"clients": 50, "behind": 20, "storm_timeout": 3.0},
+    "fanout": {"subscribers_per_session": 50, **_QUICK_PHASES},
+    "sessions": {"sessions": 50, "rate": 100, **_QUICK_PHASES},
+    "idle_ws": {"connections": 300, "hold_s": 0.2, "warm_pause_s": 0.3, "probe_sessions": 20},
+    "storm": {"clients": 50, "behind": 20, "storm_timeout": 1.5},
 }
 QUICK["fanout_sse"] = QUICK["fanout"]
 QUICK["sessions_sse"] = QUICK["sessions"]
