@@ -224,6 +224,49 @@ async def test_unservable_resume_point_gets_replay_gap_then_every_retained_event
         assert seqs(await read_events(ws, 1)) == [9]
 
 
+JUNK_IDS = {
+    "a dash": "-",
+    "three dashes": "1-1-1",
+    "negative": "-5",
+    "a negative seq": "abcd1234--5",
+    "seq zero": "abcd1234-0",
+    "unicode": "\u00e9poch-3",
+    "a NUL": "abcd1234\x00-1",
+    "huge": "a" * 4000 + "-1",
+    "a huge seq": "abcd1234-" + "9" * 40,
+}
+
+
+@pytest.mark.parametrize("case", list(JUNK_IDS))
+async def test_junk_last_event_id_gets_replay_gap_then_the_whole_story(
+    client: TestClient, open_ws: WSOpener, case: str
+) -> None:
+    """A junk ``?last_event_id=`` gets ``replay_gap``, then every retained event, then live
+    ones; nothing else breaks."""
+    session_id = new_session_id()
+    for n in (1, 2):
+        await publish(client, session_id, progress(n))
+    async with open_ws(client.server, ws_path(session_id, JUNK_IDS[case])) as ws:
+        gap, *story = await read_events(ws, 3)
+        assert is_control_error(gap, "replay_gap"), gap
+        assert seqs(story) == [1, 2]
+        await publish(client, session_id, final())
+        assert seqs(await read_to_end(ws)) == [3]
+    await assert_still_streams(client, open_ws)
+
+
+async def test_empty_last_event_id_means_from_the_start(
+    client: TestClient, open_ws: WSOpener
+) -> None:
+    """An empty ``?last_event_id=`` is no resume point: the whole story, no ``replay_gap``."""
+    session_id = new_session_id()
+    await publish(client, session_id, progress(1))
+    await publish(client, session_id, final())
+    async with open_ws(client.server, ws_path(session_id, "")) as ws:
+        events = await read_to_end(ws)
+    assert events == stored(events) and seqs(events) == [1, 2]
+
+
 # --- heartbeats and commands ------------------------------------------------------------------
 
 
