@@ -477,6 +477,19 @@ async def _settled_rss(server: psutil.Process, timeout: float = 10.0) -> int:
 # --- reconnect storm --------------------------------------------------------------------
 
 
+def listen_overflows() -> int | None:
+    """The kernel's count of connections dropped because a listen queue was full
+    (``TcpExt ListenOverflows``, machine-wide); the client then retries its SYN a
+    second later, which shows up as a storm that takes just over a second."""
+    try:
+        with open("/proc/net/netstat") as stats:
+            lines = [line.split() for line in stats if line.startswith("TcpExt:")]
+        names, values = lines[0], lines[1]
+        return int(values[names.index("ListenOverflows")])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 async def storm(cfg: JSON, server: psutil.Process) -> JSON:
     port = cfg["port"]
     count = cfg["clients"]
@@ -513,6 +526,7 @@ async def storm(cfg: JSON, server: psutil.Process) -> JSON:
                 tally.target_n = publisher.n[tally.session]
             # ... and everyone comes back at once, resuming from its last id.
             meter = Meter(server)
+            overflows = listen_overflows()
             t0 = time.monotonic_ns()
             reopened = await subs.open_many(
                 tallies,
@@ -527,6 +541,9 @@ async def storm(cfg: JSON, server: psutil.Process) -> JSON:
                 lambda: all(t.done_at for t in tallies), max(0.0, remaining), poll=0.001
             )
             window = meter.stop()
+            after = listen_overflows()
+            if overflows is not None and after is not None:
+                result["listen_overflows"] = after - overflows
             result["reopened"] = reopened
             result["complete"] = sum(1 for t in tallies if t.done_at)
             result["replay_s"] = (

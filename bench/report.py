@@ -57,6 +57,8 @@ def _integrity_note(row: JSON) -> str:
     util = _get(row, "saturation", "loadgen_cpu_util")
     if util is not None and util >= 0.9:
         notes.append("load generator saturated")
+    if row.get("listen_overflows"):
+        notes.append(f"{row['listen_overflows']:,} SYNs dropped: listen queue full")
     if row.get("server_survived") is False:
         notes.append("server died")
     return "; ".join(notes)
@@ -234,6 +236,9 @@ def markdown(document: JSON) -> str:
         + ("; QUICK scales (smoke run, not figures)" if document.get("quick") else ""),
         "",
     ]
+    notes = {row["server"]: row.get("server_note") for row in rows if row.get("server_note")}
+    if notes:
+        out += [f"- `{name}`: {note}" for name, note in notes.items()] + [""]
     if kinds["throughput"]:
         out += ["### Fan-out and many sessions", "", *throughput_table(kinds["throughput"]), ""]
     if kinds["idle"]:

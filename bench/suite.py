@@ -156,6 +156,7 @@ def run_one(
         spec = resolve(server)
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         return {**row, "error": f"cannot resolve {server}: {exc}"}
+    row["server_note"] = spec.note
     if cfg["transport"] not in spec.transports:
         return {**row, "skipped": f"{server} has no {cfg['transport'].upper()}"}
     if spec.scenarios is not None and scenario not in spec.scenarios:
