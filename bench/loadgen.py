@@ -231,12 +231,15 @@ class Meter:
         user = ticks.user - self.ticks0.user
         system = ticks.system - self.ticks0.system
         me = cpu_seconds(self.me) - self.me0
+        coarse_ok = user + system >= 0.25
         return {
             "wall_s": round(wall, 3),
             "server_cpu_s": round(server, 4),
             # Kernel share of the server's CPU (clock ticks, so coarse on short windows):
             # on loopback a send() also pays the receiving side's TCP processing.
-            "server_system_share": round(system / (user + system), 3) if user + system else None,
+            # (None when the window holds too few 10 ms ticks to say.)
+            "server_system_share": round(system / (user + system), 3) if coarse_ok else None,
+            "server_user_s": round(user, 3) if coarse_ok else None,
             "server_cpu_util": round(server / wall, 3) if wall else None,
             "loadgen_cpu_util": round(me / wall, 3) if wall else None,
         }
@@ -304,6 +307,7 @@ async def throughput(cfg: JSON, server: psutil.Process) -> JSON:
                 "deliveries": fixed.deliveries,
                 "drained": drained,
                 "cpu_us_per_delivery": _per_delivery(window, fixed.deliveries),
+                "user_us_per_delivery": _user_per_delivery(window, fixed.deliveries),
                 "latency": percentiles(fixed.latencies),
             }
 
@@ -322,6 +326,7 @@ async def throughput(cfg: JSON, server: psutil.Process) -> JSON:
                 "deliveries": delivered,
                 "deliveries_s": round(delivered / window["wall_s"], 1),
                 "cpu_us_per_delivery": _per_delivery(window, delivered),
+                "user_us_per_delivery": _user_per_delivery(window, delivered),
                 "latency": percentiles(sat.latencies),
             }
             await publisher.settle(5.0)
@@ -343,6 +348,13 @@ def _per_delivery(window: JSON, deliveries: int) -> float | None:
     if not deliveries:
         return None
     return round(window["server_cpu_s"] * 1e6 / deliveries, 2)
+
+
+def _user_per_delivery(window: JSON, deliveries: int) -> float | None:
+    """User-space CPU only (the part a server's design controls; the rest is the kernel)."""
+    if not deliveries or window["server_user_s"] is None:
+        return None
+    return round(window["server_user_s"] * 1e6 / deliveries, 2)
 
 
 def _integrity(tallies: Sequence[Tally], first_n: Sequence[int], last_n: Sequence[int]) -> JSON:
