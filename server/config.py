@@ -79,6 +79,48 @@ class Settings:
             "when unset only loopback clients may publish"
         },
     )
+    max_connections: int = field(
+        default=10_000,
+        metadata={
+            "help": "open WebSocket + SSE streams this process accepts in total "
+            "(WebSocket 1013, SSE 503 above)"
+        },
+    )
+    max_connections_per_session: int = field(
+        default=50,
+        metadata={"help": "open streams of one session (WebSocket 1013, SSE 503 above)"},
+    )
+    max_sessions: int = field(
+        default=2_000,
+        metadata={
+            "help": "live sessions in this process: those with an open stream or a running "
+            "workflow here (a new one gets 1013 or 503 above)"
+        },
+    )
+    stream_token_secret: str | None = field(
+        default=None,
+        metadata={
+            "help": "when set, run-workflow returns a signed token for its session and the "
+            "WebSocket, SSE and session endpoints require it (?token=)"
+        },
+    )
+    stream_token_ttl: float = field(
+        default=3600.0, metadata={"help": "seconds a stream token stays valid"}
+    )
+    shutdown_grace: float = field(
+        default=10.0,
+        metadata={
+            "help": "seconds running workflows get to finish on SIGTERM/SIGINT before they "
+            "are interrupted (workflow_interrupted)"
+        },
+    )
+    log_format: str = field(
+        default="text",
+        metadata={
+            "help": "text, or json for one JSON object per line",
+            "choices": ("text", "json"),
+        },
+    )
     log_level: str = field(
         default="INFO",
         metadata={"help": "how much to log", "choices": ("DEBUG", "INFO", "WARNING", "ERROR")},

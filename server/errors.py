@@ -8,7 +8,8 @@
     │   ├── PayloadTooLarge     413
     │   └── Conflict            409 session already ran, or already ended
     │       └── SessionEnded    409 publishing after the final event
-    └── ServiceUnavailable      503 the broker cannot be reached (retry later)
+    └── ServiceUnavailable      503 the broker cannot be reached, or shutting down (retry later)
+        └── Overloaded          503 a limit is reached (WebSocket: 1013)
 
 Anything else is a bug or a fault of a dependency: it is logged with its
 traceback next to a reference id, and the client gets only a friendly
@@ -84,3 +85,28 @@ class SessionEnded(Conflict):
 class ServiceUnavailable(StreamError):
     status = 503
     code = "service_unavailable"
+    retry_after = 5  # seconds, sent as ``Retry-After``
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class Overloaded(ServiceUnavailable):
+    """A limit of :mod:`server.limits` is reached; ``reason`` names which one."""
+
+    code = "overloaded"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("The server is busy; please try again in a few seconds.")
+        self.reason = reason
+
+
+def refusal_reason(error: StreamError) -> str | None:
+    """The label a refusal by a limit or by access control is counted under, else ``None``."""
+    if isinstance(error, Overloaded):
+        return error.reason
+    if error.code == "shutting_down" or error.status in (401, 403, 413):
+        return error.code
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -170,6 +171,7 @@ class StoredEvent:
         "_sse",
         "_sse_chunk",
         "_ws",
+        "created",
         "epoch",
         "final",
         "id",
@@ -193,6 +195,8 @@ class StoredEvent:
         self._sse: bytes | None = None
         self._sse_chunk: bytes | None = None
         self._ws: bytes | None = None
+        # When this process got the event (time.monotonic()), for publish-to-send latency.
+        self.created = time.monotonic()
 
     @property
     def position(self) -> StreamPosition:

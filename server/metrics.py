@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from .messages import StoredEvent
+
+# Publish-to-send latency is observed for every 16th event of a session (seq 1, 17, 33 ...),
+# at every subscriber it reaches. A histogram observation costs ~3 us, several times a
+# counter's; sampling events (not deliveries) keeps the full fan-out spread of each
+# sampled event, the tail that matters, at 1/16 of the cost.
+LATENCY_SAMPLE_EVERY = 16
+
+_AGENT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
 class Metrics:
@@ -51,12 +67,72 @@ class Metrics:
         self.workflows = Counter(
             "orchestrator_workflows", "Workflows finished, by outcome", ["outcome"], registry=r
         )
+        self.sessions = Gauge(
+            "orchestrator_sessions",
+            "Sessions in this process, by state: subscribed (an open stream here), running "
+            "(a workflow runs here), live (either; what max_sessions limits)",
+            ["state"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "orchestrator_refusals",
+            "Requests and streams refused by a limit or by access control, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.agent_duration = Histogram(
+            "orchestrator_agent_duration_seconds",
+            "Agent calls, by agent and outcome (success, timeout, failed)",
+            ["agent", "outcome"],
+            buckets=_AGENT_BUCKETS,
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "orchestrator_delivery_latency_seconds",
+            f"From a stored event reaching this process to its write to a client, by "
+            f"transport; live events only, every {LATENCY_SAMPLE_EVERY}th event of a session",
+            ["transport"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         for transport in ("websocket", "sse"):
             self.connections.labels(transport=transport)
             self.delivered.labels(transport=transport)
+            self.delivery_latency.labels(transport=transport)
+        for reason in ("slow_consumer", "shutdown"):
+            self.closed_by_server.labels(reason=reason)
 
     def subscriber_closed(self, reason: str) -> None:
         self.closed_by_server.labels(reason=reason).inc()
 
+    def track_sessions(self, **states: Callable[[], int]) -> None:
+        """Read each session state's count from a callable when scraped."""
+        for state, count in states.items():
+            self.sessions.labels(state=state).set_function(count)
+
+    def refused(self, reason: str) -> None:
+        self.refusals.labels(reason=reason).inc()
+
+    def agent_finished(self, agent: str, outcome: str, duration_s: float) -> None:
+        self.agent_duration.labels(agent=agent, outcome=outcome).observe(duration_s)
+
+    def latency_sampler(self, transport: str) -> LatencySampler:
+        """For one connection opening now (events stored before it are replays, not timed)."""
+        return LatencySampler(self.delivery_latency.labels(transport=transport))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LatencySampler:
+    """Times the sampled live events of one connection, right after they are written."""
+
+    __slots__ = ("_histogram", "_since")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._since = time.monotonic()
+
+    def sent(self, event: StoredEvent) -> None:
+        if event.seq % LATENCY_SAMPLE_EVERY == 1 and event.created >= self._since:
+            self._histogram.observe(time.monotonic() - event.created)

@@ -1,0 +1,69 @@
+"""Logging: text (the default) or one JSON object per line, with the session id and
+reference id of what is being handled when known.
+
+Request handlers and workflow tasks set :data:`SESSION_ID` (a context variable,
+so each asyncio task has its own); a log call may also pass
+``extra={"session_id": ..., "reference": ...}``, which wins. Every record then
+carries both attributes (``None`` when unknown), so any formatter may use them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+SESSION_ID: ContextVar[str | None] = ContextVar("session_id", default=None)
+
+_CONTEXT_FIELDS = ("session_id", "reference")
+
+
+class ContextFilter(logging.Filter):
+    """Give every record ``session_id`` (from :data:`SESSION_ID`) and ``reference``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "session_id", None) is None:
+            record.session_id = SESSION_ID.get()
+        if not hasattr(record, "reference"):
+            record.reference = None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, session_id, reference,
+    and the traceback as ``exception`` (the log is the one place exception text goes)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in _CONTEXT_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str, fmt: str = "text", *, stream: TextIO | None = None) -> None:
+    """Send every log record to ``stream`` (stderr) as ``text`` or ``json``."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
