@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 
 from aiohttp import web
 
 from .app import create_app
 from .config import Settings
+from .logs import setup_logging
+
+# After the shutdown grace (spent in the app's on_shutdown, see server.app), how long
+# handlers get to send their last frames (1001, end of stream) before they are cancelled.
+HANDLER_SHUTDOWN_TIMEOUT = 3.0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings.from_args(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     web.run_app(
         app,
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Cancel a streaming handler as soon as its client disconnects, so an idle
         # SSE subscriber is released at once rather than at its next write.
         handler_cancellation=True,
-        shutdown_timeout=5.0,
+        shutdown_timeout=HANDLER_SHUTDOWN_TIMEOUT,
         access_log=None,
         print=lambda _: logging.getLogger("server").info(
             "serving on http://%s:%s (broker: memory)", settings.host, settings.port

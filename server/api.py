@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .auth import check_stream_access, issue_stream_token
 from .context import STREAM_CONTEXT
 from .errors import (
     ClientError,
@@ -82,15 +83,31 @@ async def run_workflow(request: web.Request) -> web.Response:
     except ValidationError as error:
         raise InvalidRequest(describe_validation_error(error), status=422) from None
     if len(run.strategy_description) > ctx.settings.max_strategy_length:
+        ctx.metrics.refused("strategy_too_long")
         raise InvalidRequest(
             f"strategy_description is longer than {ctx.settings.max_strategy_length} characters.",
             status=422,
         )
     session_id = run.session_id or str(uuid.uuid4())
-    task = await request.app[WORKFLOW_RUNNER].start(session_id, run.strategy_description)
+    ticket = ctx.admission.workflow(session_id)  # Overloaded (503) at max_sessions
+    try:
+        task = await request.app[WORKFLOW_RUNNER].start(session_id, run.strategy_description)
+    except BaseException:
+        ticket.release()
+        raise
+    task.add_done_callback(lambda _: ticket.release())
+    secret = ctx.settings.stream_token_secret
+    token = {}
+    if secret is not None:
+        token["token"] = issue_stream_token(secret, session_id, ctx.settings.stream_token_ttl)
     if request.query.get("wait", "").lower() not in ("1", "true", "yes"):
         return web.json_response(
-            {"session_id": session_id, "status": "running", "stream": stream_urls(session_id)},
+            {
+                "session_id": session_id,
+                "status": "running",
+                "stream": stream_urls(session_id),
+                **token,
+            },
             status=202,
         )
     outcome = await wait_outcome(task)
@@ -99,6 +116,7 @@ async def run_workflow(request: web.Request) -> web.Response:
         "status": outcome.status,
         "result": outcome.result,
         "stream": stream_urls(session_id),
+        **token,
     }
     if outcome.error is not None:
         body_out["error"] = outcome.error
@@ -108,6 +126,7 @@ async def run_workflow(request: web.Request) -> web.Response:
 async def get_session(request: web.Request) -> web.Response:
     ctx = request.app[STREAM_CONTEXT]
     session_id = session_id_of(request)
+    check_stream_access(request, ctx.settings, session_id)
     replay = await ctx.hub.broker.read(session_id, None)
     if replay.info is None:
         raise ClientError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 
@@ -17,8 +18,11 @@ from .brokers.memory import MemoryBroker
 from .config import Settings
 from .context import STREAM_CONTEXT, StreamContext
 from .contract import add_contract_routes
-from .errors import StreamError, reference_id
+from .errors import ServiceUnavailable, StreamError, reference_id, refusal_reason
 from .hub import Hub
+from .limits import Admission
+from .logs import SESSION_ID
+from .messages import is_valid_session_id
 from .metrics import Metrics
 from .transports.sse import sse_handler
 from .transports.websocket import websocket_handler
@@ -36,10 +40,32 @@ _HTTP_CODES = {
 }
 
 
-def error_body(status: int, code: str, message: str, reference: str) -> web.Response:
+class AgentResources(Protocol):
+    async def close(self) -> None: ...
+
+
+RegisterAgents = Callable[[AgentHandoffManager], AgentResources]
+
+
+def error_body(
+    status: int, code: str, message: str, reference: str, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.json_response(
-        {"error": message, "code": code, "reference": reference}, status=status
+        {"error": message, "code": code, "reference": reference}, status=status, headers=headers
     )
+
+
+@web.middleware
+async def log_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """What is logged while handling a request names its session (see :mod:`server.logs`)."""
+    session_id = request.match_info.get("session_id")
+    if session_id is None or not is_valid_session_id(session_id):
+        return await handler(request)
+    token = SESSION_ID.set(session_id)
+    try:
+        return await handler(request)
+    finally:
+        SESSION_ID.reset(token)
 
 
 @web.middleware
@@ -51,9 +77,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
+        if exc.status == 413:  # the body is over client_max_size (max_body_size)
+            request.app[STREAM_CONTEXT].metrics.refused(code)
         return error_body(exc.status, code, message, reference_id())
     except StreamError as exc:
         ref = reference_id()
+        reason = refusal_reason(exc)
+        if reason is not None:
+            request.app[STREAM_CONTEXT].metrics.refused(reason)
         if exc.status >= 500:
             log.warning(
                 "%s %s -> %s: %s [ref %s]",
@@ -62,11 +93,17 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                 exc.status,
                 exc.message,
                 ref,
+                extra={"reference": ref},
             )
-        return error_body(exc.status, exc.code, exc.message, ref)
+        headers = None
+        if isinstance(exc, ServiceUnavailable):
+            headers = {"Retry-After": str(exc.retry_after)}
+        return error_body(exc.status, exc.code, exc.message, ref, headers)
     except Exception:
         ref = reference_id()
-        log.exception("%s %s failed [ref %s]", request.method, request.path, ref)
+        log.exception(
+            "%s %s failed [ref %s]", request.method, request.path, ref, extra={"reference": ref}
+        )
         return error_body(500, "internal_error", "Something went wrong on our side.", ref)
 
 
@@ -106,44 +143,77 @@ def _add_cors_headers(allowed: tuple[str, ...]) -> Callable[..., Awaitable[None]
     return on_prepare
 
 
+async def _hide_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp's default "Server: Python/3.x aiohttp/3.x" tells an attacker what to look up.
+    response.headers.popall("Server", None)
+
+
 async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html")
 
 
-def create_app(settings: Settings, *, broker: Broker | None = None) -> web.Application:
-    """Build the app. ``broker`` defaults to the in-memory one."""
+def _register_default_agents(handoff: AgentHandoffManager) -> AgentResources:
+    return register_agents(handoff, LLMSettings.from_env())
+
+
+def create_app(
+    settings: Settings,
+    *,
+    broker: Broker | None = None,
+    agents: RegisterAgents = _register_default_agents,
+) -> web.Application:
+    """Build the app. ``broker`` defaults to the in-memory one; ``agents`` registers the
+    agents at startup and returns what to close at cleanup (tests pass fakes)."""
     metrics = Metrics()
     if broker is None:
         broker = MemoryBroker(settings.buffer_size, settings.session_ttl)
     hub = Hub(broker, queue_size=settings.subscriber_queue_size, metrics=metrics)
-    handoff = AgentHandoffManager(hub.publish, default_timeout=settings.agent_timeout)
+    handoff = AgentHandoffManager(
+        hub.publish,
+        default_timeout=settings.agent_timeout,
+        on_finished=lambda run: metrics.agent_finished(run.agent, run.outcome, run.duration_s),
+    )
     runner = WorkflowRunner(hub, handoff, metrics)
+    admission = Admission(settings, metrics)
+    metrics.track_sessions(
+        subscribed=lambda: hub.session_count,
+        running=lambda: runner.running,
+        live=lambda: admission.sessions,
+    )
 
     app = web.Application(
         client_max_size=settings.max_body_size,
-        middlewares=[errors_middleware, cors_middleware(settings.cors_origins)],
+        middlewares=[
+            log_context_middleware,
+            errors_middleware,
+            cors_middleware(settings.cors_origins),
+        ],
     )
-    app[STREAM_CONTEXT] = StreamContext(settings, hub, metrics)
+    app[STREAM_CONTEXT] = StreamContext(settings, hub, metrics, admission)
     app[WORKFLOW_RUNNER] = runner
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await hub.start()
-        agents = register_agents(handoff, LLMSettings.from_env())
+        resources = agents(handoff)
         try:
             yield
         finally:
             await runner.close()
             await hub.close()
-            await agents.close()
+            await resources.close()
 
     async def on_shutdown(app: web.Application) -> None:
-        # Before handlers are awaited: end every stream so clients reconnect elsewhere.
-        await runner.close()
+        # aiohttp has stopped accepting connections and awaits this before it waits on the
+        # handlers. Running workflows get the grace period, then end with a final
+        # workflow_interrupted error, so their subscribers get a last event; every other
+        # stream then ends (WebSocket 1001, SSE end of response) so clients resume elsewhere.
+        await runner.close(settings.shutdown_grace)
         hub.close_all("shutdown")
 
     app.cleanup_ctx.append(lifetime)
     app.on_shutdown.append(on_shutdown)
     app.on_response_prepare.append(_add_cors_headers(settings.cors_origins))
+    app.on_response_prepare.append(_hide_server_header)
 
     app.router.add_get("/ws/orchestrator/{session_id}", websocket_handler)
     app.router.add_get("/sse/orchestrator/{session_id}", sse_handler)

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from .config import Settings
 from .hub import Hub
+from .limits import Admission
 from .metrics import Metrics
 
 
@@ -16,6 +17,7 @@ class StreamContext:
     settings: Settings
     hub: Hub
     metrics: Metrics
+    admission: Admission
 
 
 STREAM_CONTEXT = web.AppKey("stream_context", StreamContext)

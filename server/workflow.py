@@ -25,8 +25,9 @@ from .agents.extraction import ExtractionResult
 from .agents.handoff import AgentFailed, AgentHandoffManager
 from .agents.inventory import InventoryPlan, InventoryRequest
 from .agents.pricing import PricingPlan, PricingRequest
-from .errors import Conflict, reference_id
+from .errors import Conflict, ServiceUnavailable, reference_id
 from .hub import Hub
+from .logs import SESSION_ID
 from .messages import CompleteEvent, ErrorEvent, ProgressEvent
 from .metrics import Metrics
 
@@ -50,9 +51,16 @@ class WorkflowRunner:
         self._handoff = handoff
         self._metrics = metrics
         self._tasks: dict[str, asyncio.Task[WorkflowOutcome]] = {}
+        self._closing = False
 
     async def start(self, session_id: str, strategy: str) -> asyncio.Task[WorkflowOutcome]:
-        """Claim the session and start its workflow; ``Conflict`` if it already ran."""
+        """Claim the session and start its workflow; ``Conflict`` if it already ran,
+        ``ServiceUnavailable`` (``shutting_down``) once :meth:`close` has begun."""
+        if self._closing:
+            raise ServiceUnavailable(
+                "The server is shutting down; please start the forecast again in a moment.",
+                code="shutting_down",
+            )
         if not await self._hub.broker.claim(session_id):
             raise Conflict(
                 "This session already has a workflow. Start a new session to run another.",
@@ -67,9 +75,16 @@ class WorkflowRunner:
     def running(self) -> int:
         return len(self._tasks)
 
+    @property
+    def closing(self) -> bool:
+        """Shutdown has begun: no workflow starts any more."""
+        return self._closing
+
     async def close(self, grace: float = 0.0) -> None:
         """Give running workflows ``grace`` seconds, then interrupt them (each ends with a
-        final ``workflow_interrupted`` error so its subscribers stop waiting)."""
+        final ``workflow_interrupted`` error so its subscribers stop waiting). No new
+        workflow starts from now on."""
+        self._closing = True
         tasks = list(self._tasks.values())
         if not tasks:
             return
@@ -80,6 +95,7 @@ class WorkflowRunner:
         await asyncio.wait(tasks)
 
     async def _run(self, session_id: str, strategy: str) -> WorkflowOutcome:
+        SESSION_ID.set(session_id)  # this task's own context: its log lines name the session
         try:
             result = await self._steps(session_id, strategy)
         except asyncio.CancelledError:
@@ -103,7 +119,9 @@ class WorkflowRunner:
             return WorkflowOutcome("failed", error=error)
         except Exception:
             ref = reference_id()
-            log.exception("workflow of session %s failed [ref %s]", session_id, ref)
+            log.exception(
+                "workflow of session %s failed [ref %s]", session_id, ref, extra={"reference": ref}
+            )
             error = await self._fail(
                 session_id, "internal_error", "Something went wrong on our side.", ref
             )
@@ -134,7 +152,12 @@ class WorkflowRunner:
             await self._hub.publish(event)
         except Exception:
             # The stream itself is unreachable; the log keeps the story.
-            log.exception("could not publish the final error of %s [ref %s]", session_id, ref)
+            log.exception(
+                "could not publish the final error of %s [ref %s]",
+                session_id,
+                ref,
+                extra={"reference": ref},
+            )
         return {"code": code, "error": message, "reference": ref}
 
     async def _progress(self, session_id: str, status: str, progress: int) -> None:

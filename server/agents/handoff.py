@@ -142,7 +142,13 @@ class AgentHandoffManager:
             except TimeoutError:
                 outcome = "timeout"
                 ref = reference_id()
-                log.error("agent %s timed out after %.1fs [ref %s]", name, limit, ref)
+                log.error(
+                    "agent %s timed out after %.1fs [ref %s]",
+                    name,
+                    limit,
+                    ref,
+                    extra={"reference": ref},
+                )
                 await self._publish_error(
                     session_id,
                     name,
@@ -155,7 +161,7 @@ class AgentHandoffManager:
                 raise
             except Exception:
                 ref = reference_id()
-                log.exception("agent %s failed [ref %s]", name, ref)
+                log.exception("agent %s failed [ref %s]", name, ref, extra={"reference": ref})
                 await self._publish_error(
                     session_id,
                     name,

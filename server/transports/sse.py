@@ -16,7 +16,8 @@ import contextlib
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from ..context import STREAM_CONTEXT
+from ..auth import check_stream_access
+from ..context import STREAM_CONTEXT, StreamContext
 from ..errors import InvalidSessionId
 from ..hub import SubscriptionClosed
 from ..messages import SLOW_CONSUMER, ControlEvent, StoredEvent, is_valid_session_id
@@ -36,7 +37,12 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     session_id = request.match_info["session_id"]
     if not is_valid_session_id(session_id):
         raise InvalidSessionId()
+    check_stream_access(request, ctx.settings, session_id)  # 401 without a valid token
+    with ctx.admission.connection(session_id, "sse"):  # 503 over a limit; counts the stream
+        return await _stream(request, ctx, session_id)
 
+
+async def _stream(request: web.Request, ctx: StreamContext, session_id: str) -> web.StreamResponse:
     async with ctx.hub.subscribe(session_id, resume_point(request)) as subscription:
         if subscription.finished:
             # Resumed at the final event: nothing will ever follow.
@@ -47,10 +53,9 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
             send_timeout=None,
         )
         await response.prepare(request)
-        gauge = ctx.metrics.connections.labels(transport="sse")
         delivered = ctx.metrics.delivered.labels(transport="sse")
+        latency = ctx.metrics.latency_sampler("sse")
         interval = ctx.settings.heartbeat_interval
-        gauge.inc()
 
         def write_now(event: StoredEvent) -> bool:
             transport = request.transport
@@ -58,6 +63,7 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
                 return False  # backed up: queue it, and let this task wait on the socket
             transport.write(event.sse_chunk)  # the response is chunked: one cached chunk
             delivered.inc()
+            latency.sent(event)
             return True
 
         try:
@@ -83,8 +89,9 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
                         break
                 else:
                     await response.write(frame.sse_frame)
-                if frame.id is not None:
+                if isinstance(frame, StoredEvent):
                     delivered.inc()
+                    latency.sent(frame)
         except SubscriptionClosed as closed:
             if closed.reason == SLOW_CONSUMER:
                 notice = ControlEvent.error(
@@ -97,7 +104,6 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         except ConnectionError:
             pass  # the client went away
         finally:
-            gauge.dec()
             response.stop_streaming()
         with contextlib.suppress(ConnectionError):
             await response.write_eof()

@@ -14,9 +14,11 @@ import contextlib
 import json
 import logging
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
+from ..auth import check_stream_access, check_websocket_origin
 from ..context import STREAM_CONTEXT, StreamContext
+from ..errors import StreamError, refusal_reason
 from ..hub import Subscription, SubscriptionClosed
 from ..messages import (
     INVALID_MESSAGE,
@@ -61,23 +63,46 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"invalid session id")
         return ws
 
-    gauge = ctx.metrics.connections.labels(transport="websocket")
-    gauge.inc()
     try:
+        check_websocket_origin(request, ctx.settings)
+        check_stream_access(request, ctx.settings, session_id)
+        ticket = ctx.admission.connection(session_id, "websocket")  # counts the connection
+    except StreamError as refused:
+        await _refuse(ws, session_id, refused, ctx)
+        return ws
+
+    with ticket:
         last_event_id = request.query.get("last_event_id")
         async with ctx.hub.subscribe(session_id, last_event_id) as subscription:
             pump = asyncio.create_task(_pump(ws, request, subscription, ctx))
             try:
-                await _read_commands(ws, subscription)
+                await _read_commands(ws, subscription, ctx)
             finally:
                 pump.cancel()
                 await asyncio.wait({pump})
-    finally:
-        gauge.dec()
     return ws
 
 
-async def _read_commands(ws: web.WebSocketResponse, subscription: Subscription) -> None:
+async def _refuse(
+    ws: web.WebSocketResponse, session_id: str, refused: StreamError, ctx: StreamContext
+) -> None:
+    """One ``error`` event with the refusal's code, then close: 1013 when overloaded
+    (retry later), 1008 for a foreign origin or a bad token (do not retry)."""
+    reason = refusal_reason(refused)
+    if reason is not None:
+        ctx.metrics.refused(reason)
+    close_code = (
+        WSCloseCode.TRY_AGAIN_LATER if refused.status >= 500 else WSCloseCode.POLICY_VIOLATION
+    )
+    notice = ControlEvent.error(session_id, refused.code, refused.message)
+    with contextlib.suppress(ConnectionError):
+        await ws.send_frame(notice.payload, WSMsgType.TEXT)
+    await _close(ws, close_code, refused.code.encode())
+
+
+async def _read_commands(
+    ws: web.WebSocketResponse, subscription: Subscription, ctx: StreamContext
+) -> None:
     """Answer ``{"type": "ping"}``; anything else gets ``invalid_message``. Ends on close."""
     async for message in ws:
         if message.type is WSMsgType.TEXT and _is_ping(message.data):
@@ -90,6 +115,14 @@ async def _read_commands(ws: web.WebSocketResponse, subscription: Subscription) 
                     'Unknown message. The only command is {"type": "ping"}.',
                 )
             )
+        elif message.type is WSMsgType.ERROR and _too_big(message.data):
+            # aiohttp has closed with 1009 already; count it now, as the handler may be
+            # cancelled as soon as the socket is gone.
+            ctx.metrics.refused("frame_too_large")
+
+
+def _too_big(error: object) -> bool:
+    return isinstance(error, WebSocketError) and error.code == WSCloseCode.MESSAGE_TOO_BIG
 
 
 def _is_ping(text: str) -> bool:
@@ -108,6 +141,7 @@ async def _pump(
 ) -> None:
     """Write frames until the final event, a server-side close, or a dead peer."""
     delivered = ctx.metrics.delivered.labels(transport="websocket")
+    latency = ctx.metrics.latency_sampler("websocket")
     interval = ctx.settings.heartbeat_interval
 
     def write_now(event: StoredEvent) -> bool:
@@ -118,6 +152,7 @@ async def _pump(
             return False  # backed up: queue it, and let this task wait on the socket
         transport.write(event.ws_frame)
         delivered.inc()
+        latency.sent(event)
         return True
 
     subscription.sink = write_now
@@ -140,8 +175,9 @@ async def _pump(
                     return
             else:
                 await ws.send_frame(frame.payload, WSMsgType.TEXT)
-            if frame.id is not None:
+            if isinstance(frame, StoredEvent):
                 delivered.inc()
+                latency.sent(frame)
         await _close(ws, WSCloseCode.OK, b"workflow finished")
     except SubscriptionClosed as closed:
         if closed.reason == SLOW_CONSUMER:
