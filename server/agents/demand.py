@@ -162,6 +162,10 @@ class DemandForecast(BaseModel):
 # --- the process pool -----------------------------------------------------------------------
 
 
+# How long close() lets running fits finish before it stops their worker processes.
+_STOP_WAIT = 0.5
+
+
 class ForecastExecutor:
     """A process pool for model fits, created on first use and shut down by :meth:`close`.
 
@@ -197,11 +201,28 @@ class ForecastExecutor:
             raise
 
     async def close(self) -> None:
-        """Cancel queued fits, wait for running ones, stop the workers."""
+        """Cancel queued fits, give running ones ``_STOP_WAIT``, then stop the workers.
+
+        ``close`` comes at shutdown, once the workflows have had their grace period and
+        were interrupted: nothing waits for a running fit's result any more, and a fit can
+        take longer than the few seconds a shutdown has.
+        """
         self._closed = True
         pool, self._pool = self._pool, None
-        if pool is not None:
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        if pool is None:
+            return
+        # No public way to stop busy workers before Python 3.14 (terminate_workers()).
+        workers = list((pool._processes or {}).values())
+        stopped = asyncio.ensure_future(
+            asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        )
+        # The short wait lets the pool's manager thread cancel the queued fits first: on
+        # Python 3.11 it crashes if a worker dies while a cancelled fit is still queued.
+        done, _ = await asyncio.wait({stopped}, timeout=_STOP_WAIT)
+        if not done:
+            for worker in workers:
+                worker.terminate()
+        await stopped
 
 
 # --- the agent ------------------------------------------------------------------------------
