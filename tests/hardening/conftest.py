@@ -1,0 +1,40 @@
+"""Fixtures of the hardening tests: the real app, with fake agents, on a real port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
+
+from server.app import create_app
+from server.config import Settings
+from tests.hardening.support import FakeAgents
+
+StartServer = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+def agents() -> FakeAgents:
+    return FakeAgents()
+
+
+@pytest.fixture
+async def start(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], settings: Settings, agents: FakeAgents
+) -> StartServer:
+    """Start the real app with fake agents and ``settings`` changed by keyword arguments."""
+
+    async def factory(**changes: Any) -> TestServer:
+        changed = settings.replace(**{"shutdown_grace": 0.0, **changes})
+        return await aiohttp_server(create_app(changed, agents=agents))
+
+    return factory
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[ClientSession]:
+    async with ClientSession() as session:
+        yield session

@@ -1,0 +1,275 @@
+"""Who may do what: stream tokens, the WebSocket Origin check, the publish token, and no
+version banner in responses."""
+
+from __future__ import annotations
+
+import time
+from unittest import mock
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import make_mocked_request
+
+from server.api import _may_publish
+from server.auth import check_stream_token, issue_stream_token, origin_allowed
+from server.errors import Unauthorized
+from server.messages import ProgressEvent
+from tests.hardening.clients import (
+    assert_error_body,
+    read_until_final,
+    refused_ws,
+    sse_url,
+    url,
+    ws_url,
+)
+from tests.hardening.conftest import StartServer
+from tests.hardening.support import (
+    RawConnection,
+    context_of,
+    metric,
+    new_session_id,
+)
+
+SECRET = "test-stream-secret"
+POLICY_VIOLATION = 1008
+FRONTEND = "http://localhost:5173"
+
+
+# --- stream tokens, as functions ----------------------------------------------------------------
+
+
+def test_a_token_is_valid_for_its_session_until_it_expires() -> None:
+    """A token checks for its own session within its lifetime, and for nothing else."""
+    token = issue_stream_token(SECRET, "session-0001", 60, now=1000.0)
+    check_stream_token(SECRET, "session-0001", token, now=1059.0)
+    with pytest.raises(Unauthorized, match="expired"):
+        check_stream_token(SECRET, "session-0001", token, now=1061.0)
+    with pytest.raises(Unauthorized, match="not valid"):
+        check_stream_token(SECRET, "session-0002", token, now=1000.0)
+    with pytest.raises(Unauthorized, match="not valid"):
+        check_stream_token("another-secret", "session-0001", token, now=1000.0)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "garbage",
+        "1060.",
+        ".c2lnbmF0dXJl",
+        "99999999999999999999.abc",
+        "١٠٦٠.abc",  # Arabic-Indic digits are digits to str.isdigit(), not to us
+        "1060.\udcff",
+        "1060.sig\x00nature",
+    ],
+)
+def test_a_malformed_token_is_refused_never_crashes(token: str) -> None:
+    """Whatever the token holds, the answer is Unauthorized."""
+    with pytest.raises(Unauthorized):
+        check_stream_token(SECRET, "session-0001", token, now=1000.0)
+
+
+def test_a_token_whose_expiry_was_moved_is_refused() -> None:
+    """The expiry is signed: moving it forward breaks the signature."""
+    token = issue_stream_token(SECRET, "session-0001", 60, now=1000.0)
+    expires, _, signature = token.partition(".")
+    with pytest.raises(Unauthorized, match="not valid"):
+        check_stream_token(SECRET, "session-0001", f"{int(expires) + 3600}.{signature}", now=1000)
+
+
+# --- stream tokens, over the wire -----------------------------------------------------------------
+
+
+async def test_with_a_secret_run_workflow_returns_a_token_that_opens_its_streams(
+    start: StartServer, http: ClientSession
+) -> None:
+    """run-workflow's 202 carries ``token``; with ``?token=`` the WebSocket, SSE and session
+    endpoints serve that session."""
+    server = await start(stream_token_secret=SECRET)
+    async with http.post(
+        url(server, "/api/orchestrator/run-workflow"), json={"strategy_description": "chairs"}
+    ) as response:
+        assert response.status == 202
+        body = await response.json()
+    session_id, token = body["session_id"], body["token"]
+    async with http.ws_connect(ws_url(server, session_id, f"?token={token}")) as ws:
+        events = await read_until_final(ws)
+        assert events[-1]["final"] is True
+    async with http.get(sse_url(server, session_id, f"?token={token}")) as response:
+        assert response.status == 200
+        assert "event: complete" in await response.text()
+    async with http.get(url(server, f"/api/sessions/{session_id}?token={token}")) as response:
+        assert response.status == 200
+
+
+async def test_wait_true_also_returns_the_token(start: StartServer, http: ClientSession) -> None:
+    """The 200 of ``?wait=true`` carries the token too."""
+    server = await start(stream_token_secret=SECRET)
+    async with http.post(
+        url(server, "/api/orchestrator/run-workflow?wait=true"),
+        json={"strategy_description": "chairs"},
+    ) as response:
+        assert response.status == 200
+        body = await response.json()
+    check_stream_token(SECRET, body["session_id"], body["token"])
+
+
+async def test_without_secret_no_token_is_issued_or_needed(
+    start: StartServer, http: ClientSession
+) -> None:
+    """Tokens are off by default: no ``token`` field, and streams open without one."""
+    server = await start()
+    async with http.post(
+        url(server, "/api/orchestrator/run-workflow"), json={"strategy_description": "chairs"}
+    ) as response:
+        body = await response.json()
+    assert "token" not in body
+    async with http.ws_connect(ws_url(server, body["session_id"])) as ws:
+        assert (await read_until_final(ws))[-1]["final"] is True
+
+
+@pytest.mark.parametrize("problem", ["missing", "other session", "expired", "forged"])
+async def test_a_stream_without_a_valid_token_is_refused(
+    start: StartServer, http: ClientSession, problem: str
+) -> None:
+    """Missing, foreign, expired or forged token: the WebSocket gets ``unauthorized`` then
+    1008; SSE and the session snapshot get 401 in the JSON error shape."""
+    server = await start(stream_token_secret=SECRET, stream_token_ttl=60.0)
+    session_id = new_session_id()
+    token = {
+        "missing": None,
+        "other session": issue_stream_token(SECRET, new_session_id(), 60),
+        "expired": issue_stream_token(SECRET, session_id, 60, now=time.time() - 120),
+        "forged": issue_stream_token("not-the-secret", session_id, 60),
+    }[problem]
+    query = "" if token is None else f"?token={token}"
+
+    notice, code = await refused_ws(http, ws_url(server, session_id, query))
+    assert code == POLICY_VIOLATION
+    assert notice is not None and notice["type"] == "error" and notice["code"] == "unauthorized"
+    async with http.get(sse_url(server, session_id, query)) as response:
+        assert response.status == 401
+        assert_error_body(await response.json(), "unauthorized")
+    async with http.get(url(server, f"/api/sessions/{session_id}{query}")) as response:
+        assert response.status == 401
+        assert_error_body(await response.json(), "unauthorized")
+    assert metric(context_of(server), "orchestrator_refusals_total", reason="unauthorized") == 3
+
+
+# --- the WebSocket Origin check -------------------------------------------------------------------
+
+
+def test_origin_rules() -> None:
+    """No Origin passes (not a browser); a listed one, ``*``, or the server's own passes."""
+    allowed = (FRONTEND,)
+    assert origin_allowed(None, "example.org", allowed)
+    assert origin_allowed(FRONTEND, "example.org", allowed)
+    assert origin_allowed("HTTP://LOCALHOST:5173/", "example.org", allowed)
+    assert origin_allowed("https://example.org", "example.org", allowed)
+    assert origin_allowed("https://evil.example", "example.org", ("*",))
+    assert not origin_allowed("https://evil.example", "example.org", allowed)
+    assert not origin_allowed("https://example.org:8443", "example.org", allowed)
+    assert not origin_allowed("null", "example.org", allowed)
+    assert not origin_allowed("", "example.org", allowed)
+    assert not origin_allowed("https://example.org", None, allowed)
+    assert not origin_allowed("http://[::1", "example.org", allowed)
+
+
+async def test_a_browser_websocket_from_a_foreign_origin_is_refused_1008(
+    start: StartServer, http: ClientSession
+) -> None:
+    """A handshake with a foreign ``Origin`` is upgraded, told ``forbidden_origin`` and
+    closed with 1008 before any event of the session is read."""
+    server = await start(cors_origins=(FRONTEND,))
+    ctx = context_of(server)
+    session_id = new_session_id()
+    notice, code = await refused_ws(
+        http, ws_url(server, session_id), headers={"Origin": "https://evil.example"}
+    )
+    assert code == POLICY_VIOLATION
+    assert notice is not None and notice["code"] == "forbidden_origin"
+    assert metric(ctx, "orchestrator_refusals_total", reason="forbidden_origin") == 1
+    assert metric(ctx, "orchestrator_replays_total") == 0  # never subscribed
+
+
+@pytest.mark.parametrize("origin", [FRONTEND, "same", None])
+async def test_listed_same_origin_and_originless_websockets_are_admitted(
+    start: StartServer, http: ClientSession, origin: str | None
+) -> None:
+    """The frontend's origin, the server's own origin, and clients sending no Origin."""
+    server = await start(cors_origins=(FRONTEND,))
+    if origin == "same":
+        origin = f"http://{server.host}:{server.port}"
+    headers = {} if origin is None else {"Origin": origin}
+    session_id = new_session_id()
+    async with http.ws_connect(ws_url(server, session_id), headers=headers) as ws:
+        await context_of(server).hub.publish(
+            ProgressEvent(session_id=session_id, agent="demand", status="s", progress=1)
+        )
+        message = await ws.receive_json(timeout=5)
+        assert message["seq"] == 1
+
+
+# --- the publish token ----------------------------------------------------------------------------
+
+
+async def test_with_a_publish_token_publishing_needs_the_bearer_token(
+    start: StartServer, http: ClientSession
+) -> None:
+    """No or a wrong ``Authorization: Bearer`` gets 401 in the JSON error shape; the right
+    one publishes."""
+    server = await start(publish_token="publish-me")
+    target = url(server, f"/api/sessions/{new_session_id()}/events")
+    event = {"type": "progress", "agent": "demand", "status": "ok", "progress": 1}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic publish-me"}):
+        async with http.post(target, json=event, headers=headers) as response:
+            assert response.status == 401
+            assert_error_body(await response.json(), "unauthorized")
+    async with http.post(
+        target, json=event, headers={"Authorization": "Bearer publish-me"}
+    ) as response:
+        assert response.status == 202
+
+
+@pytest.mark.parametrize(
+    ("peer", "allowed"),
+    [("127.0.0.1", True), ("::1", True), ("10.1.2.3", False), ("203.0.113.9", False)],
+)
+def test_without_a_publish_token_only_loopback_may_publish(peer: str, allowed: bool) -> None:
+    """With no publish token configured, the peer address decides: loopback only."""
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        (peer, 12345) if name == "peername" else default
+    )
+    request = make_mocked_request("POST", "/api/sessions/x/events", transport=transport)
+    assert _may_publish(request, None) is allowed
+
+
+# --- no version banner ----------------------------------------------------------------------
+
+
+async def test_no_response_names_the_server_software(
+    start: StartServer, http: ClientSession
+) -> None:
+    """REST, errors, SSE, static files and the WebSocket handshake carry no ``Server`` header."""
+    server = await start()
+    session_id = new_session_id()
+    for path in ("/healthz", "/nowhere", "/api/sessions/bad", "/", "/sse/orchestrator/x"):
+        async with http.get(url(server, path)) as response:
+            assert "Server" not in response.headers, path
+    async with http.get(sse_url(server, session_id)) as response:
+        assert response.status == 200 and "Server" not in response.headers
+    raw = await RawConnection.open(server)
+    try:
+        head = await raw.request_head(
+            f"/ws/orchestrator/{session_id}",
+            {
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version": "13",
+            },
+        )
+        assert head["status"] == 101 and "Server" not in head["headers"]
+    finally:
+        raw.abort()

@@ -1,0 +1,206 @@
+"""Graceful shutdown: a real ``python -m server`` process gets SIGTERM or SIGINT while a
+workflow runs and clients stream; and the grace period, in process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientConnectorError, ClientSession, ClientWebSocketResponse
+
+from server.api import WORKFLOW_RUNNER
+from tests.hardening.clients import assert_error_body, next_event, read_until_final, url
+from tests.hardening.conftest import StartServer
+from tests.hardening.support import (
+    FakeAgents,
+    context_of,
+    events_in,
+    new_session_id,
+    wait_until,
+)
+from tests.timing import EVENT_TIMEOUT
+
+ROOT = Path(__file__).resolve().parents[2]
+GRACE = 1.0
+START_TIMEOUT = 30.0  # imports included, on a loaded machine
+EXIT_SLACK = 8.0  # "within the grace period plus a few seconds"
+GOING_AWAY = 1001
+NORMAL = 1000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Process:
+    def __init__(self, process: asyncio.subprocess.Process, port: int, log: Path) -> None:
+        self.process = process
+        self.port = port
+        self.log = log
+
+    def url(self, path: str, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture
+async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Process]]]:
+    """Start ``python -m server`` on a free port and wait until it answers /healthz."""
+    started: list[Process] = []
+
+    async def factory(*args: str) -> Process:
+        port = free_port()
+        log = tmp_path / f"server-{port}.log"
+        with log.open("wb") as sink:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "server",
+                "--port",
+                str(port),
+                *args,
+                cwd=ROOT,
+                stdout=sink,
+                stderr=sink,
+            )
+        server = Process(process, port, log)
+        started.append(server)
+        async with ClientSession() as http, asyncio.timeout(START_TIMEOUT):
+            while True:
+                try:
+                    async with http.get(server.url("/healthz")) as response:
+                        if response.status == 200:
+                            return server
+                except ClientConnectorError:
+                    pass
+                assert process.returncode is None, log.read_text()
+                await asyncio.sleep(0.05)
+
+    yield factory
+    for server in started:
+        if server.process.returncode is None:
+            server.process.kill()
+            await server.process.wait()
+
+
+async def read_sse(http: ClientSession, target: str) -> tuple[asyncio.Task[str], asyncio.Event]:
+    """Read an SSE stream to its end in a task; the event is set once the stream has begun."""
+    began = asyncio.Event()
+
+    async def read() -> str:
+        async with http.get(target) as response:
+            assert response.status == 200
+            chunks = [await response.content.readline()]
+            began.set()
+            async for chunk in response.content.iter_any():
+                chunks.append(chunk)
+            return b"".join(chunks).decode()
+
+    return asyncio.create_task(read()), began
+
+
+async def until_event(ws: ClientWebSocketResponse, predicate: Callable[[Any], bool]) -> None:
+    while True:
+        event = await next_event(ws)
+        assert event is not None, "closed early"
+        if predicate(event):
+            return
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_signal_ends_workflows_then_streams_and_the_process_exits_in_time(
+    serve: Callable[..., Awaitable[Process]], signum: int
+) -> None:
+    """On SIGTERM/SIGINT the server stops accepting; the running workflow gets the grace
+    period, then its subscribers get its final event (``workflow_interrupted``, or
+    ``complete`` had it finished) and 1000 / end of stream; subscribers of other sessions
+    get 1001 / end of stream; the process exits with 0 within grace + a few seconds."""
+    server = await serve("--shutdown-grace", str(GRACE), "--log-format", "json")
+    idle = new_session_id()
+    async with ClientSession() as http:
+        async with http.post(
+            server.url("/api/orchestrator/run-workflow"),
+            json={"strategy_description": "15% off outdoor furniture for 8 weeks"},
+        ) as response:
+            assert response.status == 202
+            running = (await response.json())["session_id"]
+        running_sse, running_began = await read_sse(
+            http, server.url(f"/sse/orchestrator/{running}")
+        )
+        idle_sse, idle_began = await read_sse(http, server.url(f"/sse/orchestrator/{idle}"))
+        async with (
+            http.ws_connect(server.url(f"/ws/orchestrator/{running}", "ws")) as running_ws,
+            http.ws_connect(server.url(f"/ws/orchestrator/{idle}", "ws")) as idle_ws,
+        ):
+            # The demand agent has started: the workflow is mid-flight.
+            await until_event(running_ws, lambda e: e.get("agent") == "demand")
+            await asyncio.wait_for(running_began.wait(), EVENT_TIMEOUT)
+            await asyncio.wait_for(idle_began.wait(), EVENT_TIMEOUT)
+
+            signalled = time.monotonic()
+            server.process.send_signal(signum)
+
+            rest = await read_until_final(running_ws)
+            final = rest[-1]
+            assert final["final"] is True
+            assert final["type"] == "complete" or final["code"] == "workflow_interrupted", final
+            assert running_ws.close_code == NORMAL
+            assert await next_event(idle_ws) is None
+            assert idle_ws.close_code == GOING_AWAY
+
+        with pytest.raises(ConnectionRefusedError):  # no longer accepting
+            await asyncio.open_connection("127.0.0.1", server.port)
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            running_text, idle_text = await running_sse, await idle_sse
+    assert events_in(running_text)[-1] == final
+    assert not any(e.get("final") for e in events_in(idle_text))
+
+    async with asyncio.timeout(GRACE + EXIT_SLACK):
+        code = await server.process.wait()
+    assert code == 0
+    took = time.monotonic() - signalled
+    assert took < GRACE + EXIT_SLACK
+
+    lines = server.log.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # --log-format json: every line is JSON
+    assert any(r.get("session_id") == running for r in records), lines
+
+
+async def test_a_workflow_that_finishes_within_the_grace_period_completes(
+    start: StartServer, http: ClientSession, agents: FakeAgents
+) -> None:
+    """During the grace period the workflow runs on and ends with ``complete``; a new
+    workflow is refused with 503 ``shutting_down``; shutdown returns once it has ended."""
+    agents.gate = asyncio.Event()
+    server = await start(shutdown_grace=60.0)
+    async with http.post(
+        url(server, "/api/orchestrator/run-workflow"), json={"strategy_description": "chairs"}
+    ) as response:
+        session_id = (await response.json())["session_id"]
+    async with http.ws_connect(url(server, f"/ws/orchestrator/{session_id}", "ws")) as ws:
+        await until_event(ws, lambda e: e.get("agent") == "demand")
+        shutdown = asyncio.create_task(server.app.shutdown())
+        await wait_until(lambda: server.app[WORKFLOW_RUNNER].closing)
+        async with http.post(
+            url(server, "/api/orchestrator/run-workflow"), json={"strategy_description": "x"}
+        ) as response:
+            assert response.status == 503
+            assert response.headers["Retry-After"]
+            assert_error_body(await response.json(), "shutting_down")
+        assert not shutdown.done()
+        agents.gate.set()
+        events = await read_until_final(ws)
+    assert events[-1]["type"] == "complete" and events[-1]["final"] is True
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        await shutdown
+    assert context_of(server).hub.subscriber_count == 0
