@@ -114,6 +114,16 @@ def resolve(name: str) -> ServerSpec:
     return replace(spec, name=name, cwd=where, note=f"{spec.note} as of {commit}")
 
 
+def pin_revision(name: str) -> str:
+    """``ours@HEAD+uvloop`` -> ``ours@1a2b3c4d5e+uvloop``: a run measures one commit
+    throughout, however the branch moves meanwhile."""
+    base, at, rest = name.partition("@")
+    if not at:
+        return name
+    rev, plus, suffix = rest.partition("+")
+    return f"{base}@{_git('rev-parse', '--short=10', f'{rev}^{{commit}}')}{plus}{suffix}"
+
+
 def _git(*args: str) -> str:
     return subprocess.run(
         ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60

@@ -25,6 +25,7 @@ from .servers import (
     LOADGEN_CPU,
     ROOT,
     SERVERS,
+    pin_revision,
     pinned,
     resolve,
     running,
@@ -282,7 +283,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.scenarios = list(ORDER) if args.scenario == "all" else args.scenario.split(",")
-    args.server_names = args.servers.split(",")
+    try:
+        args.server_names = [pin_revision(name) for name in args.servers.split(",")]
+    except (OSError, subprocess.SubprocessError) as exc:
+        parser.error(f"unknown git revision in --servers: {exc}")
     for name in args.scenarios:
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}; choose from {', '.join(ORDER)}")
