@@ -75,17 +75,39 @@ def _uvloop_unavailable() -> str | None:
     return None
 
 
+# ``NAME+variant`` suffixes: one run-time change applied by bench/variant.py.
+VARIANTS: dict[str, tuple[list[str], Callable[[], str | None]]] = {
+    "uvloop": (["--uvloop"], _uvloop_unavailable),
+    "backlog": (["--backlog", "4096"], _available),
+    "gcfreeze": (["--gc-freeze"], _available),
+}
+
+
 def resolve(name: str) -> ServerSpec:
-    """A server by name. ``ours@REV`` (any git revision) is our server as of that
-    commit, so that one change can be measured against the one before it in the same
-    run; a ``+uvloop`` suffix (``naive+uvloop``, ``ours@REV+uvloop``) runs it on uvloop."""
-    if name.endswith("+uvloop"):
-        spec = resolve(name.removesuffix("+uvloop"))
+    """A server by name.
+
+    ``ours@REV`` (any git revision) is our server as of that commit, so that one
+    change can be measured against the one before it in the same run. Suffixes
+    apply one run-time change from outside the code (:mod:`bench.variant`):
+    ``+uvloop``, ``+backlog`` (listen queue 4096), ``+gcfreeze``; they combine,
+    as in ``ours@HEAD+backlog+gcfreeze``.
+    """
+    base_name, *suffixes = name.split("+")
+    if suffixes:
+        spec = resolve(base_name)
+        unknown = [v for v in suffixes if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"{name}: unknown variant {unknown[0]!r}")
         if spec.command(0)[1] != "-m":
-            raise ValueError(f"{name}: only module servers can run on uvloop")
+            raise ValueError(f"{name}: only module servers take variants")
+        flags = [flag for v in suffixes for flag in VARIANTS[v][0]]
+        checks = [VARIANTS[v][1] for v in suffixes]
 
         def command(port: int) -> list[str]:
-            return [sys.executable, "-m", "bench.with_uvloop", *spec.command(port)[2:]]
+            return [sys.executable, "-m", "bench.variant", *flags, *spec.command(port)[2:]]
+
+        def unavailable() -> str | None:
+            return spec.unavailable() or next((r for c in checks if (r := c())), None)
 
         # bench/ must be importable from an ``ours@REV`` copy's folder too.
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
@@ -94,8 +116,8 @@ def resolve(name: str) -> ServerSpec:
             name=name,
             command=command,
             env={**spec.env, "PYTHONPATH": path},
-            note=f"{spec.note}, on uvloop",
-            unavailable=lambda: spec.unavailable() or _uvloop_unavailable(),
+            note=f"{spec.note}, with {' + '.join(suffixes)}",
+            unavailable=unavailable,
         )
     base, _, rev = name.partition("@")
     spec = SERVERS[base]

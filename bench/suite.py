@@ -266,7 +266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--servers",
         default=",".join(DEFAULT_SERVERS),
         help=f"comma-separated servers: {', '.join(SERVERS)}; ours@REV runs server/ "
-        "as of a git revision",
+        "as of a git revision; suffixes +uvloop, +backlog, +gcfreeze apply one run-time change",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per row; medians reported")
     parser.add_argument("--output", type=Path, default=None, help="JSON file to write")
@@ -291,7 +291,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}; choose from {', '.join(ORDER)}")
     for name in args.server_names:
-        if name.removesuffix("+uvloop").partition("@")[0] not in SERVERS:
+        if name.partition("+")[0].partition("@")[0] not in SERVERS:
             parser.error(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
     if not 1 <= args.repeat <= 9:
         parser.error("--repeat is between 1 and 9")
