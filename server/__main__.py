@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         shutdown_timeout=HANDLER_SHUTDOWN_TIMEOUT,
         access_log=None,
         print=lambda _: logging.getLogger("server").info(
-            "serving on http://%s:%s (broker: memory)", settings.host, settings.port
+            "serving on http://%s:%s (broker: %s)", settings.host, settings.port, settings.broker
         ),
     )
 

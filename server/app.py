@@ -13,8 +13,8 @@ from .agents import register_agents
 from .agents.handoff import AgentHandoffManager
 from .agents.llm import LLMSettings
 from .api import WORKFLOW_RUNNER, add_routes
+from .brokers import create_broker
 from .brokers.base import Broker
-from .brokers.memory import MemoryBroker
 from .config import Settings
 from .context import STREAM_CONTEXT, StreamContext
 from .contract import add_contract_routes
@@ -162,11 +162,12 @@ def create_app(
     broker: Broker | None = None,
     agents: RegisterAgents = _register_default_agents,
 ) -> web.Application:
-    """Build the app. ``broker`` defaults to the in-memory one; ``agents`` registers the
-    agents at startup and returns what to close at cleanup (tests pass fakes)."""
+    """Build the app. ``broker`` defaults to the one ``settings.broker`` names;
+    ``agents`` registers the agents at startup and returns what to close at cleanup
+    (tests pass fakes)."""
     metrics = Metrics()
     if broker is None:
-        broker = MemoryBroker(settings.buffer_size, settings.session_ttl)
+        broker = create_broker(settings)
     hub = Hub(broker, queue_size=settings.subscriber_queue_size, metrics=metrics)
     handoff = AgentHandoffManager(
         hub.publish,

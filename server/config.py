@@ -79,6 +79,18 @@ class Settings:
             "when unset only loopback clients may publish"
         },
     )
+    broker: str = field(
+        default="memory",
+        metadata={
+            "help": "where events are stored: 'memory' (one process) or 'redis' "
+            "(any number of processes sharing --redis-url)",
+            "choices": ("memory", "redis"),
+        },
+    )
+    redis_url: str = field(
+        default="redis://127.0.0.1:6379/0",
+        metadata={"help": "the Redis server of --broker redis"},
+    )
     max_connections: int = field(
         default=10_000,
         metadata={
