@@ -80,6 +80,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             finally:
                 pump.cancel()
                 await asyncio.wait({pump})
+                if not ws.closed:
+                    # The client vanished and this handler was cancelled. Closing stops
+                    # aiohttp's heartbeat timer, which would otherwise hold the whole
+                    # connection in memory for up to a heartbeat interval.
+                    await _close(ws, WSCloseCode.GOING_AWAY, b"")
     return ws
 
 
