@@ -81,6 +81,20 @@ class Result:
         return {}
 
 
+class _Exploding:
+    """A result whose ``parameters`` cannot be read."""
+
+    def __init__(self, error: Exception) -> None:
+        self._error = error
+
+    @property
+    def parameters(self) -> Any:
+        raise self._error
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
 class _Forecast(DemandForecast):
     def summary(self) -> dict[str, Any]:
         return {}
@@ -91,11 +105,14 @@ class FakeAgents:
 
     ``gate``: when set, the demand agent waits for it (a workflow that keeps running).
     ``failure``: when set, the demand agent raises it.
+    ``workflow_failure``: when set, the workflow itself (not an agent) raises it, on
+    reading the extraction's result.
     """
 
     def __init__(self) -> None:
         self.gate: asyncio.Event | None = None
         self.failure: Exception | None = None
+        self.workflow_failure: Exception | None = None
 
     def __call__(self, handoff: AgentHandoffManager) -> FakeAgents:
         handoff.register("extraction", self._extraction)
@@ -107,8 +124,10 @@ class FakeAgents:
     async def close(self) -> None:
         pass
 
-    async def _extraction(self, strategy: str, report: Reporter) -> Result:
+    async def _extraction(self, strategy: str, report: Reporter) -> Any:
         await report("Reading", 50)
+        if self.workflow_failure is not None:
+            return _Exploding(self.workflow_failure)
         return Result(parameters=ForecastParameters(), method="rules")
 
     async def _demand(self, parameters: Any, report: Reporter) -> DemandForecast:
