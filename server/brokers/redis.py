@@ -1,0 +1,618 @@
+"""The Redis Streams broker: every server process serves any session.
+
+Keys of one session share a hash tag (``{<session_id>}``) so they live in one
+cluster slot and one Lua script may touch them all::
+
+    <prefix>:{<sid>}:state    hash: epoch, seq (last seq), final (id), claimed
+    <prefix>:{<sid>}:events   stream, entry id "<seq>-0", fields t f n b, MAXLEN = buffer_size
+    <prefix>:{<sid>}:live     pub/sub channel: "<seq>|<epoch>|<type>|<final>|<body>"
+
+Both keys expire ``session_ttl`` after the last append. Every write is one Lua
+script, so the next ``seq`` is assigned, the entry stored, the stream trimmed,
+the expiry refreshed and the live message published as one atomic step,
+whichever process appends. When the state hash is gone (expired, or a Redis
+without persistence restarted empty) the next append starts a new epoch, so
+an id from the earlier life of the stream is answered with a gap.
+
+Live delivery uses one pub/sub connection per process. :meth:`RedisBroker.watch`
+subscribes to the session's channel and returns once Redis has confirmed the
+subscription, so an event stored after ``watch`` returns is delivered live; the
+hub reads its replay after that. The reader passes each message to the hub's
+listener in order, drops duplicates, and after a reconnect re-subscribes and
+catches up from the stream what it may have missed while it was away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..errors import ServiceUnavailable, SessionEnded
+from ..messages import StoredEvent, StreamPosition
+from .base import EventListener, Replay, SessionInfo
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+UNAVAILABLE_MESSAGE = "The event store is unavailable; try again shortly."
+
+# Errors after which the same call may succeed on another attempt.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    TimeoutError,
+)
+# Everything a Redis call may raise that is the store's fault, not ours.
+_FAILURES: tuple[type[BaseException], ...] = (*_TRANSIENT, RedisError)
+
+# What ends one life of the pub/sub connection (a catch-up read may raise ServiceUnavailable).
+_LOST: tuple[type[BaseException], ...] = (*_FAILURES, ServiceUnavailable)
+
+# How many of the newest entries a retried append searches for its own nonce.
+_DEDUP_WINDOW = 64
+
+# KEYS: state, stream. ARGV: type, final (0|1), body, maxlen, ttl_ms, fresh epoch,
+# channel, nonce, retry (0|1), dedup window. Returns {1, epoch, seq}, or {0, final_id} once ended.
+_APPEND_LUA = """
+local state, stream = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', state, 'epoch')
+if epoch and ARGV[9] == '1' then
+  -- A retry: the first attempt may have been stored and its answer lost.
+  local recent = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', ARGV[10])
+  for _, entry in ipairs(recent) do
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'n' and fields[i + 1] == ARGV[8] then
+        return {1, epoch, tonumber(string.match(entry[1], '^(%d+)'))}
+      end
+    end
+  end
+end
+if not epoch then
+  -- A new life of the stream: drop any orphan entries of an earlier one.
+  redis.call('DEL', stream)
+  epoch = ARGV[6]
+  redis.call('HSET', state, 'epoch', epoch, 'seq', 0)
+else
+  local final = redis.call('HGET', state, 'final')
+  if final then
+    return {0, final}
+  end
+end
+local seq = redis.call('HINCRBY', state, 'seq', 1)
+redis.call('XADD', stream, 'MAXLEN', '=', ARGV[4], seq .. '-0',
+           't', ARGV[1], 'f', ARGV[2], 'n', ARGV[8], 'b', ARGV[3])
+if ARGV[2] == '1' then
+  redis.call('HSET', state, 'final', epoch .. '-' .. seq)
+end
+redis.call('PEXPIRE', state, ARGV[5])
+redis.call('PEXPIRE', stream, ARGV[5])
+redis.call('PUBLISH', ARGV[7],
+           seq .. '|' .. epoch .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3])
+return {1, epoch, seq}
+"""
+
+# KEYS: state, stream. ARGV: after epoch ('' for none), after seq.
+# Returns {} when there is no stream, else {epoch, last_seq, final_id or '', gap, entries}.
+_READ_LUA = """
+local st = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'final')
+local epoch = st[1]
+if not epoch then
+  return {}
+end
+local last = tonumber(st[2])
+local final = st[3] or ''
+if ARGV[1] == '' then
+  return {epoch, last, final, 0, redis.call('XRANGE', KEYS[2], '-', '+')}
+end
+local after = tonumber(ARGV[2])
+if ARGV[1] == epoch and after <= last then
+  local entries = redis.call('XRANGE', KEYS[2], ARGV[2] .. '-0', '+')
+  local first = entries[1]
+  if not first then
+    if after == last then
+      return {epoch, last, final, 0, entries}
+    end
+  else
+    local first_seq = tonumber(string.match(first[1], '^(%d+)'))
+    if first_seq == after then
+      table.remove(entries, 1)
+      return {epoch, last, final, 0, entries}
+    elseif first_seq == after + 1 then
+      -- 'after' itself was trimmed, but nothing after it was: nothing is missed.
+      return {epoch, last, final, 0, entries}
+    end
+  end
+end
+return {epoch, last, final, 1, redis.call('XRANGE', KEYS[2], '-', '+')}
+"""
+
+# KEYS: state, stream. ARGV: fresh epoch, ttl_ms, nonce. Returns 1 for the first caller.
+_CLAIM_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'claimed') == ARGV[3] then
+    return 1  -- our own earlier attempt, whose answer was lost
+  end
+  return 0
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0, 'claimed', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+async def _close_pubsub(pubsub: Any) -> None:  # redis-py leaves PubSub.aclose untyped
+    await pubsub.aclose()
+
+
+def new_epoch() -> str:
+    """A fresh epoch: 48 random bits, hex (alphanumeric, as ids require)."""
+    return secrets.token_hex(6)
+
+
+class RedisBroker:
+    """Redis Streams storage with one pub/sub reader per process.
+
+    ``url`` is a ``redis://`` or ``rediss://`` URL (it may hold a password; it is
+    never logged or shown). Timeouts are in seconds:
+
+    * ``op_timeout``: one attempt of one call, the wait for a pooled
+      connection included;
+    * ``connect_timeout``: opening one connection;
+    * ``retry_budget``: how long a call keeps retrying with exponential
+      back-off while Redis cannot be reached, before it raises
+      :class:`~server.errors.ServiceUnavailable`;
+    * ``ping_timeout``: the readiness probe;
+    * ``watch_timeout``: how long :meth:`watch` waits for Redis to confirm a
+      subscription;
+    * ``idle_ping``: the pub/sub reader pings when it has heard nothing for
+      this long, and reconnects when the ping goes unanswered as long again
+      (a half-open TCP connection would otherwise stop live delivery silently).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        buffer_size: int,
+        session_ttl: float,
+        *,
+        key_prefix: str = "orch",
+        op_timeout: float = 2.0,
+        connect_timeout: float = 1.0,
+        retry_budget: float = 3.0,
+        ping_timeout: float = 1.0,
+        watch_timeout: float = 5.0,
+        idle_ping: float = 5.0,
+        max_connections: int = 64,
+    ) -> None:
+        if buffer_size < 1:
+            raise ValueError("buffer_size must be at least 1")
+        if session_ttl <= 0:
+            raise ValueError("session_ttl must be positive")
+        self._url = url
+        self._buffer_size = buffer_size
+        self._ttl_ms = max(1, math.ceil(session_ttl * 1000))
+        self._prefix = key_prefix
+        self._op_timeout = op_timeout
+        self._connect_timeout = connect_timeout
+        self._retry_budget = retry_budget
+        self._ping_timeout = ping_timeout
+        self._watch_timeout = watch_timeout
+        self._idle_ping = idle_ping
+        self._max_connections = max_connections
+
+        self._client: Redis | None = None
+        self._sub_client: Redis | None = None
+        self._append_script: Any = None
+        self._read_script: Any = None
+        self._claim_script: Any = None
+        self._on_event: EventListener | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
+
+        # Live delivery state (all touched from the event loop only).
+        self._control_channel = f"{key_prefix}:broker:{secrets.token_hex(8)}"
+        self._watched: set[str] = set()
+        self._pubsub: PubSub | None = None  # set while the reader is connected
+        self._sub_lock = asyncio.Lock()  # orders SUBSCRIBE/UNSUBSCRIBE on the wire
+        # Per channel, one entry per SUBSCRIBE sent, holding the watchers it satisfies.
+        self._inflight: dict[str, deque[list[asyncio.Future[None]]]] = {}
+        self._delivered: dict[str, tuple[str, int]] = {}  # session -> (epoch, seq) delivered
+        self._catch_up: set[str] = set()  # sessions that may have missed messages
+        self._connections = 0  # pub/sub connections made so far (for logs and tests)
+
+    def __repr__(self) -> str:  # never show the URL: it may hold a password
+        return f"RedisBroker(prefix={self._prefix!r}, buffer_size={self._buffer_size})"
+
+    # --- keys -------------------------------------------------------------------------
+
+    def _state_key(self, session_id: str) -> str:
+        return f"{self._prefix}:{{{session_id}}}:state"
+
+    def _stream_key(self, session_id: str) -> str:
+        return f"{self._prefix}:{{{session_id}}}:events"
+
+    def channel(self, session_id: str) -> str:
+        return f"{self._prefix}:{{{session_id}}}:live"
+
+    def _session_of(self, channel: str) -> str | None:
+        head = f"{self._prefix}:{{"
+        if channel.startswith(head) and channel.endswith("}:live"):
+            return channel[len(head) : -len("}:live")]
+        return None
+
+    # --- lifetime ---------------------------------------------------------------------
+
+    def _make_client(self, max_connections: int) -> Redis:
+        pool = BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=max_connections,
+            timeout=self._op_timeout,  # waiting for a free pooled connection
+            decode_responses=True,
+            # No socket_timeout: with one, redis-py sends through asyncio.wait_for, which on
+            # Python 3.11 can swallow a cancellation. Each call is bounded with
+            # asyncio.timeout instead (see _call and _open_pubsub).
+            socket_timeout=None,
+            socket_connect_timeout=self._connect_timeout,
+            socket_keepalive=True,
+            # No hidden retries: a retried append is only safe through our own loop.
+            retry=Retry(NoBackoff(), 0),
+        )
+        return Redis.from_pool(pool)
+
+    async def start(self, on_event: EventListener) -> None:
+        """Create the clients and start the pub/sub reader. Redis need not be up yet:
+        calls fail with ``ServiceUnavailable`` and the reader keeps reconnecting."""
+        if self._client is not None:
+            raise RuntimeError("RedisBroker.start() called twice")
+        self._on_event = on_event
+        self._client = self._make_client(self._max_connections)
+        self._sub_client = self._make_client(1)
+        self._append_script = self._client.register_script(_APPEND_LUA)
+        self._read_script = self._client.register_script(_READ_LUA)
+        self._claim_script = self._client.register_script(_CLAIM_LUA)
+        self._reader = asyncio.create_task(self._read_forever(), name="redis-broker-reader")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            # Cancel until it is done: a cancellation can be lost inside a library
+            # call, and our own cancellation must still propagate (asyncio.wait).
+            while not reader.done():
+                reader.cancel()
+                await asyncio.wait({reader}, timeout=1.0)
+            if not reader.cancelled() and reader.exception() is not None:
+                log.error("redis pub/sub reader had failed", exc_info=reader.exception())
+        for batches in self._inflight.values():
+            for batch in batches:
+                for future in batch:
+                    if not future.done():  # a watch still waiting: it fails, not "cancelled"
+                        future.set_exception(ServiceUnavailable(UNAVAILABLE_MESSAGE))
+        self._inflight.clear()
+        for client in (self._sub_client, self._client):
+            if client is not None:
+                with contextlib.suppress(*_FAILURES):
+                    await client.aclose()
+        self._client = self._sub_client = None
+
+    # --- commands ---------------------------------------------------------------------
+
+    def _require_client(self) -> Redis:
+        if self._client is None:
+            raise ServiceUnavailable(UNAVAILABLE_MESSAGE)
+        return self._client
+
+    async def _call(self, what: str, attempt: Callable[[int], Awaitable[T]]) -> T:
+        """Run ``attempt(n)`` (n = 0, 1, ...) until it succeeds, retrying transient
+        failures with exponential back-off for at most ``retry_budget`` seconds."""
+        deadline = time.monotonic() + self._retry_budget
+        delay = 0.05
+        tries = 0
+        while True:
+            try:
+                async with asyncio.timeout(self._op_timeout):
+                    return await attempt(tries)
+            except _TRANSIENT as exc:
+                tries += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning(
+                        "redis %s failed after %d attempt(s): %s",
+                        what,
+                        tries,
+                        type(exc).__name__,
+                    )
+                    raise ServiceUnavailable(UNAVAILABLE_MESSAGE) from None
+                await asyncio.sleep(min(delay, remaining))  # back-off, not synchronisation
+                delay = min(delay * 2, 1.0)
+            except RedisError as exc:
+                # Redis answered with an error (OOM, READONLY, NOPERM...): no retry.
+                code = str(exc).split(" ", 1)[0][:32] if isinstance(exc, ResponseError) else ""
+                log.warning("redis %s refused: %s %s", what, type(exc).__name__, code)
+                raise ServiceUnavailable(UNAVAILABLE_MESSAGE) from None
+
+    async def append(self, session_id: str, type: str, body: str, final: bool) -> StoredEvent:
+        client = self._require_client()
+        keys = [self._state_key(session_id), self._stream_key(session_id)]
+        nonce = secrets.token_hex(6)
+        fresh_epoch = new_epoch()
+        final_flag = "1" if final else "0"
+        channel = self.channel(session_id)
+
+        async def attempt(n: int) -> list[Any]:
+            args = [type, final_flag, body, self._buffer_size, self._ttl_ms, fresh_epoch]
+            args += [channel, nonce, "1" if n else "0", _DEDUP_WINDOW]
+            result: list[Any] = await self._append_script(keys=keys, args=args, client=client)
+            return result
+
+        result = await self._call("append", attempt)
+        if result[0] == 0:
+            raise SessionEnded(session_id)
+        return StoredEvent(session_id, str(result[1]), int(result[2]), type, final, body)
+
+    async def read(self, session_id: str, after: StreamPosition | None) -> Replay:
+        await self._settle_subscription(session_id)
+        return await self._read(session_id, after)
+
+    async def _read(self, session_id: str, after: StreamPosition | None) -> Replay:
+        client = self._require_client()
+        keys = [self._state_key(session_id), self._stream_key(session_id)]
+        args = ["", ""] if after is None else [after.epoch, str(after.seq)]
+
+        async def attempt(_: int) -> list[Any]:
+            result: list[Any] = await self._read_script(keys=keys, args=args, client=client)
+            return result
+
+        result = await self._call("read", attempt)
+        if not result:
+            return Replay([], gap=after is not None, info=None)
+        epoch, last_seq, final_id, gap, entries = result
+        epoch = str(epoch)
+        info = SessionInfo(epoch, int(last_seq), bool(final_id), final_id or None)
+        events = [self._event_from_entry(session_id, epoch, entry) for entry in entries]
+        return Replay(events, gap=after is not None and bool(gap), info=info)
+
+    @staticmethod
+    def _event_from_entry(session_id: str, epoch: str, entry: list[Any]) -> StoredEvent:
+        entry_id, flat = entry
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        seq = int(str(entry_id).partition("-")[0])
+        return StoredEvent(session_id, epoch, seq, fields["t"], fields["f"] == "1", fields["b"])
+
+    async def info(self, session_id: str) -> SessionInfo | None:
+        client = self._require_client()
+        key = self._state_key(session_id)
+
+        async def attempt(_: int) -> list[Any]:
+            result: list[Any] = await client.hmget(key, ["epoch", "seq", "final"])
+            return result
+
+        epoch, seq, final_id = await self._call("info", attempt)
+        if epoch is None:
+            return None
+        return SessionInfo(str(epoch), int(seq or 0), final_id is not None, final_id)
+
+    async def claim(self, session_id: str) -> bool:
+        client = self._require_client()
+        keys = [self._state_key(session_id), self._stream_key(session_id)]
+        args = [new_epoch(), self._ttl_ms, secrets.token_hex(8)]
+
+        async def attempt(_: int) -> int:
+            result: int = await self._claim_script(keys=keys, args=args, client=client)
+            return result
+
+        return int(await self._call("claim", attempt)) == 1
+
+    async def ping(self) -> bool:
+        client = self._client
+        if client is None:
+            return False
+        try:
+            async with asyncio.timeout(self._ping_timeout):
+                return bool(await client.ping())
+        except _FAILURES:
+            return False
+
+    # --- live delivery ----------------------------------------------------------------
+
+    async def watch(self, session_id: str) -> None:
+        """Subscribe this process to the session's live channel; return once Redis has
+        confirmed it (so nothing stored afterwards is missed). Raises
+        ``ServiceUnavailable`` if that does not happen within ``watch_timeout``."""
+        if self._closed:
+            return
+        self._watched.add(session_id)
+        channel = self.channel(session_id)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        async with self._sub_lock:
+            # Registered before sending: the confirmation may be read while we await.
+            self._inflight.setdefault(channel, deque()).append([future])
+            pubsub = self._pubsub
+            if pubsub is not None:
+                try:
+                    await pubsub.subscribe(channel)
+                except _FAILURES:
+                    # The reader sees the broken connection too; on reconnect it
+                    # subscribes every watched session and resolves this future.
+                    log.debug("subscribe failed; waiting for the reader to reconnect")
+        try:
+            async with asyncio.timeout(self._watch_timeout):  # not wait_for: see _make_client
+                await future
+        except TimeoutError:
+            raise ServiceUnavailable(UNAVAILABLE_MESSAGE) from None
+
+    async def unwatch(self, session_id: str) -> None:
+        """Unsubscribe; never raises (the next reconnect only subscribes watched sessions)."""
+        self._watched.discard(session_id)
+        self._delivered.pop(session_id, None)
+        self._catch_up.discard(session_id)
+        async with self._sub_lock:
+            pubsub = self._pubsub
+            if session_id in self._watched or pubsub is None:
+                return  # watched again meanwhile, or nothing to undo on the wire
+            with contextlib.suppress(*_FAILURES):
+                await pubsub.unsubscribe(self.channel(session_id))
+
+    async def _settle_subscription(self, session_id: str) -> None:
+        """Wait (bounded) until a subscription in flight for this session is confirmed.
+
+        A second local subscriber does not call ``watch``: without this its replay
+        could be read before the first subscriber's SUBSCRIBE took effect."""
+        batches = self._inflight.get(self.channel(session_id))
+        pending = [f for batch in batches or () for f in batch if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self._watch_timeout)
+
+    async def _open_pubsub(self) -> PubSub:
+        """Connect the pub/sub connection (a seam for tests that hold a reconnect back)."""
+        assert self._sub_client is not None
+        pubsub = self._sub_client.pubsub()
+        try:
+            async with asyncio.timeout(self._connect_timeout + self._op_timeout):
+                await pubsub.subscribe(self._control_channel)  # keeps it in subscribed mode
+        except BaseException:
+            await _close_pubsub(pubsub)
+            raise
+        return pubsub
+
+    async def _read_forever(self) -> None:
+        delay = 0.05
+        failing = False  # log the first failure of a run of them, not every retry
+        while not self._closed:
+            pubsub: PubSub | None = None
+            try:
+                pubsub = await self._open_pubsub()
+                await self._resubscribe(pubsub)
+                self._connections += 1
+                if failing:
+                    log.info("redis pub/sub connection restored")
+                failing, delay = False, 0.05
+                await self._pump(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except _LOST as exc:
+                level = logging.DEBUG if failing else logging.WARNING
+                log.log(level, "redis pub/sub connection lost: %s", type(exc).__name__)
+                failing = True
+            except Exception:
+                log.exception("redis pub/sub reader failed; reconnecting")
+                failing = True
+            finally:
+                if self._pubsub is not None:
+                    # Whatever was subscribed may have missed messages meanwhile.
+                    self._catch_up.update(self._watched)
+                self._pubsub = None
+                if pubsub is not None:
+                    with contextlib.suppress(*_FAILURES):
+                        await _close_pubsub(pubsub)
+            await asyncio.sleep(delay)  # reconnect back-off
+            delay = min(delay * 2, 2.0)
+
+    async def _resubscribe(self, pubsub: PubSub) -> None:
+        """Subscribe every watched session; each watcher still waiting is satisfied by
+        its channel's confirmation on this connection."""
+        async with self._sub_lock:
+            old, self._inflight = self._inflight, {}
+            for channel, batches in old.items():
+                waiting = [f for batch in batches for f in batch if not f.done()]
+                session_id = self._session_of(channel)
+                if session_id not in self._watched:
+                    for future in waiting:
+                        future.set_result(None)  # unwatched meanwhile: nothing to wait for
+                elif waiting:
+                    self._inflight[channel] = deque([waiting])
+            channels = [self.channel(s) for s in sorted(self._watched)]
+            for channel in channels:
+                self._inflight.setdefault(channel, deque([[]]))
+            if channels:
+                await pubsub.subscribe(*channels)
+            self._pubsub = pubsub
+
+    async def _pump(self, pubsub: PubSub) -> None:
+        pinged = False
+        while True:
+            message = await pubsub.get_message(timeout=self._idle_ping)
+            if message is None:
+                # Silent for idle_ping: ping; silent for another one after it: dead.
+                if pinged:
+                    raise RedisConnectionError("pub/sub connection silent")
+                await pubsub.ping()
+                pinged = True
+                continue
+            pinged = False
+            kind = message.get("type")
+            if kind == "message":
+                self._on_message(str(message["channel"]), str(message["data"]))
+            elif kind == "subscribe":
+                await self._on_subscribed(str(message["channel"]))
+
+    async def _on_subscribed(self, channel: str) -> None:
+        batches = self._inflight.get(channel)
+        if batches:
+            for future in batches.popleft():
+                if not future.done():
+                    future.set_result(None)
+            if not batches:
+                del self._inflight[channel]
+        session_id = self._session_of(channel)
+        if session_id is not None and session_id in self._catch_up:
+            self._catch_up.discard(session_id)
+            await self._catch_up_session(session_id)
+
+    async def _catch_up_session(self, session_id: str) -> None:
+        """After a reconnect: deliver what was stored while the reader was away.
+
+        Runs on the reader task after the channel is subscribed again, so
+        messages that arrive meanwhile wait in the socket and are deduplicated
+        by ``seq`` when they are read.
+        """
+        delivered = self._delivered.get(session_id)
+        after = None if delivered is None else StreamPosition(*delivered)
+        replay = await self._read(session_id, after)
+        for event in replay.events:
+            self._deliver(event)
+
+    def _on_message(self, channel: str, data: str) -> None:
+        session_id = self._session_of(channel)
+        if session_id is None:
+            return
+        try:
+            seq_text, epoch, type_, final_flag, body = data.split("|", 4)
+            event = StoredEvent(session_id, epoch, int(seq_text), type_, final_flag == "1", body)
+        except ValueError:
+            log.warning("ignored a malformed live message on %s", channel)
+            return
+        self._deliver(event)
+
+    def _deliver(self, event: StoredEvent) -> None:
+        if event.session_id not in self._watched or self._on_event is None:
+            return
+        last = self._delivered.get(event.session_id)
+        if last is not None and last[0] == event.epoch and event.seq <= last[1]:
+            return  # already delivered (live and catch-up overlap)
+        self._delivered[event.session_id] = (event.epoch, event.seq)
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("event listener failed for a session's event")

@@ -1,0 +1,594 @@
+"""The Redis broker keeps the Broker promises across processes, and survives Redis faults.
+
+Each broker instance has its own connections, so two instances stand for two
+server processes. Everything runs against a real ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from server.brokers.memory import MemoryBroker
+from server.brokers.redis import RedisBroker
+from server.errors import ServiceUnavailable, SessionEnded
+from server.hub import Hub
+from server.messages import CompleteEvent, ProgressEvent, StoredEvent, StreamPosition
+from server.metrics import Metrics
+
+from .redis_support import TIMEOUT, Node, NodeFactory, ServerFactory, eventually, new_session_id
+
+
+def body(n: int, **extra: Any) -> str:
+    return json.dumps({"type": "progress", "n": n, **extra}, separators=(",", ":"))
+
+
+async def append_many(
+    broker: RedisBroker | MemoryBroker, session_id: str, count: int, *, start: int = 1
+) -> list[StoredEvent]:
+    return [
+        await broker.append(session_id, "progress", body(n), False)
+        for n in range(start, start + count)
+    ]
+
+
+def keys_of(broker: RedisBroker, session_id: str) -> tuple[str, str]:
+    return broker._state_key(session_id), broker._stream_key(session_id)
+
+
+class LoseFirstAnswer:
+    """Wrap a script so that its first call runs in Redis but its answer is "lost"."""
+
+    def __init__(self, script: Callable[..., Awaitable[Any]]) -> None:
+        self.script = script
+        self.calls = 0
+
+    async def __call__(self, **kwargs: Any) -> Any:
+        self.calls += 1
+        result = await self.script(**kwargs)
+        if self.calls == 1:
+            raise RedisConnectionError("connection lost before the reply")
+        return result
+
+
+# --- storage -------------------------------------------------------------------------------
+
+
+async def test_seq_is_gapless_when_processes_append_concurrently(make_node: NodeFactory) -> None:
+    """Four processes appending 50 events each into one session get seq 1..200, once each."""
+    nodes = [await make_node() for _ in range(4)]
+    sid = new_session_id()
+
+    async def publish(node_index: int) -> list[StoredEvent]:
+        broker = nodes[node_index].broker
+        return list(
+            await asyncio.gather(
+                *(
+                    broker.append(sid, "progress", body(i, node=node_index), False)
+                    for i in range(50)
+                )
+            )
+        )
+
+    results = [e for batch in await asyncio.gather(*map(publish, range(4))) for e in batch]
+    assert sorted(e.seq for e in results) == list(range(1, 201))
+    assert len({e.epoch for e in results}) == 1
+
+    replay = await nodes[0].broker.read(sid, None)
+    assert not replay.gap
+    assert [e.seq for e in replay.events] == list(range(1, 201))
+    by_seq = {e.seq: e.payload for e in results}
+    assert all(e.payload == by_seq[e.seq] for e in replay.events)
+    assert replay.info is not None and replay.info.last_seq == 200
+
+
+async def test_buffer_is_trimmed_to_exactly_buffer_size(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """Only the newest buffer_size events are retained; seq keeps counting."""
+    node = await make_node(buffer_size=5)
+    sid = new_session_id()
+    await append_many(node.broker, sid, 12)
+    replay = await node.broker.read(sid, None)
+    assert [e.seq for e in replay.events] == [8, 9, 10, 11, 12]
+    assert await raw_redis.xlen(node.broker._stream_key(sid)) == 5
+    assert await node.broker.info(sid) == replay.info
+    assert replay.info is not None and replay.info.last_seq == 12
+
+
+async def test_events_round_trip_byte_for_byte(make_node: NodeFactory) -> None:
+    """Type, final flag and body (with '|', non-ASCII, escapes) survive storage and delivery."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    await b.broker.watch(sid)
+    text = body(1, status='a|b|c é ✓ "quoted" \\n', data={"k": [1, 2]})
+    stored = await a.broker.append(sid, "complete", text, True)
+    await b.recorder.wait_until(lambda: len(b.recorder.of(sid)) == 1)
+    (live,) = b.recorder.of(sid)
+    (replayed,) = (await a.broker.read(sid, None)).events
+    for event in (live, replayed):
+        assert (event.id, event.type, event.final) == (stored.id, "complete", True)
+        assert event.payload == stored.payload
+        assert event.to_dict()["status"] == 'a|b|c é ✓ "quoted" \\n'
+    assert StreamPosition.parse(stored.id) == stored.position
+
+
+# --- replay positions: the same rules as the in-memory broker -------------------------------
+
+# A session with buffer_size 5 and events 1..8: 4..8 are retained.
+REPLAY_CASES: dict[str, tuple[Callable[[str], StreamPosition | None], list[int], bool]] = {
+    "from the start": (lambda epoch: None, [4, 5, 6, 7, 8], False),
+    "after the newest": (lambda epoch: StreamPosition(epoch, 8), [], False),
+    "after a retained event": (lambda epoch: StreamPosition(epoch, 6), [7, 8], False),
+    "after the one before the oldest retained": (
+        lambda epoch: StreamPosition(epoch, 3),
+        [4, 5, 6, 7, 8],
+        False,
+    ),
+    "after a trimmed event": (lambda epoch: StreamPosition(epoch, 2), [4, 5, 6, 7, 8], True),
+    "from another epoch": (lambda epoch: StreamPosition("e0e0e0", 6), [4, 5, 6, 7, 8], True),
+    "ahead of the stream": (lambda epoch: StreamPosition(epoch, 9), [4, 5, 6, 7, 8], True),
+}
+
+
+@pytest.mark.parametrize("case", list(REPLAY_CASES))
+async def test_replay_from_each_position_matches_the_memory_broker(
+    make_node: NodeFactory, case: str
+) -> None:
+    """Every kind of resume position gives the same events and gap flag as memory.py."""
+    position_of, expected, gap = REPLAY_CASES[case]
+    node = await make_node(buffer_size=5)
+    memory = MemoryBroker(buffer_size=5, session_ttl=120)
+    sid = new_session_id()
+    for broker in (node.broker, memory):
+        events = await append_many(broker, sid, 8)
+        replay = await broker.read(sid, position_of(events[0].epoch))
+        assert [e.seq for e in replay.events] == expected, type(broker).__name__
+        assert replay.gap is gap, type(broker).__name__
+        assert replay.info is not None and replay.info.last_seq == 8
+
+
+@pytest.mark.parametrize("with_position", [False, True])
+async def test_replay_of_a_missing_stream(make_node: NodeFactory, with_position: bool) -> None:
+    """No stream: no events, no info; a gap only if a position was asked for."""
+    node = await make_node()
+    after = StreamPosition("abc123", 4) if with_position else None
+    replay = await node.broker.read(new_session_id(), after)
+    assert (replay.events, replay.gap, replay.info) == ([], with_position, None)
+
+
+async def test_replay_after_the_final_event_is_empty_and_ended(make_node: NodeFactory) -> None:
+    """Resuming exactly at the final event: nothing to send, and the session is ended."""
+    node = await make_node()
+    sid = new_session_id()
+    await append_many(node.broker, sid, 2)
+    final = await node.broker.append(sid, "complete", body(3), True)
+    replay = await node.broker.read(sid, final.position)
+    assert (replay.events, replay.gap) == ([], False)
+    assert replay.info is not None
+    assert (replay.info.ended, replay.info.final_id) == (True, final.id)
+
+
+# --- ended sessions, claims ----------------------------------------------------------------
+
+
+async def test_ended_session_refuses_appends_from_every_process(make_node: NodeFactory) -> None:
+    """After the final event, appends from any process raise SessionEnded and store nothing."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    await append_many(a.broker, sid, 2)
+    final = await a.broker.append(sid, "error", body(3), True)
+    for node in (a, b):
+        with pytest.raises(SessionEnded):
+            await node.broker.append(sid, "progress", body(4), False)
+    info = await b.broker.info(sid)
+    assert info is not None
+    assert (info.ended, info.final_id, info.last_seq) == (True, final.id, 3)
+    assert [e.seq for e in (await b.broker.read(sid, None)).events] == [1, 2, 3]
+
+
+async def test_claim_succeeds_once_across_processes(make_node: NodeFactory) -> None:
+    """Of many concurrent claims from two processes exactly one wins; the claim is the stream."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    results = await asyncio.gather(*(n.broker.claim(sid) for n in (a, b, a, b, a, b)))
+    assert sorted(results) == [False] * 5 + [True]
+    info = await a.broker.info(sid)
+    assert info is not None and (info.last_seq, info.ended) == (0, False)
+    replay = await b.broker.read(sid, None)
+    assert (replay.events, replay.gap, replay.info) == ([], False, info)
+    first = await b.broker.append(sid, "progress", body(1), False)
+    assert (first.epoch, first.seq) == (info.epoch, 1)
+
+
+async def test_claim_fails_for_a_session_with_events(make_node: NodeFactory) -> None:
+    """A session that already has events cannot be claimed."""
+    node = await make_node()
+    sid = new_session_id()
+    await append_many(node.broker, sid, 1)
+    assert await node.broker.claim(sid) is False
+
+
+async def test_append_whose_answer_was_lost_is_stored_once(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch, raw_redis: Redis
+) -> None:
+    """A retried append whose first attempt did reach Redis returns that event, not a copy."""
+    node = await make_node()
+    sid = new_session_id()
+    lossy = LoseFirstAnswer(node.broker._append_script)
+    monkeypatch.setattr(node.broker, "_append_script", lossy)
+    first = await node.broker.append(sid, "progress", body(1), False)
+    second = await node.broker.append(sid, "progress", body(2), False)
+    assert lossy.calls == 3
+    assert (first.seq, second.seq) == (1, 2)
+    assert await raw_redis.xlen(node.broker._stream_key(sid)) == 2
+
+
+async def test_claim_whose_answer_was_lost_still_wins(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retried claim recognises its own first attempt."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    monkeypatch.setattr(a.broker, "_claim_script", LoseFirstAnswer(a.broker._claim_script))
+    assert await a.broker.claim(sid) is True
+    assert await b.broker.claim(sid) is False
+
+
+# --- expiry --------------------------------------------------------------------------------
+
+
+async def test_session_expires_after_ttl_and_returns_with_a_new_epoch(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """session_ttl after the last append the session is forgotten; it comes back as a new epoch."""
+    node = await make_node(session_ttl=0.3)
+    sid = new_session_id()
+    old = (await append_many(node.broker, sid, 3))[-1]
+    for key in keys_of(node.broker, sid):
+        assert 0 < await raw_redis.pttl(key) <= 300
+
+    async def forgotten() -> bool:
+        return await raw_redis.exists(*keys_of(node.broker, sid)) == 0
+
+    await eventually(forgotten)
+    assert await node.broker.info(sid) is None
+
+    new = await node.broker.append(sid, "progress", body(1), False)
+    assert new.seq == 1 and new.epoch != old.epoch
+    replay = await node.broker.read(sid, old.position)
+    assert replay.gap and [e.id for e in replay.events] == [new.id]
+
+
+async def test_every_append_refreshes_the_expiry(make_node: NodeFactory, raw_redis: Redis) -> None:
+    """An append pushes the expiry of the session's keys back to session_ttl."""
+    node = await make_node(session_ttl=60)
+    sid = new_session_id()
+    await append_many(node.broker, sid, 1)
+    for key in keys_of(node.broker, sid):
+        await raw_redis.pexpire(key, 1000)
+    await append_many(node.broker, sid, 1, start=2)
+    for key in keys_of(node.broker, sid):
+        assert 1000 < await raw_redis.pttl(key) <= 60_000
+
+
+async def test_a_claim_expires_too(make_node: NodeFactory) -> None:
+    """A claimed session with no event is forgotten after session_ttl, then claimable again."""
+    node = await make_node(session_ttl=0.2)
+    sid = new_session_id()
+    assert await node.broker.claim(sid)
+
+    async def gone() -> bool:
+        return await node.broker.info(sid) is None
+
+    await eventually(gone)
+    assert await node.broker.claim(sid)
+
+
+# --- live delivery -------------------------------------------------------------------------
+
+
+async def test_live_events_reach_every_watching_process_in_one_order(
+    make_node: NodeFactory,
+) -> None:
+    """Two publishers, two watchers: both watchers get seq 1..50 in order, once each."""
+    a, b, c, d = [await make_node() for _ in range(4)]
+    sid = new_session_id()
+    await b.broker.watch(sid)
+    await d.broker.watch(sid)
+
+    async def publish(node_index: int, node: Node) -> None:
+        for i in range(25):
+            await node.broker.append(sid, "progress", body(i, node=node_index), False)
+
+    async def all_arrive(node: Node) -> None:
+        await node.recorder.wait_until(lambda: len(node.recorder.of(sid)) == 50)
+
+    await asyncio.gather(publish(0, a), publish(1, c))
+    await asyncio.gather(all_arrive(b), all_arrive(d))
+    assert b.recorder.seqs(sid) == list(range(1, 51))
+    assert [e.payload for e in b.recorder.of(sid)] == [e.payload for e in d.recorder.of(sid)]
+    assert a.recorder.events == [] and c.recorder.events == []  # they watch nothing
+
+
+async def test_unwatched_sessions_are_not_delivered(make_node: NodeFactory) -> None:
+    """After unwatch, the session's events stop reaching this process."""
+    a, b = await make_node(), await make_node()
+    sid, other = new_session_id(), new_session_id()
+    await b.broker.watch(sid)
+    await append_many(a.broker, sid, 1)
+    await b.recorder.wait_until(lambda: len(b.recorder.of(sid)) == 1)
+    await b.broker.unwatch(sid)
+    await b.broker.watch(other)
+    await append_many(a.broker, sid, 1, start=2)
+    marker = await a.broker.append(other, "progress", body(1), False)
+    # One connection delivers in publish order: once the later marker is here,
+    # the earlier event would have been too.
+    await b.recorder.wait_until(lambda: bool(b.recorder.of(other)))
+    assert b.recorder.of(other)[0].id == marker.id
+    assert b.recorder.seqs(sid) == [1]
+
+
+async def test_nothing_is_lost_between_watch_and_replay(make_node: NodeFactory) -> None:
+    """Watch, then read, while another process appends: replay + live cover every seq."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    total = 200
+    started = asyncio.Event()
+
+    async def publish() -> None:
+        for n in range(1, total + 1):
+            await a.broker.append(sid, "progress", body(n), n == total)
+            if n == 20:
+                started.set()
+
+    publisher = asyncio.create_task(publish())
+    async with asyncio.timeout(TIMEOUT):
+        await started.wait()
+    await b.broker.watch(sid)
+    replay = await b.broker.read(sid, None)
+    await publisher
+    await b.recorder.wait_until(lambda: any(e.final for e in b.recorder.of(sid)))
+    replayed = [e.seq for e in replay.events]
+    live = [s for s in b.recorder.seqs(sid) if s > replayed[-1]]
+    assert replayed == list(range(1, len(replayed) + 1))
+    assert live == list(range(replayed[-1] + 1, total + 1))
+
+
+async def test_missed_live_events_are_caught_up_after_a_pubsub_reconnect(
+    make_node: NodeFactory, own_redis: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events stored while the pub/sub connection was down are delivered after it returns."""
+    server = own_redis()
+    a, b = await make_node(server.url), await make_node(server.url)
+    sid = new_session_id()
+    await b.broker.watch(sid)
+    await append_many(a.broker, sid, 2)
+    await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2])
+
+    reconnecting, release = asyncio.Event(), asyncio.Event()
+    open_pubsub = b.broker._open_pubsub
+
+    async def held_back() -> Any:
+        reconnecting.set()
+        await release.wait()
+        return await open_pubsub()
+
+    monkeypatch.setattr(b.broker, "_open_pubsub", held_back)
+    killer = Redis.from_url(server.url)
+    try:
+        await killer.client_kill_filter(_type="pubsub")
+    finally:
+        await killer.aclose()
+    async with asyncio.timeout(TIMEOUT):
+        await reconnecting.wait()
+    await append_many(a.broker, sid, 3, start=3)  # while b hears nothing
+    release.set()
+    await b.recorder.wait_until(lambda: len(b.recorder.of(sid)) >= 5)
+    await append_many(a.broker, sid, 1, start=6)
+    await b.recorder.wait_until(lambda: len(b.recorder.of(sid)) >= 6)
+    assert b.recorder.seqs(sid) == [1, 2, 3, 4, 5, 6]
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+async def test_redis_restarted_empty_gives_a_new_epoch_and_a_gap(
+    make_node: NodeFactory, own_redis: ServerFactory
+) -> None:
+    """Redis comes back empty: publishing resumes in a new epoch, old ids get a gap, watchers
+    hear the new epoch, and no process is restarted."""
+    server = own_redis()
+    a = await make_node(server.url, retry_budget=0.3)
+    b = await make_node(server.url)
+    sid = new_session_id()
+    await b.broker.watch(sid)
+    before = await append_many(a.broker, sid, 3)
+    await b.recorder.wait_until(lambda: len(b.recorder.of(sid)) == 3)
+
+    server.stop()
+    assert not await a.broker.ping()
+    with pytest.raises(ServiceUnavailable):
+        await a.broker.append(sid, "progress", body(4), False)
+    server.start()
+    await eventually(a.broker.ping)
+
+    after = await a.broker.append(sid, "progress", body(1), False)
+    assert after.seq == 1 and after.epoch != before[0].epoch
+    replay = await b.broker.read(sid, before[-1].position)
+    assert replay.gap and [e.id for e in replay.events] == [after.id]
+    await b.recorder.wait_until(lambda: b.recorder.of(sid)[-1].id == after.id, timeout=10)
+    assert b.recorder.seqs(sid) == [1, 2, 3, 1]
+
+
+async def test_ping_is_false_while_redis_is_down_and_recovers(
+    make_node: NodeFactory, own_redis: ServerFactory
+) -> None:
+    """ping reports False while Redis is down, quickly, and True again once it is back."""
+    server = own_redis()
+    node = await make_node(server.url, ping_timeout=0.5)
+    assert await node.broker.ping()
+    server.stop()
+    async with asyncio.timeout(2):
+        assert await node.broker.ping() is False
+    server.start()
+    await eventually(node.broker.ping)
+    assert (await node.broker.append(new_session_id(), "progress", body(1), False)).seq == 1
+
+
+async def test_append_retries_until_redis_returns(
+    make_node: NodeFactory, own_redis: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append that fails because Redis is down is retried with back-off, and succeeds
+    when Redis returns within the retry budget."""
+    server = own_redis()
+    node = await make_node(server.url, retry_budget=TIMEOUT)
+    attempts = 0
+    script = node.broker._append_script
+
+    async def counting(**kwargs: Any) -> Any:
+        nonlocal attempts
+        attempts += 1
+        return await script(**kwargs)
+
+    monkeypatch.setattr(node.broker, "_append_script", counting)
+    server.stop()
+    append = asyncio.create_task(node.broker.append(new_session_id(), "progress", body(1), False))
+    await eventually(lambda: attempts >= 2)
+    server.start()
+    stored = await append
+    assert stored.seq == 1
+
+
+async def test_errors_are_sanitized(
+    make_node: NodeFactory, own_redis: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When Redis is unreachable the error, the logs and repr() hold no URL or password."""
+    server = own_redis(password="pw-Very-Secret-42")
+    node = await make_node(server.url, retry_budget=0.2, watch_timeout=0.3)
+    assert await node.broker.ping()
+    server.stop()
+    caplog.set_level(logging.DEBUG, logger="server.brokers.redis")
+    errors: list[ServiceUnavailable] = []
+    for call in (
+        lambda: node.broker.append(new_session_id(), "progress", body(1), False),
+        lambda: node.broker.read(new_session_id(), None),
+        lambda: node.broker.info(new_session_id()),
+        lambda: node.broker.claim(new_session_id()),
+        lambda: node.broker.watch(new_session_id()),
+    ):
+        with pytest.raises(ServiceUnavailable) as caught:
+            await call()
+        errors.append(caught.value)
+    texts = (
+        [str(e) for e in errors] + [repr(node.broker)] + [r.getMessage() for r in caplog.records]
+    )
+    for text in texts:
+        assert "pw-Very-Secret-42" not in text
+        assert str(server.port) not in text and "127.0.0.1" not in text
+    assert all(e.code == "service_unavailable" and e.status == 503 for e in errors)
+
+
+async def test_watch_while_down_fails_and_works_once_redis_is_back(
+    make_node: NodeFactory, own_redis: ServerFactory
+) -> None:
+    """watch raises ServiceUnavailable while Redis is down (unwatch never raises); after
+    Redis returns, watching and live delivery work without a restart."""
+    server = own_redis()
+    a = await make_node(server.url)
+    b = await make_node(server.url, watch_timeout=0.3)
+    sid = new_session_id()
+    server.stop()
+    with pytest.raises(ServiceUnavailable):
+        await b.broker.watch(sid)
+    await b.broker.unwatch(sid)
+    server.start()
+    await eventually(a.broker.ping)
+    async with asyncio.timeout(TIMEOUT):
+        while True:  # the reader reconnects with back-off; watch until it has
+            try:
+                await b.broker.watch(sid)
+                break
+            except ServiceUnavailable:
+                continue
+    stored = await a.broker.append(sid, "progress", body(1), False)
+    await b.recorder.wait_until(lambda: [e.id for e in b.recorder.of(sid)] == [stored.id])
+
+
+async def test_close_is_idempotent(make_node: NodeFactory) -> None:
+    """close() may be called twice; a closed broker is not ready."""
+    node = await make_node()
+    await node.broker.watch(new_session_id())
+    await node.broker.close()
+    await node.broker.close()
+    assert await node.broker.ping() is False
+
+
+async def test_memory_per_session_stays_small(make_node: NodeFactory, raw_redis: Redis) -> None:
+    """A 60-event workflow costs a few tens of KiB in Redis (docs/REDIS.md)."""
+    node = await make_node()
+    sid = new_session_id()
+    status = "Analysing demand for the next quarter"
+    for n in range(60):
+        text = body(n, agent="demand", status=status, progress=n, data={"step": n})
+        await node.broker.append(sid, "agent_status", text, n == 59)
+    used = sum([await raw_redis.memory_usage(key) or 0 for key in keys_of(node.broker, sid)])
+    assert used < 64 * 1024, used
+
+
+async def test_quick_unwatch_then_watch_stays_subscribed(make_node: NodeFactory) -> None:
+    """An unwatch immediately followed by a watch leaves the session watched."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    await b.broker.watch(sid)
+    await asyncio.gather(b.broker.unwatch(sid), b.broker.watch(sid))
+    stored = await a.broker.append(sid, "progress", body(1), False)
+    await b.recorder.wait_until(lambda: [e.id for e in b.recorder.of(sid)] == [stored.id])
+
+
+# --- with the hub ----------------------------------------------------------------------------
+
+
+async def test_hubs_in_two_processes_stream_and_resume_one_session(redis_url: str) -> None:
+    """A workflow's events published through hub A reach a subscriber of hub B in order, and
+    a subscriber resuming on B from an id gets exactly the events after it."""
+    prefix = f"test-{secrets.token_hex(4)}"
+    hub_a, hub_b = (
+        Hub(RedisBroker(redis_url, 100, 60, key_prefix=prefix), queue_size=100, metrics=Metrics())
+        for _ in range(2)
+    )
+    await hub_a.start()
+    await hub_b.start()
+    sid = new_session_id()
+    try:
+        async with hub_b.subscribe(sid) as subscription:
+            published = [
+                await hub_a.publish(
+                    ProgressEvent(session_id=sid, agent="orchestrator", status="step", progress=n)
+                )
+                for n in range(0, 100, 20)
+            ]
+            published.append(
+                await hub_a.publish(CompleteEvent(session_id=sid, agent="orchestrator", final=True))
+            )
+            received = []
+            async with asyncio.timeout(TIMEOUT):
+                while not subscription.finished:
+                    frame = await subscription.get(TIMEOUT)
+                    if frame is not None:
+                        received.append(frame)
+        assert [f.id for f in received] == [e.id for e in published]
+        async with hub_b.subscribe(sid, published[1].id) as resumed:
+            rest = [resumed.get_nowait() for _ in range(len(published) - 2)]
+            assert [f.id for f in rest if f is not None] == [e.id for e in published[2:]]
+    finally:
+        await hub_a.close()
+        await hub_b.close()
