@@ -220,11 +220,13 @@ class Hub:
 
     async def close(self) -> None:
         self.close_all("shutdown")
-        for task in list(self._background):
+        background = list(self._background)
+        for task in background:
             task.cancel()
-        for task in list(self._background):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if background:
+            # asyncio.wait, not ``await task``: a cancellation of close() itself must not
+            # be mistaken for the tasks' own and swallowed.
+            await asyncio.wait(background)
         await self.broker.close()
 
     # --- publishing -----------------------------------------------------------------------

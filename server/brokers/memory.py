@@ -8,7 +8,6 @@ structures; because asyncio runs one callback at a time, an append with no
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from collections import deque
@@ -59,8 +58,7 @@ class MemoryBroker:
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await asyncio.wait({self._sweeper})  # never swallows close()'s own cancellation
             self._sweeper = None
 
     async def append(self, session_id: str, type: str, body: str, final: bool) -> StoredEvent:
