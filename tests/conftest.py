@@ -27,6 +27,9 @@ def settings() -> Settings:
         max_frame_size=4096,
         max_body_size=64 * 1024,
         agent_timeout=60.0,
+        # A workflow still running when a test ends is interrupted at once, not given the
+        # production grace period (tests/hardening/test_shutdown.py covers the grace).
+        shutdown_grace=0.0,
     )
 
 
