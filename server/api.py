@@ -137,10 +137,20 @@ async def get_session(request: web.Request) -> web.Response:
     return web.json_response(session_snapshot(session_id, replay.info, replay.events))
 
 
+# Headers a reverse proxy adds: a request that carries one was relayed for someone else,
+# so a loopback peer address says nothing about where it came from.
+_PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+
+
 def _may_publish(request: web.Request, token: str | None) -> bool:
     if token is not None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
+        # surrogateescape: header bytes that are not UTF-8 compare as the bytes they are.
+        given_bytes = given.encode("utf-8", "surrogateescape")
+        expected = token.encode("utf-8", "surrogateescape")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given_bytes, expected)
+    if any(name in request.headers for name in _PROXY_HEADERS):
+        return False
     try:
         return ipaddress.ip_address(request.remote or "").is_loopback
     except ValueError:

@@ -231,6 +231,22 @@ async def test_with_a_publish_token_publishing_needs_the_bearer_token(
         assert response.status == 202
 
 
+@pytest.mark.parametrize("header", ["X-Forwarded-For", "Forwarded", "X-Real-IP"])
+async def test_without_a_publish_token_a_request_relayed_by_a_proxy_may_not_publish(
+    start: StartServer, http: ClientSession, header: str
+) -> None:
+    """Behind a reverse proxy on the same machine every peer is loopback: a request that
+    carries a proxy's forwarding header gets 403, a direct loopback one 202."""
+    server = await start(publish_token=None)
+    target = url(server, f"/api/sessions/{new_session_id()}/events")
+    event = {"type": "progress", "agent": "demand", "status": "ok", "progress": 1}
+    async with http.post(target, json=event, headers={header: "203.0.113.9"}) as response:
+        assert response.status == 403
+        assert_error_body(await response.json(), "forbidden")
+    async with http.post(target, json=event) as response:
+        assert response.status == 202
+
+
 @pytest.mark.parametrize(
     ("peer", "allowed"),
     [("127.0.0.1", True), ("::1", True), ("10.1.2.3", False), ("203.0.113.9", False)],

@@ -27,6 +27,7 @@ from tests.hardening.threaded import ThreadedServer
 from tests.timing import EVENT_TIMEOUT
 
 MAX_FRAME = 4096
+PUBLISH_TOKEN = "fuzz-publish-token"
 MAX_BODY = 16 * 1024
 FUZZ = settings(
     max_examples=150,
@@ -68,7 +69,8 @@ def served(errors: ErrorRecords) -> Iterator[ThreadedServer]:
         max_body_size=MAX_BODY,
         max_strategy_length=500,
         shutdown_grace=0.0,
-        publish_token=None,
+        publish_token=PUBLISH_TOKEN,
+        stream_token_secret=None,
     )
     with ThreadedServer(create_app(config, agents=FakeAgents())) as server:
         yield server
@@ -240,10 +242,62 @@ def test_run_workflow_bodies(
 
 
 @FUZZ
-@given(body=publish_bodies, session_id=session_ids)
-def test_publish_bodies(served: ThreadedServer, body: bytes, session_id: str) -> None:
-    """Any body into any session id: 202, or a 4xx in the JSON error shape."""
-    assert_answer(*request(served, "POST", f"/api/sessions/{session_id}/events", body))
+@given(
+    body=publish_bodies,
+    session_id=session_ids,
+    authorization=st.one_of(
+        st.just(f"Bearer {PUBLISH_TOKEN}"),
+        header_values,
+        header_values.map(lambda value: "Bearer " + value),
+    ),
+)
+def test_publish_bodies(
+    served: ThreadedServer, body: bytes, session_id: str, authorization: str
+) -> None:
+    """Any body into any session id, with any Authorization: 202, or a 4xx in the JSON
+    error shape."""
+    headers = {"Authorization": authorization}
+    status, answer_headers, answer = request(
+        served, "POST", f"/api/sessions/{session_id}/events", body, headers
+    )
+    assert_answer(status, answer_headers, answer)
+    if authorization != f"Bearer {PUBLISH_TOKEN}":
+        assert status in (400, 401, 404)  # a bad session id or path is refused first
+
+
+@FUZZ
+@given(
+    origin=header_values,
+    token=header_values,
+    cookie=header_values,
+    upgrade=st.booleans(),
+    transport=st.sampled_from(["ws", "sse"]),
+)
+def test_stream_handshake_headers(
+    served: ThreadedServer,
+    story: str,
+    origin: str,
+    token: str,
+    cookie: str,
+    upgrade: bool,
+    transport: str,
+) -> None:
+    """Any Origin, Cookie and token on a stream handshake (with or without the upgrade
+    headers): an upgrade, a stream, or a 4xx; never a 5xx."""
+    headers = {"Origin": origin, "Cookie": cookie}
+    if upgrade:
+        headers |= {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+        }
+    query = urllib.parse.urlencode({"token": token})
+    status, answer_headers, body = request(
+        served, "GET", f"/{transport}/orchestrator/{story}?{query}", headers=headers
+    )
+    if status != 101:
+        assert_answer(status, answer_headers, body)
 
 
 @FUZZ
