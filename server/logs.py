@@ -16,6 +16,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 SESSION_ID: ContextVar[str | None] = ContextVar("session_id", default=None)
 
 _CONTEXT_FIELDS = ("session_id", "reference")
@@ -29,6 +31,20 @@ class ContextFilter(logging.Filter):
             record.session_id = SESSION_ID.get()
         if not hasattr(record, "reference"):
             record.reference = None
+        return True
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs every malformed HTTP request at ERROR with a traceback. That is the
+    client's mistake, and on the open internet a way to flood the log: keep one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError) and 400 <= (error.code or 500) < 500:
+            record.msg = f"{record.getMessage()}: {error.code} {error.message.splitlines()[0]}"
+            record.args = ()
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
         return True
 
 
@@ -68,3 +84,6 @@ def setup_logging(level: str, fmt: str = "text", *, stream: TextIO | None = None
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestFilter())

@@ -11,8 +11,15 @@ from collections.abc import Iterator
 
 import pytest
 from aiohttp import ClientSession
+from aiohttp.http_exceptions import BadHttpMessage
 
-from server.logs import SESSION_ID, ContextFilter, JsonFormatter, setup_logging
+from server.logs import (
+    SESSION_ID,
+    ContextFilter,
+    JsonFormatter,
+    MalformedRequestFilter,
+    setup_logging,
+)
 from server.messages import ProgressEvent
 from server.metrics import LATENCY_SAMPLE_EVERY
 from tests.hardening.clients import (
@@ -257,3 +264,36 @@ async def test_a_failing_agent_is_logged_with_its_session_and_reference(
     async with http.get(url(server, f"/api/sessions/{body['session_id']}")) as response:
         snapshot = json.dumps(await response.json())
     assert failure["reference"] in snapshot  # the user sees the same reference
+
+
+def test_a_malformed_request_is_one_info_line_not_an_error_with_a_traceback() -> None:
+    """aiohttp's ERROR + traceback for a client's malformed HTTP becomes a one-line INFO;
+    a real server error stays an ERROR."""
+    log_filter = MalformedRequestFilter()
+    bad = BadHttpMessage("Invalid header token:\n\n  b'Bad Header'")
+    record = logging.LogRecord(
+        "aiohttp.server",
+        logging.ERROR,
+        __file__,
+        1,
+        "Error handling request from %s",
+        ("127.0.0.1",),
+        (BadHttpMessage, bad, None),
+    )
+    assert log_filter.filter(record)
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert record.getMessage() == (
+        "Error handling request from 127.0.0.1: 400 Invalid header token:"
+    )
+    failure = RuntimeError("a bug")
+    record = logging.LogRecord(
+        "aiohttp.server",
+        logging.ERROR,
+        __file__,
+        1,
+        "Error handling request",
+        (),
+        (RuntimeError, failure, None),
+    )
+    assert log_filter.filter(record)
+    assert record.levelno == logging.ERROR and record.exc_info is not None
