@@ -116,23 +116,27 @@ class Metrics:
     def agent_finished(self, agent: str, outcome: str, duration_s: float) -> None:
         self.agent_duration.labels(agent=agent, outcome=outcome).observe(duration_s)
 
-    def latency_sampler(self, transport: str) -> LatencySampler:
-        """For one connection opening now (events stored before it are replays, not timed)."""
-        return LatencySampler(self.delivery_latency.labels(transport=transport))
+    def latency_sampler(self, transport: str, replayed_up_to: int) -> LatencySampler:
+        """For one subscription whose replay ends at ``seq`` ``replayed_up_to``."""
+        return LatencySampler(self.delivery_latency.labels(transport=transport), replayed_up_to)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class LatencySampler:
-    """Times the sampled live events of one connection, right after they are written."""
+    """Times the sampled live events of one subscription, right after they are written.
 
-    __slots__ = ("_histogram", "_since")
+    Replayed events are not timed: they are old on purpose. They are told apart by
+    ``seq`` rather than by age, as a broker may build a replayed event afresh on read.
+    """
 
-    def __init__(self, histogram: Histogram) -> None:
+    __slots__ = ("_histogram", "_replayed_up_to")
+
+    def __init__(self, histogram: Histogram, replayed_up_to: int) -> None:
         self._histogram = histogram
-        self._since = time.monotonic()
+        self._replayed_up_to = replayed_up_to
 
     def sent(self, event: StoredEvent) -> None:
-        if event.seq % LATENCY_SAMPLE_EVERY == 1 and event.created >= self._since:
+        if event.seq % LATENCY_SAMPLE_EVERY == 1 and event.seq > self._replayed_up_to:
             self._histogram.observe(time.monotonic() - event.created)

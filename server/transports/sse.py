@@ -54,7 +54,8 @@ async def _stream(request: web.Request, ctx: StreamContext, session_id: str) -> 
         )
         await response.prepare(request)
         delivered = ctx.metrics.delivered.labels(transport="sse")
-        latency = ctx.metrics.latency_sampler("sse")
+        replayed = subscription.position
+        latency = ctx.metrics.latency_sampler("sse", replayed.seq if replayed else 0)
         interval = ctx.settings.heartbeat_interval
 
         def write_now(event: StoredEvent) -> bool:

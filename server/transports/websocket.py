@@ -146,7 +146,8 @@ async def _pump(
 ) -> None:
     """Write frames until the final event, a server-side close, or a dead peer."""
     delivered = ctx.metrics.delivered.labels(transport="websocket")
-    latency = ctx.metrics.latency_sampler("websocket")
+    replayed = subscription.position
+    latency = ctx.metrics.latency_sampler("websocket", replayed.seq if replayed else 0)
     interval = ctx.settings.heartbeat_interval
 
     def write_now(event: StoredEvent) -> bool:
