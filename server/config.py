@@ -91,6 +91,13 @@ class Settings:
         default="redis://127.0.0.1:6379/0",
         metadata={"help": "the Redis server of --broker redis"},
     )
+    redis_key_prefix: str = field(
+        default="orch",
+        metadata={
+            "help": "prefix of every Redis key and channel of --broker redis (deployments "
+            "sharing one Redis need different prefixes; all processes of one must share it)"
+        },
+    )
     max_connections: int = field(
         default=10_000,
         metadata={

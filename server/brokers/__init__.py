@@ -12,5 +12,10 @@ def create_broker(settings: Settings) -> Broker:
     if settings.broker == "redis":
         from .redis import RedisBroker
 
-        return RedisBroker(settings.redis_url, settings.buffer_size, settings.session_ttl)
+        return RedisBroker(
+            settings.redis_url,
+            settings.buffer_size,
+            settings.session_ttl,
+            key_prefix=settings.redis_key_prefix,
+        )
     return MemoryBroker(settings.buffer_size, settings.session_ttl)
