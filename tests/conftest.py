@@ -1,8 +1,20 @@
-"""Shared fixtures: a real server on a real port, and helpers to publish into it."""
+"""Shared fixtures: a real server on a real port, helpers to publish into it, and the
+Redis that the tests of both brokers use.
+
+**Both brokers.** ``settings`` builds the app on the broker ``broker_kind`` names:
+``"memory"`` by default. A test module or directory runs on both by overriding
+``broker_kind`` with :data:`BOTH_BROKERS` (``pytestmark`` of a module, or a fixture in a
+``conftest.py``); every test there then runs once per broker, with the same code. On
+``"redis"`` the app talks to the shared test ``redis-server`` under a key prefix of its own.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -12,13 +24,83 @@ from server.app import create_app
 from server.config import Settings
 from server.context import STREAM_CONTEXT
 from server.hub import Hub
+from tests.redis_support import RedisServer, redis_unavailable
+from tests.redis_support import ServerFactory as RedisFactory
 from tests.timing import HEARTBEAT_INTERVAL
+
+BROKERS = ("memory", "redis")
+BOTH_BROKERS = pytest.mark.parametrize("broker_kind", BROKERS)
+"""Runs every test it marks once per broker: ``pytestmark = BOTH_BROKERS`` in a module."""
+
+
+# --- Redis --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis shared by the tests that never stop it (each uses keys of its own)."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        redis_unavailable("no redis-server binary on PATH and REDIS_URL is not set")
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis-shared"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture
-def settings() -> Settings:
-    """Test settings: fast heartbeats, small limits. Override per test with ``settings.replace``."""
+def own_redis(tmp_path: Path) -> Iterator[RedisFactory]:
+    """Start dedicated ``redis-server``s that the test may stop and restart."""
+    if os.environ.get("REDIS_URL"):
+        pytest.skip("REDIS_URL points at a server this test cannot stop and restart")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        redis_unavailable("no redis-server binary on PATH to stop and restart")
+    servers: list[RedisServer] = []
+
+    def make(password: str | None = None) -> RedisServer:
+        directory = tmp_path / f"redis-{len(servers)}"
+        directory.mkdir()
+        server = RedisServer(binary, directory, password)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+# --- the app ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broker_kind() -> str:
+    """The broker of the app under test; overridden with both brokers where that matters."""
+    return "memory"
+
+
+@pytest.fixture
+def settings(broker_kind: str, request: pytest.FixtureRequest) -> Settings:
+    """Test settings: fast heartbeats, small limits, the broker ``broker_kind`` names.
+    Override per test with ``settings.replace``."""
+    if broker_kind == "redis":
+        broker = {
+            "broker": "redis",
+            "redis_url": request.getfixturevalue("redis_url"),
+            "redis_key_prefix": f"test-{secrets.token_hex(4)}",
+        }
+    else:
+        assert broker_kind == "memory", broker_kind
+        broker = {"broker": "memory"}
     return Settings(
+        **broker,
         port=0,
         heartbeat_interval=HEARTBEAT_INTERVAL * 50,  # quiet by default; tests opt in
         buffer_size=200,
