@@ -1,11 +1,17 @@
 """The load generator's sockets: subscribers (WebSocket, SSE) and a raw HTTP publisher.
 
-Every published event carries ``data = {"t": <time.monotonic_ns() at publish>,
-"n": <per-session counter>, "p": <phase>}``. CLOCK_MONOTONIC is one clock for
-the whole machine on Linux, and the publisher lives in this very process
-anyway. Each subscriber keeps a :class:`Tally`: which ``n`` it has seen (loss,
-duplicates, order) and the publish-to-receive latency of every delivery,
-filed under the phase the event was published in.
+Every published event carries ``data = {"t": <time.time_ns() at publish>,
+"n": <per-session counter>, "p": <phase>}`` (the publisher lives in this very
+process). Each subscriber keeps a :class:`Tally`: which ``n`` it has seen
+(loss, duplicates, order) and the publish-to-receive latency of every
+delivery, filed under the phase the event was published in.
+
+Two receive times are kept. The raw subscribers read their sockets with
+``recvmsg`` and ``SO_TIMESTAMPNS``: the kernel's time of arrival of the bytes
+on the subscriber's socket, which does not depend on when this process got
+round to reading them (with 1,000 sockets to read, a Python client takes
+milliseconds to go round them all). That is the latency reported. The time
+the client code saw the event is kept too (``app_latencies``).
 
 Bookkeeping is kept cheap (a regex over the frame, no JSON decoding) so that
 the load generator, not the server, stays the lighter side.
@@ -17,6 +23,9 @@ import asyncio
 import base64
 import os
 import re
+import socket
+import struct
+import sys
 import time
 from array import array
 from collections import deque
@@ -39,11 +48,12 @@ CHUNKED_RE = re.compile(rb"\r\ntransfer-encoding:\s*chunked", re.IGNORECASE)
 class Phase:
     """Deliveries and their latencies for the events published in one phase."""
 
-    __slots__ = ("deliveries", "latencies")
+    __slots__ = ("app_latencies", "deliveries", "latencies")
 
     def __init__(self) -> None:
         self.deliveries = 0
-        self.latencies = array("q")
+        self.latencies = array("q")  # to the kernel's arrival time on the client socket
+        self.app_latencies = array("q")  # to the time the client code saw the event
 
 
 class Recorder:
@@ -90,7 +100,7 @@ class Tally:
         self.open = False
         self.connections = 0
 
-    def on_event(self, t: int, n: int, p: int, now: int) -> None:
+    def on_event(self, t: int, n: int, p: int, arrived: int, now: int) -> None:
         seen = self.seen
         if n >= len(seen):
             seen.extend(bytes(max(n + 1 - len(seen), len(seen))))
@@ -105,7 +115,8 @@ class Tally:
         self.received += 1
         phase = self.recorder.phases[p]
         phase.deliveries += 1
-        phase.latencies.append(now - t)
+        phase.latencies.append(arrived - t)
+        phase.app_latencies.append(now - t)
         self.recorder.deliveries += 1
         if self.target_n and not self.done_at and self.last_n >= self.target_n:
             self.done_at = now
@@ -140,12 +151,12 @@ async def ws_subscribe(
     if not connected.done():
         connected.set_result(None)
     search = EVENT_STR_RE.search
-    monotonic_ns = time.monotonic_ns
+    time_ns = time.time_ns
     try:
         async for message in ws:  # ends when the connection closes
             if message.type is not aiohttp.WSMsgType.TEXT:
                 continue
-            now = monotonic_ns()
+            now = time_ns()
             data = message.data
             found = search(data)
             if found is None:
@@ -155,7 +166,7 @@ async def ws_subscribe(
                 event_id = ID_STR_RE.search(data)
                 if event_id is not None:
                     tally.last_id = event_id.group(1)
-            tally.on_event(int(found[1]), int(found[2]), int(found[3]), now)
+            tally.on_event(int(found[1]), int(found[2]), int(found[3]), now, now)
     finally:
         tally.open = False
         await ws.close()
@@ -167,6 +178,98 @@ def _control_kind(payload: bytes) -> str:
         return "error:" + code.group(1).decode(errors="replace")
     kind = re.search(rb'"type":\s*"([^"]*)"', payload)
     return kind.group(1).decode(errors="replace") if kind else "unknown"
+
+
+# --- raw sockets read with the kernel's arrival time -----------------------------------
+
+# Python 3.11's socket module does not name it; Linux's value is 35 (SCM_TIMESTAMPNS too).
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform == "linux" else None)
+_TIMESPEC = struct.Struct("qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
+_READ_SIZE = 262144
+
+
+class TimestampedSocket:
+    """The little of a transport the raw clients need, over a non-blocking socket read
+    with ``recvmsg`` from the event loop's reader callback, so that every read comes
+    with ``SO_TIMESTAMPNS``: when the kernel received those bytes (CLOCK_REALTIME)."""
+
+    def __init__(self, sock: socket.socket, client: RawWSClient | SSEClient) -> None:
+        self.sock = sock
+        self.client = client
+        self.loop = asyncio.get_running_loop()
+        self._closed = False
+
+    def start(self) -> None:
+        self.client.connection_made(self)  # type: ignore[arg-type]
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def write(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._lose(exc)
+            return
+        if sent < len(data):  # rare: only small requests and control frames are written
+            self.loop.create_task(self.loop.sock_sendall(self.sock, data[sent:]))
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        self._lose(None)
+
+    def _lose(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        self.client.connection_lost(exc)
+
+    def _readable(self) -> None:
+        for _ in range(16):  # bounded: let the other sockets have their turn
+            try:
+                data, ancillary, _flags, _addr = self.sock.recvmsg(_READ_SIZE, _ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._lose(exc)
+                return
+            if not data:
+                self._lose(None)
+                return
+            now = time.time_ns()
+            arrived = now
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                    seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
+                    arrived = seconds * 1_000_000_000 + nanoseconds
+            self.client.feed(data, arrived, now)
+            if self._closed or len(data) < _READ_SIZE:
+                return
+
+
+async def connect(client: RawWSClient | SSEClient, port: int) -> None:
+    """Connect ``client`` to the server, with timestamped reads where the OS has them."""
+    loop = asyncio.get_running_loop()
+    if _SO_TIMESTAMPNS is None or not _ANCILLARY:
+        await loop.create_connection(lambda: client, HOST, port)
+        return
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        await loop.sock_connect(sock, (HOST, port))
+    except BaseException:
+        sock.close()
+        raise
+    TimestampedSocket(sock, client).start()
 
 
 # --- WebSocket subscriber (raw frames on a raw socket) ----------------------------------
@@ -197,9 +300,8 @@ class RawWSClient(asyncio.Protocol):
         self._fragments = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self._request)
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self._request)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.tally.open = False
@@ -222,7 +324,11 @@ class RawWSClient(asyncio.Protocol):
         self.transport.write(bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked)
 
     def data_received(self, data: bytes) -> None:
-        now = time.monotonic_ns()
+        now = time.time_ns()
+        self.feed(data, now, now)
+
+    def feed(self, data: bytes, arrived: int, now: int) -> None:
+        """Bytes that arrived on the socket at ``arrived`` and are read at ``now`` (ns)."""
         buf = self._buf
         buf += data
         if not self.headers_done.done():
@@ -279,7 +385,7 @@ class RawWSClient(asyncio.Protocol):
                     event_id = ID_RE.search(payload)
                     if event_id is not None:
                         tally.last_id = event_id.group(1).decode()
-                tally.on_event(int(found[1]), int(found[2]), int(found[3]), now)
+                tally.on_event(int(found[1]), int(found[2]), int(found[3]), arrived, now)
             elif opcode == 0x9:
                 self.send(0xA, payload[:125])
             elif opcode == 0x8:
@@ -292,8 +398,8 @@ async def raw_ws_subscribe(
     port: int, path: str, tally: Tally, want_id: bool = False
 ) -> RawWSClient:
     """Open one WebSocket; returns once the server answered 101."""
-    loop = asyncio.get_running_loop()
-    _, client = await loop.create_connection(lambda: RawWSClient(path, tally, want_id), HOST, port)
+    client = RawWSClient(path, tally, want_id)
+    await connect(client, port)
     status = await client.headers_done
     if status != 101:
         raise ConnectionError(f"WebSocket upgrade answered {status}")
@@ -324,9 +430,8 @@ class SSEClient(asyncio.Protocol):
         self._text = bytearray()  # decoded event-stream bytes not yet parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self._request)
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self._request)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.tally.open = False
@@ -336,7 +441,11 @@ class SSEClient(asyncio.Protocol):
             self.closed.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        now = time.monotonic_ns()
+        now = time.time_ns()
+        self.feed(data, now, now)
+
+    def feed(self, data: bytes, arrived: int, now: int) -> None:
+        """Bytes that arrived on the socket at ``arrived`` and are read at ``now`` (ns)."""
         if not self.headers_done.done():
             self._head += data
             end = self._head.find(b"\r\n\r\n")
@@ -357,7 +466,7 @@ class SSEClient(asyncio.Protocol):
         if self._chunked:
             data = self._dechunk(data)
         self._text += data
-        self._parse(now)
+        self._parse(arrived, now)
 
     def _dechunk(self, data: bytes) -> bytes:
         buf = self._raw
@@ -392,7 +501,7 @@ class SSEClient(asyncio.Protocol):
         del buf[:pos]
         return b"".join(out)
 
-    def _parse(self, now: int) -> None:
+    def _parse(self, arrived: int, now: int) -> None:
         text = self._text
         if b"\r" in text:
             text[:] = text.replace(b"\r\n", b"\n")
@@ -412,7 +521,7 @@ class SSEClient(asyncio.Protocol):
                 continue
             if block.startswith(b"id:"):
                 tally.last_id = block[3 : block.index(b"\n")].strip().decode()
-            tally.on_event(int(found[1]), int(found[2]), int(found[3]), now)
+            tally.on_event(int(found[1]), int(found[2]), int(found[3]), arrived, now)
         if start:
             del text[:start]
 
@@ -421,10 +530,8 @@ async def sse_subscribe(
     port: int, path: str, tally: Tally, last_event_id: str | None = None
 ) -> SSEClient:
     """Open one SSE stream; returns once the response headers arrived (status 200)."""
-    loop = asyncio.get_running_loop()
-    _, client = await loop.create_connection(
-        lambda: SSEClient(path, tally, last_event_id), HOST, port
-    )
+    client = SSEClient(path, tally, last_event_id)
+    await connect(client, port)
     status = await client.headers_done
     if status != 200:
         raise ConnectionError(f"SSE answered {status}")
@@ -531,7 +638,7 @@ class Publisher:
         n = self.n[session] = self.n[session] + 1
         body = (
             b'{"type":"progress","agent":"bench","status":"benchmark event","progress":1,'
-            b'"data":{"t":%d,"n":%d,"p":%d}}' % (time.monotonic_ns(), n, phase)
+            b'"data":{"t":%d,"n":%d,"p":%d}}' % (time.time_ns(), n, phase)
         )
         raw = (
             b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"

@@ -74,18 +74,19 @@ def _cpu(row: JSON, phase: str) -> str:
 
 def throughput_table(rows: list[JSON]) -> list[str]:
     lines = [
-        "| scenario | server | subs | offered deliv/s | p50 ms | p99 ms | max ms "
+        "| scenario | server | subs | offered deliv/s | p50 ms | p99 ms | max ms | p99 read ms "
         "| CPU µs/deliv @fixed (user) | sat deliv/s | CPU µs/deliv @sat (user) | server CPU @sat "
         "| lost | dup | reordered | notes |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for row in rows:
         head = f"| {row['scenario']} | {row['server']} "
         status = _status(row)
         if status:
-            lines.append(head + "| " + " | ".join([DASH] * 12) + f" | {status} |")
+            lines.append(head + "| " + " | ".join([DASH] * 13) + f" | {status} |")
             continue
         latency = _get(row, "fixed", "latency") or {}
+        read = _get(row, "fixed", "latency_app") or {}
         util = _get(row, "saturation", "server_cpu_util")
         cells = [
             _num(row.get("subscribers")),
@@ -93,6 +94,7 @@ def throughput_table(rows: list[JSON]) -> list[str]:
             _num(latency.get("p50_ms"), 2),
             _num(latency.get("p99_ms"), 2),
             _num(latency.get("max_ms"), 2),
+            _num(read.get("p99_ms"), 2),
             _cpu(row, "fixed"),
             _num(_get(row, "saturation", "deliveries_s"), 0),
             _cpu(row, "saturation"),
