@@ -1,6 +1,6 @@
 """The REST API over a real socket (PROTOCOL.md "Endpoints", "Starting the workflow",
 "Publishing from other services"): bodies, status codes, validation, auth, health, metrics,
-and error bodies that leak nothing."""
+and error bodies that leak nothing; on both brokers."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
 from server.app import create_app
+from server.brokers.memory import MemoryBroker
 from server.config import Settings
 from tests.clients import (
     AGENTS,
@@ -33,8 +35,10 @@ from tests.clients import (
     wait_until,
     ws_url,
 )
-from tests.conftest import ClientFactory, hub_of
+from tests.conftest import BOTH_BROKERS, ClientFactory, hub_of
 from tests.timing import WORKFLOW_TIMEOUT
+
+pytestmark = BOTH_BROKERS  # every test runs on the in-memory broker and on Redis
 
 RUN = "/api/orchestrator/run-workflow"
 LEAKS = (
@@ -197,16 +201,25 @@ INVALID_RUNS: dict[str, dict[str, Any]] = {
 }
 
 
+async def stored_sessions(server: TestServer, settings: Settings) -> int:
+    """How many sessions the broker holds (on Redis: its keys under the test's prefix)."""
+    broker = hub_of(server).broker
+    if isinstance(broker, MemoryBroker):
+        return broker.session_count()
+    async with Redis.from_url(settings.redis_url) as redis:
+        return len(await redis.keys(f"{settings.redis_key_prefix}:*"))
+
+
 @pytest.mark.parametrize("case", list(INVALID_RUNS))
 async def test_run_workflow_body_that_fails_validation_is_422(
-    client: TestClient, case: str
+    client: TestClient, settings: Settings, case: str
 ) -> None:
     """A JSON object that fails validation gets 422 with a readable message naming the
     problem, and no workflow starts."""
     response = await client.post(RUN, json=INVALID_RUNS[case])
     body = await error_of(response, 422, "invalid_request")
     assert body["error"].startswith("Invalid request")
-    assert hub_of(client.server).broker.session_count() == 0
+    assert await stored_sessions(client.server, settings) == 0
 
 
 async def test_run_workflow_strategy_longer_than_the_limit_is_422(

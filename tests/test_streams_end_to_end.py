@@ -1,6 +1,6 @@
 """End to end over real sockets: the real workflow seen identically by every client over
 both transports, late and resuming subscribers, many concurrent sessions, clients that drop
-abruptly, and bad input that breaks nothing else (issue 2, "Tests")."""
+abruptly, and bad input that breaks nothing else (issue 2, "Tests"); on both brokers."""
 
 from __future__ import annotations
 
@@ -43,8 +43,10 @@ from tests.clients import (
     wait_until,
     ws_url,
 )
-from tests.conftest import ClientFactory, hub_of
+from tests.conftest import BOTH_BROKERS, ClientFactory, hub_of
 from tests.timing import CLEANUP_TIMEOUT, WORKFLOW_TIMEOUT
+
+pytestmark = BOTH_BROKERS  # every test runs on the in-memory broker and on Redis
 
 CLIENTS = ("aiohttp-ws", "websockets-ws", "aiohttp-sse", "curl-sse")
 

@@ -1,5 +1,6 @@
 """Each transport test runs once per independent client: aiohttp's WebSocket client and the
-``websockets`` library; a raw SSE parse over aiohttp and ``curl -N``."""
+``websockets`` library; a raw SSE parse over aiohttp and ``curl -N``; and once per broker
+(in-memory, Redis)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,17 @@ from tests.clients import (
     open_websockets_ws,
     ws_url,
 )
+from tests.conftest import BROKERS
 
 WSOpener = Callable[[TestServer, str], AbstractAsyncContextManager[WSClient]]
 SSEOpener = Callable[..., AbstractAsyncContextManager[SSEStream]]
+
+
+@pytest.fixture(params=BROKERS)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """Every transport test runs on the in-memory broker and on Redis."""
+    kind: str = request.param
+    return kind
 
 
 @pytest.fixture(params=["aiohttp", "websockets"])
