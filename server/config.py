@@ -36,7 +36,7 @@ class Settings:
     )
     buffer_size: int = field(
         default=1000,
-        metadata={"help": "stored events kept per session for replay (a workflow needs ~60)"},
+        metadata={"help": "stored events kept per session for replay (a workflow stores about 35)"},
     )
     session_ttl: float = field(
         default=600.0,
