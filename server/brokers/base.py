@@ -8,9 +8,9 @@ delivery path (:data:`EventListener`), so the hub's tests cover both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ..messages import StoredEvent, StreamPosition
 
@@ -44,6 +44,35 @@ class SessionInfo:
     final_id: str | None  # id of the final event, when ended
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A workflow lease: "process ``owner`` is running this session's workflow".
+
+    It lives ``ttl`` seconds unless renewed. The process that runs a workflow
+    takes the lease with its claim, renews it while the workflow runs, and
+    releases it once the final event is stored. A session that was claimed
+    with a lease, has no final event and no lease any more has lost the
+    process running its workflow: someone must end it (``workflow_interrupted``).
+    """
+
+    owner: str  # unique per server process
+    ttl: float  # seconds
+
+
+LeaseState = Literal["held", "lost", "ended", "none", "gone"]
+"""The state of a session's workflow lease, as :meth:`Broker.lease_states` reports it:
+
+* ``held``: a lease exists (its workflow is running, or just ended);
+* ``lost``: claimed with a lease, no final event, and the lease is gone: the process
+  running the workflow died or could not renew it for ``ttl`` seconds;
+* ``ended``: the final event is stored;
+* ``none``: the stream exists, has not ended, and was never leased in its present
+  life (events published by other services, or a stream recreated after its store lost
+  it);
+* ``gone``: there is no stream (never created, expired, or lost by the store).
+"""
+
+
 class Broker(Protocol):
     """Storage and cross-process delivery of stored events.
 
@@ -54,7 +83,10 @@ class Broker(Protocol):
     * at most ``buffer_size`` events are retained per session, the newest;
     * nothing is appended after an event with ``final=True``;
     * a session is forgotten (events, epoch, state) ``session_ttl`` seconds
-      after its last append; a stream created again after that gets a new epoch.
+      after its last append; a stream created again after that gets a new epoch;
+    * a workflow :class:`Lease` taken with :meth:`claim` ends ``lease.ttl`` seconds
+      after its last renewal, or when released; :meth:`lease_states` tells a session
+      whose workflow runs from one whose workflow's process is gone.
     """
 
     async def start(self, on_event: EventListener) -> None:
@@ -89,10 +121,32 @@ class Broker(Protocol):
     async def info(self, session_id: str) -> SessionInfo | None:
         """The session's stream state, or ``None`` when there is none."""
 
-    async def claim(self, session_id: str) -> bool:
+    async def claim(self, session_id: str, lease: Lease | None = None) -> bool:
         """Reserve a session for one workflow run: ``True`` for the first caller,
         across all processes; ``False`` if it was claimed or has events already.
-        A claimed session counts as existing (it expires like any other)."""
+        A claimed session counts as existing (it expires like any other).
+
+        With ``lease``, a successful claim takes the session's workflow lease in
+        the same atomic step, so no process ever sees the session claimed but
+        not leased."""
+
+    async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> None:
+        """Extend ``lease`` on each of ``session_ids`` to ``lease.ttl`` from now, in one
+        round trip whatever their number. A lease that expired meanwhile is taken again
+        (the session is still running here), unless the session has ended or another
+        owner holds it. Raises :class:`~server.errors.ServiceUnavailable` if the store
+        cannot be reached."""
+
+    async def release_lease(self, session_id: str, owner: str) -> None:
+        """Drop ``owner``'s lease on the session (the caller has stored its final
+        event first, so the session never looks ``lost``). Someone else's lease is left
+        alone. Raises :class:`~server.errors.ServiceUnavailable` if the store cannot be
+        reached; an unreleased lease expires by itself."""
+
+    async def lease_states(self, session_ids: Collection[str]) -> dict[str, LeaseState]:
+        """The :data:`LeaseState` of each session, each read atomically, all in one
+        round trip. Raises :class:`~server.errors.ServiceUnavailable` if the store
+        cannot be reached."""
 
     async def watch(self, session_id: str) -> None:
         """This process has a subscriber for ``session_id``: deliver its events."""

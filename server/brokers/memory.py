@@ -3,6 +3,11 @@
 It keeps the :class:`~server.brokers.base.Broker` promises with plain data
 structures; because asyncio runs one callback at a time, an append with no
 ``await`` inside it is atomic.
+
+Workflow leases are trivial here: the only process that can run a workflow is
+this one, and its sessions live exactly as long as it does, so a lease is never
+lost while anyone could ask. A lease is ``held`` from the claim until it is
+released (its time-to-live is not even needed), and never ``lost``.
 """
 
 from __future__ import annotations
@@ -11,11 +16,11 @@ import asyncio
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from ..errors import SessionEnded
 from ..messages import StoredEvent, StreamPosition
-from .base import EventListener, Replay, SessionInfo
+from .base import EventListener, Lease, LeaseState, Replay, SessionInfo
 
 
 class _Stream:
@@ -48,6 +53,7 @@ class MemoryBroker:
         self._clock = clock
         self._sweep_interval = sweep_interval or max(1.0, min(60.0, session_ttl / 4))
         self._streams: dict[str, _Stream] = {}
+        self._leases: dict[str, str] = {}  # session -> owner, from claim to release
         self._on_event: EventListener | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -101,11 +107,31 @@ class MemoryBroker:
         stream = self._streams.get(session_id)
         return None if stream is None else stream.info()
 
-    async def claim(self, session_id: str) -> bool:
+    async def claim(self, session_id: str, lease: Lease | None = None) -> bool:
         if session_id in self._streams:
             return False
         self._streams[session_id] = _Stream(self._buffer_size, self._clock())
+        if lease is not None:
+            self._leases[session_id] = lease.owner
         return True
+
+    async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> None:
+        """Nothing expires while this process lives; a lease stays until released."""
+
+    async def release_lease(self, session_id: str, owner: str) -> None:
+        if self._leases.get(session_id) == owner:
+            del self._leases[session_id]
+
+    async def lease_states(self, session_ids: Collection[str]) -> dict[str, LeaseState]:
+        return {session_id: self._lease_state(session_id) for session_id in session_ids}
+
+    def _lease_state(self, session_id: str) -> LeaseState:
+        stream = self._streams.get(session_id)
+        if stream is None:
+            return "gone"
+        if stream.final_id is not None:
+            return "ended"
+        return "held" if session_id in self._leases else "none"
 
     async def watch(self, session_id: str) -> None:
         """Nothing to do: every append is delivered in-process."""
@@ -127,6 +153,7 @@ class MemoryBroker:
         expired = [sid for sid, s in self._streams.items() if s.touched <= deadline]
         for sid in expired:
             del self._streams[sid]
+            self._leases.pop(sid, None)
         return len(expired)
 
     async def _sweep_forever(self) -> None:

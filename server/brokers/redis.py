@@ -3,11 +3,13 @@
 Keys of one session share a hash tag (``{<session_id>}``) so they live in one
 cluster slot and one Lua script may touch them all::
 
-    <prefix>:{<sid>}:state    hash: epoch, seq (last seq), final (id), claimed
+    <prefix>:{<sid>}:state    hash: epoch, seq (last seq), final (id), claimed, leased
     <prefix>:{<sid>}:events   stream, entry id "<seq>-0", fields t f n b, MAXLEN = buffer_size
+    <prefix>:{<sid>}:lease    string: the owner of the workflow lease, expiring after its ttl
     <prefix>:{<sid>}:live     pub/sub channel: "<seq>|<epoch>|<type>|<final>|<body>"
 
-Both keys expire ``session_ttl`` after the last append. Every write is one Lua
+State and events expire ``session_ttl`` after the last append; the lease
+``lease.ttl`` after its last renewal. Every write is one Lua
 script, so the next ``seq`` is assigned, the entry stored, the stream trimmed,
 the expiry refreshed and the live message published as one atomic step,
 whichever process appends. When the state hash is gone (expired, or a Redis
@@ -31,7 +33,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -44,7 +46,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import ServiceUnavailable, SessionEnded
 from ..messages import StoredEvent, StreamPosition
-from .base import EventListener, Replay, SessionInfo
+from .base import EventListener, Lease, LeaseState, Replay, SessionInfo
 
 log = logging.getLogger(__name__)
 
@@ -144,23 +146,80 @@ end
 return {epoch, last, final, 1, redis.call('XRANGE', KEYS[2], '-', '+')}
 """
 
-# KEYS: state, stream. ARGV: fresh epoch, ttl_ms, nonce. Returns 1 for the first caller.
+# KEYS: state, stream, lease. ARGV: fresh epoch, ttl_ms, nonce, lease owner ('' for no
+# lease), lease ttl_ms. Returns 1 for the first caller.
 _CLAIM_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'claimed') == ARGV[3] then
-    return 1  -- our own earlier attempt, whose answer was lost
+    return 1  -- our own earlier attempt, whose answer was lost (it took the lease too)
   end
   return 0
 end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0, 'claimed', ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'leased', 1)
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
+# KEYS: state, lease. ARGV: owner, lease ttl_ms. Returns 1 when the lease is held now.
+# An expired lease is taken again (its workflow still runs); an ended session's is not,
+# nor one another owner holds. 'leased' is set again on a stream that was recreated.
+_RENEW_LUA = """
+if redis.call('HGET', KEYS[1], 'final') then
+  return 0
+end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'leased', 1)
+end
+return 1
+"""
+
+# KEYS: lease. ARGV: owner. Deletes the lease only if the owner holds it.
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: state, lease. Returns the LeaseState (see server.brokers.base).
+_LEASE_STATE_LUA = """
+local st = redis.call('HMGET', KEYS[1], 'epoch', 'final', 'leased')
+local held = redis.call('EXISTS', KEYS[2]) == 1
+if not st[1] then
+  if held then return 'held' end
+  return 'gone'
+end
+if st[2] then return 'ended' end
+if held then return 'held' end
+if st[3] then return 'lost' end
+return 'none'
+"""
+
+_LEASE_STATES: dict[str, LeaseState] = {
+    "held": "held",
+    "lost": "lost",
+    "ended": "ended",
+    "none": "none",
+    "gone": "gone",
+}
+
 
 async def _close_pubsub(pubsub: Any) -> None:  # redis-py leaves PubSub.aclose untyped
     await pubsub.aclose()
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
 
 
 def new_epoch() -> str:
@@ -224,6 +283,9 @@ class RedisBroker:
         self._append_script: Any = None
         self._read_script: Any = None
         self._claim_script: Any = None
+        self._renew_script: Any = None
+        self._release_script: Any = None
+        self._lease_state_script: Any = None
         self._on_event: EventListener | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
@@ -249,6 +311,9 @@ class RedisBroker:
 
     def _stream_key(self, session_id: str) -> str:
         return f"{self._prefix}:{{{session_id}}}:events"
+
+    def _lease_key(self, session_id: str) -> str:
+        return f"{self._prefix}:{{{session_id}}}:lease"
 
     def channel(self, session_id: str) -> str:
         return f"{self._prefix}:{{{session_id}}}:live"
@@ -289,6 +354,9 @@ class RedisBroker:
         self._append_script = self._client.register_script(_APPEND_LUA)
         self._read_script = self._client.register_script(_READ_LUA)
         self._claim_script = self._client.register_script(_CLAIM_LUA)
+        self._renew_script = self._client.register_script(_RENEW_LUA)
+        self._release_script = self._client.register_script(_RELEASE_LUA)
+        self._lease_state_script = self._client.register_script(_LEASE_STATE_LUA)
         self._reader = asyncio.create_task(self._read_forever(), name="redis-broker-reader")
 
     async def close(self) -> None:
@@ -413,16 +481,68 @@ class RedisBroker:
             return None
         return SessionInfo(str(epoch), int(seq or 0), final_id is not None, final_id)
 
-    async def claim(self, session_id: str) -> bool:
+    async def claim(self, session_id: str, lease: Lease | None = None) -> bool:
         client = self._require_client()
-        keys = [self._state_key(session_id), self._stream_key(session_id)]
+        keys = [
+            self._state_key(session_id),
+            self._stream_key(session_id),
+            self._lease_key(session_id),
+        ]
         args = [new_epoch(), self._ttl_ms, secrets.token_hex(8)]
+        args += ["", 0] if lease is None else [lease.owner, _milliseconds(lease.ttl)]
 
         async def attempt(_: int) -> int:
             result: int = await self._claim_script(keys=keys, args=args, client=client)
             return result
 
         return int(await self._call("claim", attempt)) == 1
+
+    # --- workflow leases --------------------------------------------------------------
+
+    async def _per_session(
+        self, what: str, script: Any, session_ids: Collection[str], args: list[Any]
+    ) -> list[Any]:
+        """Run a one-session script for each session, pipelined: one round trip. Each
+        script touches the keys of one session only (one hash slot)."""
+        client = self._require_client()
+        ids = list(session_ids)
+        if not ids:
+            return []
+
+        async def attempt(_: int) -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for session_id in ids:
+                    keys = [self._state_key(session_id), self._lease_key(session_id)]
+                    await script(keys=keys, args=args, client=pipe)
+                result: list[Any] = await pipe.execute()
+                return result
+
+        return await self._call(what, attempt)
+
+    async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> None:
+        args = [lease.owner, _milliseconds(lease.ttl)]
+        await self._per_session("renew", self._renew_script, session_ids, args)
+
+    async def release_lease(self, session_id: str, owner: str) -> None:
+        client = self._require_client()
+        keys = [self._lease_key(session_id)]
+
+        async def attempt(_: int) -> int:
+            result: int = await self._release_script(keys=keys, args=[owner], client=client)
+            return result
+
+        await self._call("release", attempt)
+
+    async def lease_states(self, session_ids: Collection[str]) -> dict[str, LeaseState]:
+        ids = list(session_ids)
+        answers = await self._per_session("lease states", self._lease_state_script, ids, [])
+        states: dict[str, LeaseState] = {}
+        for session_id, answer in zip(ids, answers, strict=True):
+            state = _LEASE_STATES.get(str(answer))
+            if state is None:  # never: the script answers one of them
+                raise ServiceUnavailable(UNAVAILABLE_MESSAGE)
+            states[session_id] = state
+        return states
 
     async def ping(self) -> bool:
         client = self._client

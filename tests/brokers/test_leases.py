@@ -1,0 +1,161 @@
+"""Workflow leases in the brokers (``claim(lease=)``, ``renew_leases``, ``release_lease``,
+``lease_states``): what each state means, on a real Redis shared by several broker
+instances ("processes"), and the trivial in-memory version."""
+
+from __future__ import annotations
+
+import json
+
+from redis.asyncio import Redis
+
+from server.brokers.base import Lease
+from server.brokers.memory import MemoryBroker
+
+from .redis_support import NodeFactory, eventually, new_session_id
+
+SHORT = 0.3  # seconds: a lease that lapses within a test
+
+
+def body(n: int) -> str:
+    return json.dumps({"type": "progress", "n": n})
+
+
+async def test_a_lease_is_taken_with_the_claim_and_held_by_one_owner(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """A claim with a lease takes it in the same step: the session reads ``held`` from
+    every process at once; a second claim (with its own lease) fails and changes nothing."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    assert await a.broker.claim(sid, Lease("owner-a", 30))
+    assert await b.broker.lease_states([sid]) == {sid: "held"}
+    assert not await b.broker.claim(sid, Lease("owner-b", 30))
+    assert await raw_redis.get(a.broker._lease_key(sid)) == "owner-a"
+    assert 0 < await raw_redis.pttl(a.broker._lease_key(sid)) <= 30_000
+
+
+async def test_a_lease_that_is_not_renewed_is_lost(make_node: NodeFactory) -> None:
+    """``lease.ttl`` after the claim, with no renewal and no final event, the session reads
+    ``lost`` everywhere: its workflow's process is gone."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    assert await a.broker.claim(sid, Lease("owner-a", SHORT))
+    await a.broker.append(sid, "progress", body(1), False)
+
+    async def lost() -> bool:
+        return await b.broker.lease_states([sid]) == {sid: "lost"}
+
+    await eventually(lost)
+
+
+async def test_renewal_keeps_a_lease_past_its_ttl_and_takes_a_lapsed_one_again(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """Renewing pushes the lease's expiry back to its ttl; a lease that lapsed (its owner
+    could not renew in time) is taken again by its owner's next renewal."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    lease = Lease("owner-a", 30)
+    assert await a.broker.claim(sid, Lease("owner-a", SHORT))
+    await a.broker.renew_leases([sid], lease)
+    assert 1000 < await raw_redis.pttl(a.broker._lease_key(sid)) <= 30_000
+
+    await raw_redis.delete(a.broker._lease_key(sid))  # it lapsed
+    assert await b.broker.lease_states([sid]) == {sid: "lost"}
+    await a.broker.renew_leases([sid], lease)
+    assert await b.broker.lease_states([sid]) == {sid: "held"}
+
+
+async def test_renewal_leaves_ended_sessions_and_other_owners_alone(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """An ended session's lease is not taken again, nor one that another owner holds."""
+    a = await make_node()
+    ended, other = new_session_id(), new_session_id()
+    for sid in (ended, other):
+        assert await a.broker.claim(sid, Lease("owner-a", 30))
+    await a.broker.append(ended, "complete", body(1), True)
+    await raw_redis.delete(a.broker._lease_key(ended))
+    await raw_redis.set(a.broker._lease_key(other), "owner-b")
+
+    await a.broker.renew_leases([ended, other], Lease("owner-a", 30))
+    assert await raw_redis.exists(a.broker._lease_key(ended)) == 0
+    assert await raw_redis.get(a.broker._lease_key(other)) == "owner-b"
+
+
+async def test_release_only_by_the_owner(make_node: NodeFactory) -> None:
+    """``release_lease`` by another owner changes nothing; by the owner it drops the lease
+    (the owner stores its final event first, so the session then reads ``ended``)."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    assert await a.broker.claim(sid, Lease("owner-a", 30))
+    await b.broker.release_lease(sid, "owner-b")
+    assert await b.broker.lease_states([sid]) == {sid: "held"}
+    await a.broker.append(sid, "complete", body(1), True)
+    assert await b.broker.lease_states([sid]) == {sid: "ended"}  # final first: never lost
+    await a.broker.release_lease(sid, "owner-a")
+    assert await b.broker.lease_states([sid]) == {sid: "ended"}
+
+
+async def test_lease_states_of_many_sessions_in_one_call(make_node: NodeFactory) -> None:
+    """One call reports every session: held, lost, ended, none (published into without a
+    workflow, or claimed without a lease) and gone (no stream at all)."""
+    a = await make_node()
+    held, lost, ended, published, unleased, gone = (new_session_id() for _ in range(6))
+    assert await a.broker.claim(held, Lease("owner-a", 30))
+    assert await a.broker.claim(lost, Lease("owner-a", 30))
+    await a.broker.release_lease(lost, "owner-a")  # as if it had lapsed
+    assert await a.broker.claim(ended, Lease("owner-a", 30))
+    await a.broker.append(ended, "complete", body(1), True)
+    await a.broker.append(published, "progress", body(1), False)
+    assert await a.broker.claim(unleased)
+    many = [new_session_id() for _ in range(200)]
+    states = await a.broker.lease_states([held, lost, ended, published, unleased, gone, *many])
+    assert [states[s] for s in (held, lost, ended, published, unleased, gone)] == [
+        "held",
+        "lost",
+        "ended",
+        "none",
+        "none",
+        "gone",
+    ]
+    assert {states[s] for s in many} == {"gone"}
+    assert await a.broker.lease_states([]) == {}
+
+
+async def test_a_stream_recreated_under_a_running_workflow_is_leased_again(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """When the store loses a session (Redis restarted empty) while its workflow runs, the
+    owner's next renewal takes the lease again (``held``, even before its next event), and
+    marks the recreated stream as leased, so that it reads ``lost`` if that owner dies."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    lease = Lease("owner-a", 30)
+    assert await a.broker.claim(sid, lease)
+    await raw_redis.delete(*(a.broker._state_key(sid), a.broker._lease_key(sid)))
+    assert await b.broker.lease_states([sid]) == {sid: "gone"}
+    await a.broker.renew_leases([sid], lease)
+    assert await b.broker.lease_states([sid]) == {sid: "held"}
+    await a.broker.append(sid, "progress", body(1), False)  # a new epoch
+    await a.broker.renew_leases([sid], lease)
+    await raw_redis.delete(a.broker._lease_key(sid))  # then the owner dies
+    assert await b.broker.lease_states([sid]) == {sid: "lost"}
+
+
+async def test_memory_leases_are_held_until_released_and_never_lost() -> None:
+    """In memory (one process) a lease is held from the claim until it is released or the
+    final event is stored, whatever its ttl; it never reads ``lost``."""
+    broker = MemoryBroker(100, 60.0)
+    sid, other, published = "session-0001", "session-0002", "session-0003"
+    assert await broker.claim(sid, Lease("me", 0.001))
+    assert await broker.claim(other, Lease("me", 0.001))
+    await broker.append(published, "progress", body(1), False)
+    await broker.renew_leases([sid, other], Lease("me", 0.001))
+    states = await broker.lease_states([sid, other, published, "session-0004"])
+    assert states == {sid: "held", other: "held", published: "none", "session-0004": "gone"}
+    await broker.append(sid, "complete", body(1), True)
+    await broker.release_lease(other, "someone else")
+    assert await broker.lease_states([sid, other]) == {sid: "ended", other: "held"}
+    await broker.release_lease(other, "me")
+    assert await broker.lease_states([other]) == {other: "none"}
