@@ -174,7 +174,14 @@ def create_app(
         default_timeout=settings.agent_timeout,
         on_finished=lambda run: metrics.agent_finished(run.agent, run.outcome, run.duration_s),
     )
-    runner = WorkflowRunner(hub, handoff, metrics)
+    runner = WorkflowRunner(
+        hub,
+        handoff,
+        metrics,
+        lease_ttl=settings.lease_ttl,
+        lease_check_interval=settings.lease_check_interval,
+        retry_finals_for=settings.session_ttl,
+    )
     admission = Admission(settings, metrics)
     metrics.track_sessions(
         subscribed=lambda: hub.session_count,
@@ -195,6 +202,7 @@ def create_app(
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await hub.start()
+        await runner.monitor.start()  # ends sessions whose workflow's process died
         resources = agents(handoff)
         try:
             yield

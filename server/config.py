@@ -98,6 +98,21 @@ class Settings:
             "sharing one Redis need different prefixes; all processes of one must share it)"
         },
     )
+    lease_ttl: float = field(
+        default=10.0,
+        metadata={
+            "help": "seconds a running workflow's lease outlives its last renewal (renewed "
+            "every third of it): how soon other processes notice that the process running "
+            "a workflow died, and end its session with workflow_interrupted"
+        },
+    )
+    lease_check_interval: float = field(
+        default=2.0,
+        metadata={
+            "help": "seconds between two checks, by each process, of the workflow leases of "
+            "the sessions it streams"
+        },
+    )
     max_connections: int = field(
         default=10_000,
         metadata={

@@ -314,3 +314,8 @@ class Hub:
     def session_count(self) -> int:
         """Sessions with at least one subscriber in this process."""
         return len(self._subscribers)
+
+    @property
+    def sessions(self) -> list[str]:
+        """The sessions with at least one subscriber in this process."""
+        return list(self._subscribers)

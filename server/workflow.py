@@ -11,6 +11,12 @@ The stream of one run (PROTOCOL.md "Starting the workflow")::
 
 or, when a step fails, that agent's ``error`` then a final ``error`` of the
 orchestrator. Errors carry a reference id; the exception stays in the log.
+
+The runner takes a workflow lease with each claim and hands every final event
+to :class:`~server.leases.WorkflowLeases`, which stores it (later, if the
+event store is down) and then releases the lease; its
+:class:`~server.leases.LeaseMonitor` ends the sessions followed here whose
+workflow's process died (see :mod:`server.leases`).
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from .agents.extraction import ExtractionResult
 from .agents.handoff import AgentFailed, AgentHandoffManager
 from .agents.inventory import InventoryPlan, InventoryRequest
 from .agents.pricing import PricingPlan, PricingRequest
-from .errors import Conflict, ServiceUnavailable, reference_id
+from .errors import Conflict, ServiceUnavailable, SessionEnded, reference_id
 from .hub import Hub
+from .leases import WORKFLOW_INTERRUPTED, LeaseMonitor, WorkflowLeases
 from .logs import SESSION_ID
-from .messages import CompleteEvent, ErrorEvent, ProgressEvent
+from .messages import CompleteEvent, ErrorEvent, ProgressEvent, StorableEvent
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -44,14 +51,31 @@ class WorkflowOutcome:
 
 
 class WorkflowRunner:
-    """Runs at most one workflow per session, ever, across every process sharing the broker."""
+    """Runs at most one workflow per session, ever, across every process sharing the broker.
 
-    def __init__(self, hub: Hub, handoff: AgentHandoffManager, metrics: Metrics) -> None:
+    ``lease_ttl``: how long a workflow's lease outlives its last renewal (how soon
+    another process notices that this one died); ``lease_check_interval``: how often
+    :attr:`monitor` looks for such sessions once started; ``retry_finals_for``: how
+    long a final event is retried while the event store is down.
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        handoff: AgentHandoffManager,
+        metrics: Metrics,
+        *,
+        lease_ttl: float = 10.0,
+        lease_check_interval: float = 2.0,
+        retry_finals_for: float = 600.0,
+    ) -> None:
         self._hub = hub
         self._handoff = handoff
         self._metrics = metrics
         self._tasks: dict[str, asyncio.Task[WorkflowOutcome]] = {}
         self._closing = False
+        self.leases = WorkflowLeases(hub, lease_ttl, retry_finals_for=retry_finals_for)
+        self.monitor = LeaseMonitor(hub, self.leases, lease_check_interval)
 
     async def start(self, session_id: str, strategy: str) -> asyncio.Task[WorkflowOutcome]:
         """Claim the session and start its workflow; ``Conflict`` if it already ran,
@@ -61,11 +85,12 @@ class WorkflowRunner:
                 "The server is shutting down; please start the forecast again in a moment.",
                 code="shutting_down",
             )
-        if not await self._hub.broker.claim(session_id):
+        if not await self._hub.broker.claim(session_id, self.leases.lease):
             raise Conflict(
                 "This session already has a workflow. Start a new session to run another.",
                 code="session_exists",
             )
+        self.leases.hold(session_id)
         task = asyncio.create_task(self._run(session_id, strategy), name=f"workflow-{session_id}")
         self._tasks[session_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(session_id, None))
@@ -86,13 +111,14 @@ class WorkflowRunner:
         workflow starts from now on."""
         self._closing = True
         tasks = list(self._tasks.values())
-        if not tasks:
-            return
-        if grace > 0:
-            await asyncio.wait(tasks, timeout=grace)
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
+        if tasks:
+            if grace > 0:
+                await asyncio.wait(tasks, timeout=grace)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        await self.monitor.close()
+        await self.leases.close()
 
     async def _run(self, session_id: str, strategy: str) -> WorkflowOutcome:
         SESSION_ID.set(session_id)  # this task's own context: its log lines name the session
@@ -101,13 +127,41 @@ class WorkflowRunner:
         except asyncio.CancelledError:
             await self._fail(
                 session_id,
-                "workflow_interrupted",
+                WORKFLOW_INTERRUPTED,
                 "The forecast was interrupted because the server is restarting. "
                 "Please run it again.",
                 reference_id(),
             )
             self._metrics.workflows.labels(outcome="interrupted").inc()
             raise
+        except ServiceUnavailable:
+            # The event store could not be reached, even after the broker's retries.
+            ref = reference_id()
+            log.warning(
+                "workflow of session %s stopped: the event store is unavailable [ref %s]",
+                session_id,
+                ref,
+                extra={"reference": ref},
+            )
+            error = await self._fail(
+                session_id,
+                WORKFLOW_INTERRUPTED,
+                "The forecast was interrupted because the event store was unavailable. "
+                "Please run it again.",
+                ref,
+            )
+            self._metrics.workflows.labels(outcome="interrupted").inc()
+            return WorkflowOutcome("failed", error=error)
+        except SessionEnded:
+            # Another process ended the session: this one could not renew its lease for
+            # lease_ttl, and it was taken for dead. Subscribers have their final event.
+            log.warning(
+                "workflow of session %s stopped: the session was ended elsewhere", session_id
+            )
+            self.leases.drop(session_id)
+            self._metrics.workflows.labels(outcome="interrupted").inc()
+            error = {"code": WORKFLOW_INTERRUPTED, "error": "The session was ended elsewhere."}
+            return WorkflowOutcome("failed", error=error)
         except AgentFailed as failure:
             error = await self._fail(
                 session_id,
@@ -127,17 +181,23 @@ class WorkflowRunner:
             )
             self._metrics.workflows.labels(outcome="failed").inc()
             return WorkflowOutcome("failed", error=error)
-        await self._hub.publish(
+        await self._finish(
+            session_id,
             CompleteEvent(
                 session_id=session_id,
                 agent=ORCHESTRATOR,
                 status="Forecast ready",
                 data={"result": result},
                 final=True,
-            )
+            ),
         )
         self._metrics.workflows.labels(outcome="complete").inc()
         return WorkflowOutcome("complete", result=result)
+
+    async def _finish(self, session_id: str, event: StorableEvent) -> None:
+        """Store the final event and release the lease; if the event store is down the
+        event is stored once it is back (:meth:`WorkflowLeases.finish`)."""
+        await self.leases.finish(session_id, event)
 
     async def _fail(self, session_id: str, code: str, message: str, ref: str) -> dict[str, Any]:
         event = ErrorEvent(
@@ -148,16 +208,7 @@ class WorkflowRunner:
             details=f"Reference {ref}",
             final=True,
         )
-        try:
-            await self._hub.publish(event)
-        except Exception:
-            # The stream itself is unreachable; the log keeps the story.
-            log.exception(
-                "could not publish the final error of %s [ref %s]",
-                session_id,
-                ref,
-                extra={"reference": ref},
-            )
+        await self._finish(session_id, event)
         return {"code": code, "error": message, "reference": ref}
 
     async def _progress(self, session_id: str, status: str, progress: int) -> None:
