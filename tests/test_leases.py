@@ -1,0 +1,245 @@
+"""Workflow leases in the runner and the monitor (server/leases.py), with two apps in this
+process standing for two server processes on one Redis: a running workflow keeps its
+lease; one whose process stops renewing it is ended elsewhere with
+``workflow_interrupted``; sessions without a workflow are left alone; racing monitors
+store one final event; a session the store lost under a running workflow is ended once
+its grace has passed; and on the in-memory broker nothing is ever taken for lost.
+
+The real thing, a ``python -m server`` killed with SIGKILL, is in tests/multiprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
+
+from server.api import WORKFLOW_RUNNER
+from server.app import create_app
+from server.brokers.base import Lease
+from server.brokers.redis import RedisBroker
+from server.config import Settings
+from server.hub import Subscription
+from server.messages import ControlEvent, ProgressEvent, StoredEvent
+from server.workflow import WorkflowRunner
+from tests.clients import new_session_id
+from tests.conftest import hub_of
+from tests.hardening.support import FakeAgents
+from tests.timing import EVENT_TIMEOUT, POLL_INTERVAL
+
+LEASE_TTL = 0.3  # seconds: short, so that a lapsed lease shows within a test
+QUIET = 3600.0  # a lease check interval that never comes round: the test calls check()
+
+Start = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def start(aiohttp_server: Callable[..., Awaitable[TestServer]], settings: Settings) -> Start:
+    """Start an app ("process") on the test's broker; every app of a test shares it."""
+
+    async def factory(agents: FakeAgents | None = None, **changes: Any) -> TestServer:
+        changes = {"lease_ttl": LEASE_TTL, "lease_check_interval": QUIET, **changes}
+        app = create_app(settings.replace(**changes), agents=agents or FakeAgents())
+        return await aiohttp_server(app)
+
+    return factory
+
+
+@pytest.fixture
+async def gated() -> AsyncIterator[FakeAgents]:
+    """Fake agents whose demand agent waits until the test opens the gate."""
+    agents = FakeAgents()
+    agents.gate = asyncio.Event()
+    yield agents
+    agents.gate.set()
+
+
+def runner_of(server: TestServer) -> WorkflowRunner:
+    return server.app[WORKFLOW_RUNNER]
+
+
+def payload(frame: StoredEvent | ControlEvent) -> dict[str, Any]:
+    event: dict[str, Any] = json.loads(frame.payload)
+    return event
+
+
+async def until_final(sub: Subscription, timeout: float = EVENT_TIMEOUT) -> list[dict[str, Any]]:
+    """Every frame up to the final event (``timeout`` for the whole wait)."""
+    frames: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while not sub.finished:
+            frame = await sub.get(timeout)
+            if frame is not None:
+                frames.append(payload(frame))
+    return frames
+
+
+async def demand_started(sub: Subscription) -> None:
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        while True:
+            frame = await sub.get(EVENT_TIMEOUT)
+            if frame is not None and payload(frame).get("agent") == "demand":
+                return
+
+
+def is_interrupted_by_a_monitor(event: dict[str, Any]) -> bool:
+    return (
+        event["type"] == "error"
+        and event["code"] == "workflow_interrupted"
+        and event["agent"] == "orchestrator"
+        and event["final"] is True
+        and event["details"] == ""
+        and "id" in event
+    )
+
+
+# --- on Redis ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+async def test_a_running_workflow_keeps_its_lease_and_releases_it_after_the_final_event(
+    start: Start, gated: FakeAgents
+) -> None:
+    """While a workflow runs, its process renews the lease: for many times its ttl every
+    other process sees it ``held`` and ends nothing; the final event is stored, then the
+    lease released, so the session reads ``ended``, never ``lost``."""
+    a, b = await start(gated), await start()
+    session_id = new_session_id()
+    async with hub_of(b).subscribe(session_id) as sub:
+        await runner_of(a).start(session_id, "chairs")
+        await demand_started(sub)
+        for _ in range(4):  # four lease lifetimes
+            await asyncio.sleep(LEASE_TTL)  # time passing: the lease would lapse unrenewed
+            assert await runner_of(b).monitor.check() == []
+            assert await hub_of(b).broker.lease_states([session_id]) == {session_id: "held"}
+        gated.gate.set()  # type: ignore[union-attr]
+        events = await until_final(sub)
+    assert events[-1]["type"] == "complete" and events[-1]["final"] is True
+    assert await hub_of(b).broker.lease_states([session_id]) == {session_id: "ended"}
+    broker = hub_of(a).broker
+    assert isinstance(broker, RedisBroker)
+    async with Redis.from_url(broker._url) as redis:
+        assert await redis.exists(broker._lease_key(session_id)) == 0
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+async def test_a_process_that_stops_renewing_has_its_session_ended_elsewhere(
+    start: Start, gated: FakeAgents
+) -> None:
+    """When the process running a workflow stops renewing its lease (as a dead one would),
+    another process's monitor stores the final ``workflow_interrupted`` error (agent
+    orchestrator, no details) within ``lease_ttl`` + ``lease_check_interval``, and that
+    process's subscribers get it as their last event; the workflow, if it ever goes on,
+    stops at its next event."""
+    a = await start(gated)
+    b = await start(lease_check_interval=0.05)
+    session_id = new_session_id()
+    async with hub_of(b).subscribe(session_id) as sub:
+        await runner_of(a).start(session_id, "chairs")
+        await demand_started(sub)
+        await runner_of(a).leases.close()  # A stops renewing: its lease lapses
+        events = await until_final(sub, timeout=LEASE_TTL + 0.05 + EVENT_TIMEOUT)
+    assert is_interrupted_by_a_monitor(events[-1]), events[-1]
+    assert [e["seq"] for e in events] == list(range(events[0]["seq"], events[-1]["seq"] + 1))
+
+    gated.gate.set()  # type: ignore[union-attr]
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        while runner_of(a).running:  # A's workflow stops at its next event (SessionEnded)
+            await asyncio.sleep(POLL_INTERVAL)
+    replay = await hub_of(a).broker.read(session_id, None)
+    assert [payload(e) for e in replay.events][-1] == events[-1]
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+async def test_sessions_without_a_workflow_are_never_ended_by_a_monitor(start: Start) -> None:
+    """A session that only other services publish into (no claim, no lease), or that nobody
+    has started yet, is left alone however often the monitors look."""
+    a, b = await start(), await start()
+    published, waiting = new_session_id(), new_session_id()
+    await hub_of(a).publish(
+        ProgressEvent(session_id=published, agent="demand", status="step", progress=1)
+    )
+    async with hub_of(b).subscribe(published), hub_of(b).subscribe(waiting):
+        for _ in range(3):
+            assert await runner_of(b).monitor.check() == []
+        states = await hub_of(b).broker.lease_states([published, waiting])
+    assert states == {published: "none", waiting: "gone"}
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+async def test_monitors_racing_for_one_session_store_one_final_event(start: Start) -> None:
+    """Two processes notice the same lost lease at once: one final event is stored, the
+    other monitor's append is refused (the session has ended) and ignored."""
+    a, b = await start(), await start()
+    session_id = new_session_id()
+    assert await hub_of(a).broker.claim(session_id, Lease("a-dead-process", LEASE_TTL))
+    async with hub_of(a).subscribe(session_id) as sub_a, hub_of(b).subscribe(session_id) as sub_b:
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            while await hub_of(a).broker.lease_states([session_id]) != {session_id: "lost"}:
+                await asyncio.sleep(POLL_INTERVAL)
+        ended = await asyncio.gather(runner_of(a).monitor.check(), runner_of(b).monitor.check())
+        assert sorted(ended) == [[], [session_id]]
+        seen = [await until_final(sub) for sub in (sub_a, sub_b)]
+    assert seen[0] == seen[1] and len(seen[0]) == 1
+    assert is_interrupted_by_a_monitor(seen[0][0]) and seen[0][0]["seq"] == 1
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+async def test_a_session_the_store_lost_under_a_running_workflow_is_ended_after_a_grace(
+    start: Start, settings: Settings
+) -> None:
+    """The store loses a session whose workflow was seen running (Redis restarted empty)
+    and nobody takes its lease again: within ``lease_ttl`` a live owner would have (it
+    renews every third of it), so not before; then the monitor ends the session in a new
+    epoch, and its subscribers get ``replay_gap``, then ``workflow_interrupted``."""
+    a, b = await start(), await start()
+    session_id = new_session_id()
+    broker = hub_of(a).broker
+    assert isinstance(broker, RedisBroker)
+    assert await broker.claim(session_id, Lease("a-process", 30))
+    first = await hub_of(a).publish(
+        ProgressEvent(session_id=session_id, agent="demand", status="step", progress=1)
+    )
+    async with hub_of(b).subscribe(session_id) as sub:
+        assert (await sub.get(EVENT_TIMEOUT)) is not None
+        assert await runner_of(b).monitor.check() == []  # seen held
+        async with Redis.from_url(settings.redis_url) as redis:
+            keys = await redis.keys(f"{settings.redis_key_prefix}:*")
+            await redis.delete(*keys)  # the store forgets everything (and A is gone too)
+        lost_at = asyncio.get_running_loop().time()
+        assert await runner_of(b).monitor.check() == []  # within the grace: not yet
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            while not await runner_of(b).monitor.check():
+                await asyncio.sleep(POLL_INTERVAL)
+        assert asyncio.get_running_loop().time() - lost_at >= LEASE_TTL
+        frames = await until_final(sub)
+    assert frames[0]["type"] == "error" and frames[0]["code"] == "replay_gap"
+    assert "id" not in frames[0]
+    assert is_interrupted_by_a_monitor(frames[-1]) and frames[-1]["seq"] == 1
+    assert frames[-1]["id"].rpartition("-")[0] != first.epoch
+
+
+# --- in memory ---------------------------------------------------------------------------------
+
+
+async def test_in_memory_a_running_workflow_is_never_taken_for_lost(
+    start: Start, gated: FakeAgents
+) -> None:
+    """On the in-memory broker (one process) the lease of a running workflow is held
+    however long it runs and whatever its ttl: the monitor never ends its session."""
+    server = await start(gated, lease_ttl=0.01, lease_check_interval=0.01)
+    session_id = new_session_id()
+    async with hub_of(server).subscribe(session_id) as sub:
+        await runner_of(server).start(session_id, "chairs")
+        await demand_started(sub)
+        for _ in range(5):
+            assert await runner_of(server).monitor.check() == []
+            assert await hub_of(server).broker.lease_states([session_id]) == {session_id: "held"}
+        gated.gate.set()  # type: ignore[union-attr]
+        events = await until_final(sub)
+    assert events[-1]["type"] == "complete"
