@@ -93,7 +93,11 @@ class Subscription:
                 )
             )
         if replay.info is not None:
+            # Where this subscriber stands now: just before the first replayed event, or,
+            # with nothing to replay (resumed at the newest event), at the newest event.
+            # Live events are then taken from the next seq on, none repeated or skipped.
             self._epoch = replay.info.epoch
+            self._last_seq = replay.events[0].seq - 1 if replay.events else replay.info.last_seq
         for event in replay.events:
             self._accept(event, self._replay)
         if replay.info is not None and replay.info.ended and not replay.events and not gap:

@@ -157,6 +157,24 @@ async def test_replay_from_every_position(make_hub: HubFactory, resume_after: in
 
 
 @BOTH_BROKERS
+async def test_resume_at_the_newest_event_then_live_events_follow_once(
+    make_hub: HubFactory,
+) -> None:
+    """Resuming at the newest event of a running stream (a reconnect while nothing new was
+    published) replays nothing, then delivers each later event once: it is not taken for
+    a gap that sends the whole story again."""
+    hub = await make_hub()
+    stored = [await hub.publish(progress(i)) for i in range(1, 4)]
+    async with hub.subscribe(SID, stored[-1].id) as sub:
+        assert await drain(sub) == []
+        await hub.publish(progress(4))
+        await hub.publish(final())
+        frames = await receive(sub, 2)
+        assert sub.finished
+    assert seqs(frames) == [4, 5] and codes(frames) == []
+
+
+@BOTH_BROKERS
 @pytest.mark.parametrize(
     "make_id",
     [
