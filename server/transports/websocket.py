@@ -4,7 +4,7 @@ Two loops per connection: this handler reads the client's frames, and a
 pump task writes frames from the subscription. Only the pump writes, so
 frames never interleave. Close codes follow PROTOCOL.md: 1000 after the
 final event, 1001 on shutdown, 1008 refused, 1009 frame too large (aiohttp),
-1013 too slow to keep up.
+1013 too slow to keep up, overloaded, or the event store unreachable.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from ..auth import check_stream_access, check_websocket_origin
 from ..context import STREAM_CONTEXT, StreamContext
-from ..errors import StreamError, refusal_reason
+from ..errors import ServiceUnavailable, StreamError, refusal_reason
 from ..hub import Subscription, SubscriptionClosed
 from ..messages import (
     INVALID_MESSAGE,
@@ -73,7 +73,15 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 
     with ticket:
         last_event_id = request.query.get("last_event_id")
-        async with ctx.hub.subscribe(session_id, last_event_id) as subscription:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                subscribing = ctx.hub.subscribe(session_id, last_event_id)
+                subscription = await stack.enter_async_context(subscribing)
+            except ServiceUnavailable as unavailable:
+                # The event store cannot be reached (Redis down): an error event, then
+                # 1013, and the client reconnects with back-off and resumes.
+                await _refuse(ws, session_id, unavailable, ctx)
+                return ws
             pump = asyncio.create_task(_pump(ws, request, subscription, ctx))
             try:
                 await _read_commands(ws, subscription, ctx)
