@@ -1,0 +1,268 @@
+"""Redis faults (issue 5, "Faults"), with a ``redis-server`` of the test's own that it stops
+and restarts EMPTY (no persistence), and two apps in this process standing for two server
+processes on it.
+
+What is promised, and tested here:
+
+* while Redis is down, ``/readyz`` answers 503 with the JSON error shape, and nothing
+  that reaches a client names Redis, its host or its port;
+* a workflow whose events cannot be stored (after the broker's retries with back-off)
+  ends with a sanitized final ``workflow_interrupted`` error; that event cannot be stored
+  while Redis is down either, so its process keeps it (and the workflow's lease) and
+  stores it as soon as Redis is back. Subscribers, on that process and elsewhere, keep
+  their streams (heartbeats go on), then get ``replay_gap`` (their position belongs to the
+  earlier life of the stream) and that final event, and the stream ends: never an
+  endless wait;
+* the processes recover without a restart: ``/readyz`` is 200 again, new streams open,
+  new workflows run;
+* a client resuming with an id from before gets ``replay_gap``, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
+
+from server.api import WORKFLOW_RUNNER
+from server.app import create_app
+from server.brokers.redis import RedisBroker
+from server.config import Settings
+from server.workflow import WorkflowRunner
+from tests.clients import (
+    Event,
+    EventStream,
+    http_url,
+    is_control_error,
+    new_session_id,
+    open_aiohttp_sse,
+    open_aiohttp_ws,
+    read_to_end,
+    read_until,
+    stored,
+    wait_until,
+    ws_url,
+)
+from tests.hardening.support import FakeAgents
+from tests.redis_support import RedisServer, ServerFactory
+from tests.timing import EVENT_TIMEOUT
+
+# Short fault timings, so that a test sees each phase within seconds.
+BROKER_TIMEOUTS = {
+    "op_timeout": 0.5,
+    "connect_timeout": 0.5,
+    "retry_budget": 0.5,
+    "ping_timeout": 0.5,
+    "watch_timeout": 1.0,
+    "idle_ping": 1.0,
+}
+LEASE_TTL = 0.6
+RECOVERY_TIMEOUT = 15.0  # Redis is back -> the final event has reached every subscriber
+
+Start = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def redis(own_redis: ServerFactory) -> RedisServer:
+    return own_redis()
+
+
+@pytest.fixture
+async def start(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], settings: Settings, redis: RedisServer
+) -> Start:
+    """Start an app ("process") on the test's own Redis, with short fault timings."""
+    changed = settings.replace(
+        broker="redis",
+        redis_url=redis.url,
+        lease_ttl=LEASE_TTL,
+        lease_check_interval=0.1,
+    )
+
+    async def factory(agents: FakeAgents | None = None) -> TestServer:
+        broker = RedisBroker(
+            redis.url,
+            changed.buffer_size,
+            changed.session_ttl,
+            key_prefix=changed.redis_key_prefix,
+            **BROKER_TIMEOUTS,
+        )
+        app = create_app(changed, broker=broker, agents=agents or FakeAgents())
+        return await aiohttp_server(app)
+
+    return factory
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[ClientSession]:
+    async with ClientSession() as session:
+        yield session
+
+
+def runner_of(server: TestServer) -> WorkflowRunner:
+    return server.app[WORKFLOW_RUNNER]
+
+
+async def readyz(http: ClientSession, server: TestServer) -> tuple[int, dict[str, Any]]:
+    async with http.get(http_url(server, "/readyz")) as response:
+        body: dict[str, Any] = await response.json()
+        return response.status, body
+
+
+async def wait_readyz(http: ClientSession, server: TestServer, status: int) -> dict[str, Any]:
+    async with asyncio.timeout(RECOVERY_TIMEOUT):
+        while True:
+            got, body = await readyz(http, server)
+            if got == status:
+                return body
+
+
+async def run_workflow(http: ClientSession, server: TestServer, session_id: str) -> None:
+    async with http.post(
+        http_url(server, "/api/orchestrator/run-workflow"),
+        json={"strategy_description": "chairs", "session_id": session_id},
+    ) as response:
+        assert response.status == 202, await response.text()
+
+
+def demand_started(event: Event) -> bool:
+    return event.get("agent") == "demand" and event["type"] == "agent_status"
+
+
+def assert_sanitized(text: str, redis: RedisServer) -> None:
+    for secret in (redis.url, f":{redis.port}", "redis://", "127.0.0.1", "Traceback"):
+        assert secret not in text, secret
+
+
+async def test_redis_restarting_empty_mid_workflow_ends_it_cleanly_and_everything_recovers(
+    start: Start, http: ClientSession, redis: RedisServer
+) -> None:
+    """Redis stops while a workflow runs on A and subscribers follow it on A (WebSocket)
+    and B (SSE): both processes report not ready; the workflow's next event cannot be
+    stored, so it ends with a sanitized ``workflow_interrupted`` that A keeps until Redis
+    is back. Redis returns empty: both are ready again without a restart, both subscribers
+    get ``replay_gap`` then that final event (seq 1 of a new epoch), then the end of their
+    stream; a client resuming with an id from before gets ``replay_gap`` too; and a new
+    workflow runs to its end."""
+    gated = FakeAgents()
+    gated.gate = asyncio.Event()
+    a, b = await start(gated), await start()
+    session_id = new_session_id()
+    async with (
+        open_aiohttp_ws(http, ws_url(a, f"/ws/orchestrator/{session_id}")) as ws,
+        open_aiohttp_sse(http, http_url(b, f"/sse/orchestrator/{session_id}")) as sse,
+    ):
+        await run_workflow(http, a, session_id)
+        before = {
+            "ws": await read_until(ws, demand_started),
+            "sse": await read_until(sse, demand_started),
+        }
+        old_id = stored(before["ws"])[-1]["id"]
+
+        redis.stop()
+        for server in (a, b):
+            body = await wait_readyz(http, server, 503)
+            assert set(body) == {"error", "code", "reference"}
+            assert body["code"] == "service_unavailable"
+            assert_sanitized(json.dumps(body), redis)
+
+        gated.gate.set()  # the workflow goes on; its next event cannot be stored
+        await wait_until(lambda: runner_of(a).leases.owed == 1, "the final event to be owed")
+        assert runner_of(a).running == 0  # the workflow itself has ended
+
+        redis.start()  # empty: no persistence
+        for server in (a, b):
+            assert await wait_readyz(http, server, 200) == {"status": "ready"}
+        after: dict[str, list[Event]] = {}
+        streams: dict[str, EventStream] = {"ws": ws, "sse": sse}
+        for name, stream in streams.items():
+            after[name] = await read_to_end(stream, RECOVERY_TIMEOUT)
+        assert ws.close_code == 1000
+    assert runner_of(a).leases.owed == 0
+
+    old_epoch = old_id.rpartition("-")[0]
+    for name in ("ws", "sse"):
+        events = [event for event in after[name] if event["type"] != "heartbeat"]
+        # What was stored before Redis stopped and not read yet; then the gap; then the end.
+        cut = next(i for i, event in enumerate(events) if "id" not in event)
+        earlier, (gap, *rest) = events[:cut], events[cut:]
+        assert all(event["id"].startswith(old_epoch + "-") for event in earlier)
+        seen = stored(before[name] + earlier)
+        assert [event["seq"] for event in seen] == list(range(1, len(seen) + 1))
+        assert is_control_error(gap, "replay_gap"), (name, gap)
+        assert len(rest) == 1, (name, rest)
+        [last] = rest
+        assert (last["type"], last["code"], last["agent"], last["final"], last["seq"]) == (
+            "error",
+            "workflow_interrupted",
+            "orchestrator",
+            True,
+            1,
+        )
+        assert "event store" in last["error"] and last["details"].startswith("Reference ")
+        assert_sanitized(json.dumps(last), redis)
+        assert last["id"].rpartition("-")[0] != old_epoch  # a new life of the stream
+    assert after["ws"][-1] == after["sse"][-1]
+
+    # A client resuming with an id from before Redis restarted: replay_gap, never a skip.
+    path = f"/sse/orchestrator/{session_id}"
+    async with open_aiohttp_sse(http, http_url(b, path), {"Last-Event-ID": old_id}) as resumed:
+        events = await read_to_end(resumed)
+    assert is_control_error(events[0], "replay_gap")
+    assert stored(events) == [after["sse"][-1]]
+
+    # New work runs on both processes, without a restart.
+    fresh = new_session_id()
+    async with open_aiohttp_ws(http, ws_url(a, f"/ws/orchestrator/{fresh}")) as ws:
+        await run_workflow(http, b, fresh)
+        story = stored(await read_to_end(ws))
+    assert [event["seq"] for event in story] == list(range(1, len(story) + 1))
+    assert story[-1]["type"] == "complete" and story[-1]["final"] is True
+
+
+async def test_while_redis_is_down_requests_fail_cleanly_and_work_again_once_it_is_back(
+    start: Start, http: ClientSession, redis: RedisServer
+) -> None:
+    """While Redis is down: publishing and starting a workflow get 503 with the JSON error
+    shape, an SSE stream gets 503, a WebSocket gets a ``service_unavailable`` error event
+    then 1013 (try again later); none names Redis. Once it is back each works again."""
+    server = await start()
+    session_id = new_session_id()
+    redis.stop()
+    await wait_readyz(http, server, 503)
+
+    async with http.post(
+        http_url(server, f"/api/sessions/{session_id}/events"),
+        json={"type": "progress", "agent": "demand", "status": "x", "progress": 1},
+    ) as response:
+        assert response.status == 503
+        body = await response.json()
+        assert set(body) == {"error", "code", "reference"}
+        assert response.headers["Retry-After"]
+        assert_sanitized(await response.text(), redis)
+    async with http.post(
+        http_url(server, "/api/orchestrator/run-workflow"),
+        json={"strategy_description": "chairs", "session_id": session_id},
+    ) as response:
+        assert response.status == 503
+        assert_sanitized(await response.text(), redis)
+    async with open_aiohttp_sse(http, http_url(server, f"/sse/orchestrator/{session_id}")) as sse:
+        assert sse.status == 503
+        assert_sanitized((await sse.read_body()).decode(), redis)
+    async with open_aiohttp_ws(http, ws_url(server, f"/ws/orchestrator/{session_id}")) as ws:
+        events = await read_to_end(ws, EVENT_TIMEOUT)
+        assert ws.close_code == 1013, ws.close_code  # try again later: reconnect, resume
+    assert len(events) == 1 and is_control_error(events[0], "service_unavailable")
+    assert_sanitized(json.dumps(events), redis)
+
+    redis.start()
+    await wait_readyz(http, server, 200)
+    async with open_aiohttp_ws(http, ws_url(server, f"/ws/orchestrator/{session_id}")) as ws:
+        await run_workflow(http, server, session_id)
+        story = stored(await read_to_end(ws))
+    assert story[-1]["type"] == "complete" and story[0]["seq"] == 1
