@@ -8,7 +8,7 @@ forever. So:
 * **The lease.** A's claim of the session also takes a lease in the broker
   (:class:`~server.brokers.base.Lease`: "A runs this workflow", with a
   time-to-live). :class:`WorkflowLeases` keeps the leases of every workflow
-  running in this process alive with ONE task, one broker round trip per tick
+  running in this process alive with ONE task, one pipelined broker call per tick
   (every ``ttl / 3``) for all of them, and releases a lease only after that
   workflow's final event is stored, so a session that ended normally never looks
   abandoned.
@@ -160,7 +160,7 @@ class WorkflowLeases:
             await self.tick()
 
     async def tick(self) -> None:
-        """Renew every held lease (one round trip), then retry the owed final events."""
+        """Renew every held lease (one pipelined call), then retry the owed final events."""
         if not self._held:
             return
         try:

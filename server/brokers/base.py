@@ -132,10 +132,10 @@ class Broker(Protocol):
 
     async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> None:
         """Extend ``lease`` on each of ``session_ids`` to ``lease.ttl`` from now, in one
-        round trip whatever their number. A lease that expired meanwhile is taken again
-        (the session is still running here), unless the session has ended or another
-        owner holds it. Raises :class:`~server.errors.ServiceUnavailable` if the store
-        cannot be reached."""
+        pipelined call (a fixed number of round trips, whatever their number). A lease
+        that expired meanwhile is taken again (the session is still running here),
+        unless the session has ended or another owner holds it. Raises
+        :class:`~server.errors.ServiceUnavailable` if the store cannot be reached."""
 
     async def release_lease(self, session_id: str, owner: str) -> None:
         """Drop ``owner``'s lease on the session (the caller has stored its final
@@ -145,7 +145,7 @@ class Broker(Protocol):
 
     async def lease_states(self, session_ids: Collection[str]) -> dict[str, LeaseState]:
         """The :data:`LeaseState` of each session, each read atomically, all in one
-        round trip. Raises :class:`~server.errors.ServiceUnavailable` if the store
+        pipelined call. Raises :class:`~server.errors.ServiceUnavailable` if the store
         cannot be reached."""
 
     async def watch(self, session_id: str) -> None:

@@ -502,7 +502,8 @@ class RedisBroker:
     async def _per_session(
         self, what: str, script: Any, session_ids: Collection[str], args: list[Any]
     ) -> list[Any]:
-        """Run a one-session script for each session, pipelined: one round trip. Each
+        """Run a one-session script for each session, pipelined (two round trips however
+        many sessions: ``SCRIPT EXISTS``, then the pipeline). Each
         script touches the keys of one session only (one hash slot)."""
         client = self._require_client()
         ids = list(session_ids)
