@@ -48,12 +48,21 @@ CHUNKED_RE = re.compile(rb"\r\ntransfer-encoding:\s*chunked", re.IGNORECASE)
 class Phase:
     """Deliveries and their latencies for the events published in one phase."""
 
-    __slots__ = ("app_latencies", "deliveries", "latencies")
+    __slots__ = ("app_latencies", "arrivals", "deliveries", "latencies")
 
     def __init__(self) -> None:
         self.deliveries = 0
         self.latencies = array("q")  # to the kernel's arrival time on the client socket
         self.app_latencies = array("q")  # to the time the client code saw the event
+        # (session, n) -> [publish time, first arrival, last arrival] over its subscribers
+        self.arrivals: dict[tuple[int, int], list[int]] = {}
+
+    def spreads(self) -> tuple[list[int], list[int]]:
+        """Per event: publish to its first arrival, and first to last arrival (the time
+        the server took to go round its subscribers), in ns."""
+        first = [a[1] - a[0] for a in self.arrivals.values()]
+        spread = [a[2] - a[1] for a in self.arrivals.values()]
+        return first, spread
 
 
 class Recorder:
@@ -117,6 +126,14 @@ class Tally:
         phase.deliveries += 1
         phase.latencies.append(arrived - t)
         phase.app_latencies.append(now - t)
+        key = (self.session, n)
+        seen_at = phase.arrivals.get(key)
+        if seen_at is None:
+            phase.arrivals[key] = [t, arrived, arrived]
+        elif arrived < seen_at[1]:
+            seen_at[1] = arrived
+        elif arrived > seen_at[2]:
+            seen_at[2] = arrived
         self.recorder.deliveries += 1
         if self.target_n and not self.done_at and self.last_n >= self.target_n:
             self.done_at = now

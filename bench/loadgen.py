@@ -37,6 +37,7 @@ import psutil
 
 from .clients import (
     JSON,
+    Phase,
     Publisher,
     RawWSClient,
     Recorder,
@@ -310,6 +311,7 @@ async def throughput(cfg: JSON, server: psutil.Process) -> JSON:
                 "user_us_per_delivery": _user_per_delivery(window, fixed.deliveries),
                 "latency": percentiles(fixed.latencies),
                 "latency_app": percentiles(fixed.app_latencies),
+                **_spread(fixed),
             }
 
             # Phase 2: saturation, with a bounded number of undelivered events.
@@ -344,6 +346,12 @@ async def throughput(cfg: JSON, server: psutil.Process) -> JSON:
         result["controls"] = recorder.controls
         result["connect_errors"] = subs.errors
     return result
+
+
+def _spread(phase: Phase) -> JSON:
+    """How long the server took to reach an event's first subscriber, and then its last."""
+    first, spread = phase.spreads()
+    return {"first_arrival": percentiles(first), "fanout_spread": percentiles(spread)}
 
 
 def _per_delivery(window: JSON, deliveries: int) -> float | None:

@@ -54,6 +54,10 @@ def _integrity_note(row: JSON) -> str:
     for phase in ("fixed", "saturation"):
         if _get(row, phase, "drained") is False:
             notes.append(f"{phase} phase did not drain")
+    spread = _get(row, "fixed", "fanout_spread", "p50_ms")
+    if spread and row.get("subscribers", 0) > row.get("sessions", 1):
+        first = _get(row, "fixed", "first_arrival", "p50_ms")
+        notes.append(f"p50 first arrival {first:.2f} ms, then {spread:.2f} ms to the last")
     util = _get(row, "saturation", "loadgen_cpu_util")
     if util is not None and util >= 0.9:
         notes.append("load generator saturated")

@@ -218,13 +218,21 @@ SERVERS: dict[str, ServerSpec] = {
 DEFAULT_SERVERS = ("ours", "naive", "seed")
 
 
+# ``--nice``: scheduling priority of the server and load generator (a negative value,
+# as root, keeps other work on a shared machine from preempting them mid-measurement).
+NICE = {"value": 0}
+
+
 def pinned(cpu: int) -> Callable[[], None]:
-    """A ``preexec_fn``: pin the child to ``cpu`` (when the machine has it) and lift
-    its open-files limit to the hard limit."""
+    """A ``preexec_fn``: pin the child to ``cpu`` (when the machine has it), apply
+    ``NICE`` and lift its open-files limit to the hard limit."""
+    nice = NICE["value"]
 
     def setup() -> None:
         if cpu < (os.cpu_count() or 1):
             os.sched_setaffinity(0, {cpu})
+        if nice:
+            os.nice(nice)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -23,6 +23,7 @@ from . import profile, report
 from .servers import (
     DEFAULT_SERVERS,
     LOADGEN_CPU,
+    NICE,
     ROOT,
     SERVERS,
     pin_revision,
@@ -271,6 +272,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="runs per row; medians reported")
     parser.add_argument("--output", type=Path, default=None, help="JSON file to write")
     parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="niceness of the server and load generator (negative needs root): "
+        "less preemption by other work on a shared machine",
+    )
+    parser.add_argument(
         "--ws-client",
         choices=("raw", "aiohttp"),
         default="raw",
@@ -300,6 +308,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    NICE["value"] = args.nice
     stamp = time.strftime("%Y%m%d-%H%M%S")
     output = args.output or RESULTS / f"bench-{stamp}.json"
     log_dir = RESULTS / "logs" / stamp
@@ -327,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "started": stamp,
         "quick": args.quick,
+        "nice": args.nice,
         "argv": sys.argv[1:] if argv is None else argv,
         "machine": machine(),
         "ours_source": source_revision(),
