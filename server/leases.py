@@ -21,10 +21,12 @@ forever. So:
   ``ttl + check_interval`` of the death.
 * **A store that forgot.** If the session's stream disappears altogether under
   a running workflow (Redis restarted empty), there is nothing left to call
-  ``lost``. A monitor that saw the lease held remembers it; if, ``ttl`` later,
-  no process has taken the lease again (a live owner does so within ``ttl / 3``),
-  it ends the session the same way, in a new epoch (subscribers get
-  ``replay_gap``, then the error).
+  ``lost``. A monitor that saw the lease held remembers it; if, two ``ttl`` later,
+  no process has taken the lease again (a live owner does so at its next
+  renewal, within ``ttl / 3`` plus the broker's retry back-off), it ends the
+  session the same way, in a new epoch (subscribers get ``replay_gap``, then the
+  error). Two lifetimes, not one: ending a live workflow by mistake costs more
+  than noticing a dead one a little later.
 * **A final event that cannot be stored** (the store is down when a workflow
   ends): the runner does not drop it. :class:`WorkflowLeases` keeps it and keeps
   the lease, and retries it on each tick until it is stored (for at most
@@ -195,7 +197,7 @@ class LeaseMonitor:
         self._hub = hub
         self._leases = leases
         self._interval = check_interval
-        self._grace = leases.lease.ttl
+        self._grace = 2 * leases.lease.ttl  # for a session the store lost (module docstring)
         self._seen_held: set[str] = set()  # sessions seen with a lease (a running workflow)
         self._missing_since: dict[str, float] = {}  # seen held, then no lease and no owner
         self._task: asyncio.Task[None] | None = None

@@ -108,13 +108,14 @@ async def test_a_running_workflow_keeps_its_lease_and_releases_it_after_the_fina
     """While a workflow runs, its process renews the lease: for many times its ttl every
     other process sees it ``held`` and ends nothing; the final event is stored, then the
     lease released, so the session reads ``ended``, never ``lost``."""
-    a, b = await start(gated), await start()
+    ttl = 3 * LEASE_TTL  # renewed every LEASE_TTL: slack for a busy machine
+    a, b = await start(gated, lease_ttl=ttl), await start(lease_ttl=ttl)
     session_id = new_session_id()
     async with hub_of(b).subscribe(session_id) as sub:
         await runner_of(a).start(session_id, "chairs")
         await demand_started(sub)
-        for _ in range(4):  # four lease lifetimes
-            await asyncio.sleep(LEASE_TTL)  # time passing: the lease would lapse unrenewed
+        for _ in range(3):  # three lease lifetimes
+            await asyncio.sleep(ttl)  # time passing: the lease would lapse unrenewed
             assert await runner_of(b).monitor.check() == []
             assert await hub_of(b).broker.lease_states([session_id]) == {session_id: "held"}
         gated.gate.set()  # type: ignore[union-attr]
@@ -194,9 +195,9 @@ async def test_a_session_the_store_lost_under_a_running_workflow_is_ended_after_
     start: Start, settings: Settings
 ) -> None:
     """The store loses a session whose workflow was seen running (Redis restarted empty)
-    and nobody takes its lease again: within ``lease_ttl`` a live owner would have (it
-    renews every third of it), so not before; then the monitor ends the session in a new
-    epoch, and its subscribers get ``replay_gap``, then ``workflow_interrupted``."""
+    and nobody takes its lease again: a live owner would have at its next renewal, so
+    the monitor waits two ``lease_ttl``; then it ends the session in a new epoch, and its
+    subscribers get ``replay_gap``, then ``workflow_interrupted``."""
     a, b = await start(), await start()
     session_id = new_session_id()
     broker = hub_of(a).broker
@@ -216,7 +217,7 @@ async def test_a_session_the_store_lost_under_a_running_workflow_is_ended_after_
         async with asyncio.timeout(EVENT_TIMEOUT):
             while not await runner_of(b).monitor.check():
                 await asyncio.sleep(POLL_INTERVAL)
-        assert asyncio.get_running_loop().time() - lost_at >= LEASE_TTL
+        assert asyncio.get_running_loop().time() - lost_at >= 2 * LEASE_TTL
         frames = await until_final(sub)
     assert frames[0]["type"] == "error" and frames[0]["code"] == "replay_gap"
     assert "id" not in frames[0]

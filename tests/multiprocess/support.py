@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 STRATEGY = "15% off outdoor furniture for 8 weeks"
 
-LEASE_TTL = 2.0  # seconds: how soon the others notice a dead workflow process (short for tests)
+LEASE_TTL = 3.0  # seconds: how soon the others notice a dead workflow process (short for tests)
 LEASE_CHECK_INTERVAL = 0.25
 # "Within a bounded time": the lease lapses, a monitor looks, its final event travels.
 INTERRUPTION_BOUND = LEASE_TTL + LEASE_CHECK_INTERVAL + EVENT_TIMEOUT

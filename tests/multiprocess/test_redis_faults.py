@@ -61,7 +61,7 @@ BROKER_TIMEOUTS = {
     "watch_timeout": 1.0,
     "idle_ping": 1.0,
 }
-LEASE_TTL = 0.6
+LEASE_TTL = 1.5  # renewed every 0.5 s: the owed final event is retried as often
 RECOVERY_TIMEOUT = 15.0  # Redis is back -> the final event has reached every subscriber
 
 Start = Callable[..., Awaitable[TestServer]]
