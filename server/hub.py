@@ -69,9 +69,11 @@ class Subscription:
         self.session_id = session_id
         self._hub = hub
         self._queue_size = queue_size
-        self._control: deque[ControlEvent] = deque()
-        self._replay: deque[StoredEvent] = deque()
-        self._live: deque[StoredEvent] = deque()
+        # Queues are created on first use: an idle subscriber whose events all go
+        # straight to its socket never holds one (a deque costs ~600 bytes).
+        self._control: deque[ControlEvent] | None = None  # sent first: notices, heartbeats
+        self._queue: deque[StoredEvent] | None = None  # the replay, then live events
+        self._replay_left = 0  # the head of _queue that is replay, not live backlog
         self._pending: list[StoredEvent] | None = []  # live events held back during replay
         self._epoch: str | None = None
         self._last_seq = 0
@@ -85,7 +87,7 @@ class Subscription:
     def _start(self, replay: Replay, gap: bool) -> None:
         """Queue the replay (after a ``replay_gap`` notice if needed), then release held events."""
         if gap:
-            self._control.append(
+            self.push_control(
                 ControlEvent.error(
                     self.session_id,
                     REPLAY_GAP,
@@ -99,7 +101,8 @@ class Subscription:
             self._epoch = replay.info.epoch
             self._last_seq = replay.events[0].seq - 1 if replay.events else replay.info.last_seq
         for event in replay.events:
-            self._accept(event, self._replay)
+            self._accept(event)
+        self._replay_left = len(self._queue or ())
         if replay.info is not None and replay.info.ended and not replay.events and not gap:
             # Resumed exactly at the final event: there is nothing left to send.
             self._final_seen = True
@@ -108,10 +111,12 @@ class Subscription:
             self.deliver(event)
         self._wake()
 
-    def _accept(self, event: StoredEvent, into: deque[StoredEvent]) -> None:
+    def _accept(self, event: StoredEvent) -> None:
         self._epoch = event.epoch
         self._last_seq = event.seq
-        into.append(event)
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append(event)
 
     def deliver(self, event: StoredEvent) -> None:
         """Take one live event. Never blocks, never awaits."""
@@ -133,20 +138,22 @@ class Subscription:
         if (
             sink is not None
             and not event.final  # the transport's task sends the final event, then closes
-            and not (self._control or self._replay or self._live)  # keep the order
+            and not (self._control or self._queue)  # keep the order
             and sink(event)
         ):
             self._epoch = event.epoch
             self._last_seq = event.seq
             return
-        if len(self._live) >= self._queue_size:
+        if self._queue and len(self._queue) - self._replay_left >= self._queue_size:
             self.close("slow_consumer")
             return
-        self._accept(event, self._live)
+        self._accept(event)
         self._wake()
 
     def push_control(self, event: ControlEvent) -> None:
         """Queue an event for this connection only (a heartbeat answer, an error notice)."""
+        if self._control is None:
+            self._control = deque()
         self._control.append(event)
         self._wake()
 
@@ -184,10 +191,12 @@ class Subscription:
             return self._control.popleft()
         if self._closed is not None:
             raise SubscriptionClosed(self._closed)
-        source = self._replay or self._live
-        if not source:
+        queue = self._queue
+        if not queue:
             return None
-        event = source.popleft()
+        event = queue.popleft()
+        if self._replay_left:
+            self._replay_left -= 1
         if event.final:
             self._final_seen = True
         return event

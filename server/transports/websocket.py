@@ -72,28 +72,32 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         return ws
 
     with ticket:
-        last_event_id = request.query.get("last_event_id")
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                subscribing = ctx.hub.subscribe(session_id, last_event_id)
-                subscription = await stack.enter_async_context(subscribing)
-            except ServiceUnavailable as unavailable:
-                # The event store cannot be reached (Redis down): an error event, then
-                # 1013, and the client reconnects with back-off and resumes.
+        try:
+            await _stream(ws, request, ctx, session_id)
+        except ServiceUnavailable as unavailable:
+            # The event store cannot be reached (Redis down): an error event, then
+            # 1013, and the client reconnects with back-off and resumes.
+            if not ws.closed:
                 await _refuse(ws, session_id, unavailable, ctx)
-                return ws
-            pump = asyncio.create_task(_pump(ws, request, subscription, ctx))
-            try:
-                await _read_commands(ws, subscription, ctx)
-            finally:
-                pump.cancel()
-                await asyncio.wait({pump})
-                if not ws.closed:
-                    # The client vanished and this handler was cancelled. Closing stops
-                    # aiohttp's heartbeat timer, which would otherwise hold the whole
-                    # connection in memory for up to a heartbeat interval.
-                    await _close(ws, WSCloseCode.GOING_AWAY, b"")
     return ws
+
+
+async def _stream(
+    ws: web.WebSocketResponse, request: web.Request, ctx: StreamContext, session_id: str
+) -> None:
+    """Subscribe, then read the client's commands here while a pump task writes."""
+    async with ctx.hub.subscribe(session_id, request.query.get("last_event_id")) as subscription:
+        pump = asyncio.create_task(_pump(ws, request, subscription, ctx))
+        try:
+            await _read_commands(ws, subscription, ctx)
+        finally:
+            pump.cancel()
+            await asyncio.wait({pump})
+            if not ws.closed:
+                # The client vanished and this handler was cancelled. Closing stops
+                # aiohttp's heartbeat timer, which would otherwise hold the whole
+                # connection in memory for up to a heartbeat interval.
+                await _close(ws, WSCloseCode.GOING_AWAY, b"")
 
 
 async def _refuse(
