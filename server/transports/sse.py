@@ -58,11 +58,12 @@ async def _stream(request: web.Request, ctx: StreamContext, session_id: str) -> 
         latency = ctx.metrics.latency_sampler("sse", replayed.seq if replayed else 0)
         interval = ctx.settings.heartbeat_interval
 
+        socket = request.transport  # fixed for the connection's life; closed, it says so
+
         def write_now(event: StoredEvent) -> bool:
-            transport = request.transport
-            if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            if socket is None or socket.is_closing() or socket.get_write_buffer_size():
                 return False  # backed up: queue it, and let this task wait on the socket
-            transport.write(event.sse_chunk)  # the response is chunked: one cached chunk
+            socket.write(event.sse_chunk)  # the response is chunked: one cached chunk
             delivered.inc()
             latency.sent(event)
             return True

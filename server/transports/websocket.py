@@ -162,13 +162,14 @@ async def _pump(
     latency = ctx.metrics.latency_sampler("websocket", replayed.seq if replayed else 0)
     interval = ctx.settings.heartbeat_interval
 
+    socket = request.transport  # fixed for the connection's life; closed, it says so
+
     def write_now(event: StoredEvent) -> bool:
-        transport = request.transport
-        if ws.closed or transport is None or transport.is_closing():
+        if ws.closed or socket is None or socket.is_closing():
             return False
-        if transport.get_write_buffer_size():
+        if socket.get_write_buffer_size():
             return False  # backed up: queue it, and let this task wait on the socket
-        transport.write(event.ws_frame)
+        socket.write(event.ws_frame)
         delivered.inc()
         latency.sent(event)
         return True
