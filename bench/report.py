@@ -163,8 +163,13 @@ def storm_table(rows: list[JSON]) -> list[str]:
 
 
 def _find(rows: list[JSON], scenario: str, server: str) -> JSON | None:
+    """The row of ``server`` (``ours`` also matches ``ours@REV``, the first one listed;
+    never a ``+variant``)."""
     for row in rows:
-        if row["scenario"] == scenario and row["server"] == server and not _status(row):
+        name = row["server"]
+        if "+" in name or row["scenario"] != scenario or _status(row):
+            continue
+        if name == server or (server in ("ours", "ours-redis") and name.startswith(server + "@")):
             return row
     return None
 
