@@ -28,6 +28,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         # SSE subscriber is released at once rather than at its next write.
         handler_cancellation=True,
         shutdown_timeout=HANDLER_SHUTDOWN_TIMEOUT,
+        # A reconnect storm (a deploy, a network blip) brings every client back at once;
+        # aiohttp's default listen queue of 128 drops the SYNs beyond it, and each
+        # dropped client waits a second before its retry (measured in bench/, storm).
+        backlog=1024,
         access_log=None,
         print=lambda _: logging.getLogger("server").info(
             "serving on http://%s:%s (broker: %s)", settings.host, settings.port, settings.broker
