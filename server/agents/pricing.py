@@ -20,7 +20,7 @@ over the forecast horizon (the promotion, if any, stays as planned).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -158,11 +158,25 @@ def recommend(item: ProductForecast) -> ProductPricing:
         bound=bound,
         planned=planned,
         recommended=recommended,
-        revenue_change=round(recommended.revenue - planned.revenue, 2),
-        margin_change=round(recommended.margin - planned.margin, 2),
-        revenue_change_pct=_pct(recommended.revenue, planned.revenue),
-        margin_change_pct=_pct(recommended.margin, planned.margin),
+        **_changes(planned, recommended),
     )
+
+
+class _Changes(TypedDict):
+    revenue_change: float
+    margin_change: float
+    revenue_change_pct: float | None
+    margin_change_pct: float | None
+
+
+def _changes(planned: PriceOutcome, recommended: PriceOutcome) -> _Changes:
+    """Revenue and margin at the recommended prices against the planned ones."""
+    return {
+        "revenue_change": round(recommended.revenue - planned.revenue, 2),
+        "margin_change": round(recommended.margin - planned.margin, 2),
+        "revenue_change_pct": _pct(recommended.revenue, planned.revenue),
+        "margin_change_pct": _pct(recommended.margin, planned.margin),
+    }
 
 
 def _total(outcomes: list[PriceOutcome]) -> PriceOutcome:
@@ -202,8 +216,5 @@ async def pricing_agent(request: PricingRequest, report: Reporter) -> PricingPla
         products=products,
         planned=planned,
         recommended=recommended,
-        revenue_change=round(recommended.revenue - planned.revenue, 2),
-        margin_change=round(recommended.margin - planned.margin, 2),
-        revenue_change_pct=_pct(recommended.revenue, planned.revenue),
-        margin_change_pct=_pct(recommended.margin, planned.margin),
+        **_changes(planned, recommended),
     )
