@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import re
+import secrets
 import socket
 import uuid
 from collections import deque
@@ -186,6 +187,33 @@ async def read_to_end(stream: EventStream, timeout: float = WORKFLOW_TIMEOUT) ->
         while (event := await stream.next_event(timeout)) is not None:
             events.append(event)
     return events
+
+
+async def publish_until_slow_consumer_is_cut(
+    server: TestServer, session_id: str, fast: EventStream, limit: int = 2000
+) -> tuple[int, list[Event]]:
+    """Publish big events (so a reader that stopped fills its socket buffers after a few
+    megabytes) until the server has cut a slow consumer off, reading each one from
+    ``fast`` as it goes. Returns how many were published and what ``fast`` read."""
+    from server.messages import ProgressEvent  # the hub's own event type
+
+    hub = server.app[STREAM_CONTEXT].hub
+    fast_events: list[Event] = []
+    published = 0
+    while metric(server, "orchestrator_subscriptions_closed_total", reason="slow_consumer") == 0:
+        assert published < limit, "the slow subscriber was never closed"
+        published += 1
+        await hub.publish(
+            ProgressEvent(
+                session_id=session_id,
+                agent="demand",
+                status=f"step {published}",
+                progress=1,
+                data={"blob": secrets.token_hex(8000)},
+            )
+        )
+        fast_events += await read_events(fast, 1)
+    return published, fast_events
 
 
 # --- WebSocket --------------------------------------------------------------------------------

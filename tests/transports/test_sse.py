@@ -4,26 +4,24 @@ each test run with a raw parse of the stream read by aiohttp and with ``curl -N`
 from __future__ import annotations
 
 import json
-import secrets
 from urllib.parse import quote
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from server.config import Settings
-from server.messages import ProgressEvent
 from tests.clients import (
     FRONTEND_ORIGIN,
     Event,
     final,
     http_url,
     is_control_error,
-    metric,
     new_session_id,
     open_aiohttp_sse,
     open_curl_sse,
     progress,
     publish,
+    publish_until_slow_consumer_is_cut,
     read_events,
     read_to_end,
     seqs,
@@ -402,12 +400,9 @@ async def test_slow_consumer_is_ended_without_delaying_another_subscriber(
     client = await make_client(
         settings.replace(subscriber_queue_size=4, heartbeat_interval=QUIET_HEARTBEAT_INTERVAL)
     )
-    server, hub = client.server, hub_of(client.server)
+    server = client.server
     session_id = new_session_id()
     url = http_url(server, sse_path(session_id))
-
-    def slow_closed() -> bool:
-        return metric(server, "orchestrator_subscriptions_closed_total", reason="slow_consumer") > 0
 
     async with (
         open_aiohttp_sse(client.session, url) as fast,
@@ -415,21 +410,9 @@ async def test_slow_consumer_is_ended_without_delaying_another_subscriber(
         open_aiohttp_sse(session, url) as slow,
     ):
         await subscribed(client, 2)
-        fast_events: list[Event] = []
-        published = 0
-        while not slow_closed():
-            assert published < 2000, "the slow subscriber was never closed"
-            published += 1
-            await hub.publish(
-                ProgressEvent(
-                    session_id=session_id,
-                    agent="demand",
-                    status=f"step {published}",
-                    progress=1,
-                    data={"blob": secrets.token_hex(8000)},
-                )
-            )
-            fast_events += await read_events(fast, 1)
+        published, fast_events = await publish_until_slow_consumer_is_cut(
+            server, session_id, fast
+        )
         await publish(client, session_id, final())
         fast_events += await read_to_end(fast)
         assert seqs(fast_events) == list(range(1, published + 2))

@@ -14,19 +14,18 @@ from aiohttp.test_utils import TestClient
 from websockets.exceptions import InvalidStatus
 
 from server.config import Settings
-from server.messages import ProgressEvent
 from tests.clients import (
     Event,
     final,
     http_url,
     is_control_error,
-    metric,
     new_session_id,
     open_aiohttp_ws,
     open_slow_ws,
     open_websockets_ws,
     progress,
     publish,
+    publish_until_slow_consumer_is_cut,
     read_events,
     read_to_end,
     seqs,
@@ -448,34 +447,18 @@ async def test_slow_consumer_is_dropped_without_delaying_another_subscriber(
     client = await make_client(
         settings.replace(subscriber_queue_size=4, heartbeat_interval=QUIET_HEARTBEAT_INTERVAL)
     )
-    server, hub = client.server, hub_of(client.server)
+    server = client.server
     session_id = new_session_id()
     url = ws_url(server, ws_path(session_id))
-
-    def slow_closed() -> bool:
-        return metric(server, "orchestrator_subscriptions_closed_total", reason="slow_consumer") > 0
 
     async with (
         open_aiohttp_ws(client.session, url) as fast,
         open_slow_ws(slow_library, url) as slow,
     ):
         await subscribed(client, 2)
-        fast_events: list[Event] = []
-        published = 0
-        while not slow_closed():
-            assert published < 2000, "the slow subscriber was never closed"
-            published += 1
-            # Big events, so the slow client's socket buffers fill after a few megabytes.
-            await hub.publish(
-                ProgressEvent(
-                    session_id=session_id,
-                    agent="demand",
-                    status=f"step {published}",
-                    progress=1,
-                    data={"blob": secrets.token_hex(8000)},
-                )
-            )
-            fast_events += await read_events(fast, 1)
+        published, fast_events = await publish_until_slow_consumer_is_cut(
+            server, session_id, fast
+        )
         await publish(client, session_id, final())
         fast_events += await read_to_end(fast)
         assert seqs(fast_events) == list(range(1, published + 2))
