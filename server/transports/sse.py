@@ -10,7 +10,6 @@ after the final event, and a reconnect that resumes at the final event gets
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 from aiohttp import web
@@ -19,9 +18,9 @@ from aiohttp_sse import EventSourceResponse
 from ..auth import check_stream_access
 from ..context import STREAM_CONTEXT, StreamContext
 from ..errors import InvalidSessionId
-from ..hub import SubscriptionClosed
-from ..messages import SLOW_CONSUMER, ControlEvent, StoredEvent, is_valid_session_id
-from ..metrics import LATENCY_SAMPLE_EVERY
+from ..hub import Frame, SubscriptionClosed
+from ..messages import SLOW_CONSUMER, is_valid_session_id
+from .pump import pump, slow_consumer_notice
 
 # aiohttp-sse's own ": ping" comments are replaced by heartbeat events, which
 # a browser can see; its ping task still serves as the "stream alive" sentinel.
@@ -54,57 +53,27 @@ async def _stream(request: web.Request, ctx: StreamContext, session_id: str) -> 
             send_timeout=None,
         )
         await response.prepare(request)
-        delivered = ctx.metrics.delivered.labels(transport="sse")
-        replayed = subscription.position
-        latency = ctx.metrics.latency_sampler("sse", replayed.seq if replayed else 0)
-        interval = ctx.settings.heartbeat_interval
 
-        socket = request.transport  # fixed for the connection's life; closed, it says so
-
-        def write_now(event: StoredEvent) -> bool:
-            if socket is None or socket.is_closing() or socket.get_write_buffer_size():
-                return False  # backed up: queue it, and let this task wait on the socket
-            socket.write(event.sse_chunk)  # the response is chunked: one cached chunk
-            delivered.inc()
-            if event.seq % LATENCY_SAMPLE_EVERY == 1:  # only sampled events pay for a call
-                latency.sent(event)
-            return True
+        async def send(frame: Frame) -> None:
+            await response.write(frame.sse_frame)
 
         try:
             # The first write also sends the headers; direct writes may only follow it.
             await response.write(f"retry: {ctx.settings.sse_retry_ms}\n\n".encode())
-            if response.chunked:
-                subscription.sink = write_now
-            while not subscription.finished:
-                frame = await subscription.get(interval)
-                if frame is None:
-                    frame = ControlEvent.heartbeat(session_id)
-                transport = request.transport
-                if transport is None or transport.is_closing():
-                    break
-                if transport.get_write_buffer_size():
-                    # The peer is behind: this write may wait on it, so bound the wait.
-                    try:
-                        async with asyncio.timeout(interval):
-                            await response.write(frame.sse_frame)
-                    except TimeoutError:
-                        subscription.close("slow_consumer")
-                        transport.abort()
-                        break
-                else:
-                    await response.write(frame.sse_frame)
-                if isinstance(frame, StoredEvent):
-                    delivered.inc()
-                    latency.sent(frame)
+            await pump(
+                subscription,
+                request,
+                ctx.metrics,
+                "sse",
+                ctx.settings.heartbeat_interval,
+                # A chunked response (HTTP/1.1) takes the cached chunk as is.
+                prebuilt=(lambda event: event.sse_chunk) if response.chunked else None,
+                send=send,
+            )
         except SubscriptionClosed as closed:
             if closed.reason == SLOW_CONSUMER:
-                notice = ControlEvent.error(
-                    session_id,
-                    SLOW_CONSUMER,
-                    "This connection fell too far behind; reconnect to resume.",
-                )
                 with contextlib.suppress(ConnectionError):
-                    await response.write(notice.sse_frame)
+                    await response.write(slow_consumer_notice(session_id).sse_frame)
         except ConnectionError:
             pass  # the client went away
         finally:

@@ -19,16 +19,15 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from ..auth import check_stream_access, check_websocket_origin
 from ..context import STREAM_CONTEXT, StreamContext
 from ..errors import ServiceUnavailable, StreamError, refusal_reason
-from ..hub import Subscription, SubscriptionClosed
+from ..hub import Frame, Subscription, SubscriptionClosed
 from ..messages import (
     INVALID_MESSAGE,
     INVALID_SESSION_ID,
     SLOW_CONSUMER,
     ControlEvent,
-    StoredEvent,
     is_valid_session_id,
 )
-from ..metrics import LATENCY_SAMPLE_EVERY
+from .pump import pump, slow_consumer_notice
 
 log = logging.getLogger(__name__)
 
@@ -158,55 +157,26 @@ async def _pump(
     ctx: StreamContext,
 ) -> None:
     """Write frames until the final event, a server-side close, or a dead peer."""
-    delivered = ctx.metrics.delivered.labels(transport="websocket")
-    replayed = subscription.position
-    latency = ctx.metrics.latency_sampler("websocket", replayed.seq if replayed else 0)
-    interval = ctx.settings.heartbeat_interval
 
-    socket = request.transport  # fixed for the connection's life; closed, it says so
+    async def send(frame: Frame) -> None:
+        await ws.send_frame(frame.payload, WSMsgType.TEXT)
 
-    def write_now(event: StoredEvent) -> bool:
-        if ws.closed or socket is None or socket.is_closing():
-            return False
-        if socket.get_write_buffer_size():
-            return False  # backed up: queue it, and let this task wait on the socket
-        socket.write(event.ws_frame)
-        delivered.inc()
-        if event.seq % LATENCY_SAMPLE_EVERY == 1:  # only sampled events pay for a call
-            latency.sent(event)
-        return True
-
-    subscription.sink = write_now
     try:
-        while not subscription.finished:
-            frame = await subscription.get(interval)
-            if frame is None:
-                frame = ControlEvent.heartbeat(subscription.session_id)
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                return
-            if transport.get_write_buffer_size():
-                # The peer is behind: this send may wait on it, so bound the wait.
-                try:
-                    async with asyncio.timeout(ctx.settings.heartbeat_interval):
-                        await ws.send_frame(frame.payload, WSMsgType.TEXT)
-                except TimeoutError:
-                    subscription.close("slow_consumer")
-                    transport.abort()
-                    return
-            else:
-                await ws.send_frame(frame.payload, WSMsgType.TEXT)
-            if isinstance(frame, StoredEvent):
-                delivered.inc()
-                latency.sent(frame)
-        await _close(ws, WSCloseCode.OK, b"workflow finished")
+        finished = await pump(
+            subscription,
+            request,
+            ctx.metrics,
+            "websocket",
+            ctx.settings.heartbeat_interval,
+            prebuilt=lambda event: event.ws_frame,
+            send=send,
+            accepting=lambda: not ws.closed,
+        )
+        if finished:
+            await _close(ws, WSCloseCode.OK, b"workflow finished")
     except SubscriptionClosed as closed:
         if closed.reason == SLOW_CONSUMER:
-            notice = ControlEvent.error(
-                subscription.session_id,
-                SLOW_CONSUMER,
-                "This connection fell too far behind; reconnect to resume.",
-            )
+            notice = slow_consumer_notice(subscription.session_id)
             with contextlib.suppress(ConnectionError, TimeoutError):
                 async with asyncio.timeout(_CLOSE_TIMEOUT):
                     await ws.send_frame(notice.payload, WSMsgType.TEXT)
