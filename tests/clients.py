@@ -149,6 +149,21 @@ def assert_whole_story(events: list[Event], session_id: str, count: int) -> None
     assert not any(event.get("final") for event in story[:-1])
 
 
+# Resume ids that cannot be a position: each gets replay_gap, then the whole story.
+JUNK_EVENT_IDS = {
+    "a dash": "-",
+    "three dashes": "1-1-1",
+    "negative": "-5",
+    "a negative seq": "abcd1234--5",
+    "seq zero": "abcd1234-0",
+    "letters": "not-an-id",
+    "unicode": "\u00e9poch-3",
+    "a non-ASCII digit": "abcd1234-\u0663",
+    "long": "a" * 4000 + "-1",
+    "huge seq": "abcd1234-" + "9" * 40,
+}
+
+
 class EventStream(Protocol):
     async def next_event(self, timeout: float = EVENT_TIMEOUT) -> Event | None:
         """The next event; ``None`` once the server has ended the stream."""

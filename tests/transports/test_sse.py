@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 from server.config import Settings
 from tests.clients import (
     FRONTEND_ORIGIN,
+    JUNK_EVENT_IDS,
     Event,
     final,
     http_url,
@@ -229,18 +230,7 @@ async def test_empty_last_event_id_means_from_the_start(client: TestClient) -> N
         assert events == stored(events) and seqs(events) == [1, 2, 3]
 
 
-JUNK_IDS = {
-    "a dash": "-",
-    "three dashes": "1-1-1",
-    "negative": "-5",
-    "a negative seq": "abcd1234--5",
-    "seq zero": "abcd1234-0",
-    "letters": "not-an-id",
-    "unicode": "\u00e9poch-3",
-    "a non-ASCII digit": "abcd1234-\u0663",
-    "long": "a" * 4000 + "-1",
-    "huge seq": "abcd1234-" + "9" * 40,
-}
+JUNK_IDS = JUNK_EVENT_IDS
 
 
 @pytest.mark.parametrize("case", list(JUNK_IDS))
