@@ -3,8 +3,9 @@
 Data flows one way::
 
     publish(event) -> broker.append -> broker calls Hub._fan_out(stored)
-                   -> Subscription.deliver for each local subscriber of that session
-                   -> the transport awaits Subscription.get() and writes the frame
+                   -> for each local subscriber of that session, either
+         a steady one (caught up, socket idle): the frame is written to its socket here
+         any other: Subscription.deliver queues it, the transport's task sends it
 
 Single-process and multi-process delivery take the same path: the in-memory
 broker calls ``_fan_out`` inside ``append``; the Redis broker calls it from
@@ -14,6 +15,14 @@ A subscription registers for live events *before* it reads its replay, and
 holds live events back until the replay is queued, then drops what the
 replay already covered (by ``seq``). So nothing published in between is lost
 or sent twice.
+
+The steady path is what makes a fan-out to a thousand sockets cheap: one loop,
+one pre-built frame per transport, one write per socket, no task switch. A
+subscriber joins it when its transport's task finds nothing left to send, and
+leaves it (back to its own queue) as soon as its socket backs up, it gets a
+frame of its own (a heartbeat answer, a notice), it is closed, or the stream
+does not continue where the steady ones stand (a gap, a new epoch, the final
+event, which the transport's task sends before closing).
 """
 
 from __future__ import annotations
@@ -21,9 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .brokers.base import Broker, Replay
 from .messages import (
@@ -35,15 +45,48 @@ from .messages import (
     StoredEvent,
     StreamPosition,
 )
-from .metrics import Metrics
+from .metrics import LATENCY_SAMPLE_EVERY, HotCounterChild, Metrics
+
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
 
 log = logging.getLogger(__name__)
 
 Frame = StoredEvent | ControlEvent
 CloseReason = Literal["slow_consumer", "shutdown"]
-Sink = Callable[[StoredEvent], bool]
-"""A transport's direct writer: writes the event now and returns ``True``, or returns
-``False`` when it cannot without waiting (the socket is backed up)."""
+
+
+class Sink:
+    """What the fan-out needs to write a steady subscriber's live events itself: its
+    socket, the transport's pre-built bytes of an event (shared by all its
+    subscribers), and the transport's delivery counter and latency histogram."""
+
+    __slots__ = ("delivered", "encode", "latency", "socket")
+
+    def __init__(
+        self,
+        socket: asyncio.Transport,
+        encode: Callable[[StoredEvent], bytes],
+        delivered: HotCounterChild,
+        latency: Histogram,
+    ) -> None:
+        self.socket = socket
+        self.encode = encode
+        self.delivered = delivered
+        self.latency = latency
+
+
+class _Local:
+    """This process's subscribers of one session, and where the steady ones stand."""
+
+    __slots__ = ("epoch", "members", "seq")
+
+    def __init__(self) -> None:
+        # Every subscriber; the value is its Sink while it is steady, else None.
+        self.members: dict[Subscription, Sink | None] = {}
+        # The last event fanned out here: every steady subscriber has had it.
+        self.epoch: str | None = None
+        self.seq = 0
 
 
 class SubscriptionClosed(Exception):
@@ -57,17 +100,18 @@ class SubscriptionClosed(Exception):
 class Subscription:
     """One subscriber's view of one session: replay first, then live events, in ``seq`` order.
 
-    A transport that can write without waiting sets :attr:`sink`: while
-    nothing is queued, a live event goes straight to the socket, with no queue
-    and no task switch. Otherwise live events wait in a bounded queue for the
+    A transport that can write without waiting attaches a :class:`Sink`:
+    while the subscriber is steady, the hub writes its live events straight to
+    the socket. Otherwise live events wait in a bounded queue for the
     transport's task. A subscriber that falls ``queue_size`` events behind is
     closed (reason ``slow_consumer``) instead of slowing the publisher or the
     other subscribers; it resumes from the buffer when it reconnects.
     """
 
-    def __init__(self, hub: Hub, session_id: str, queue_size: int) -> None:
+    def __init__(self, hub: Hub, local: _Local, session_id: str, queue_size: int) -> None:
         self.session_id = session_id
         self._hub = hub
+        self._local = local
         self._queue_size = queue_size
         # Queues are created on first use: an idle subscriber whose events all go
         # straight to its socket never holds one (a deque costs ~600 bytes).
@@ -80,7 +124,7 @@ class Subscription:
         self._final_seen = False
         self._closed: CloseReason | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self.sink: Sink | None = None
+        self._sink: Sink | None = None
 
     # --- producer side (the hub) --------------------------------------------------------
 
@@ -134,16 +178,6 @@ class Subscription:
             self._pending = [event]
             self._hub._resync(self)
             return
-        sink = self.sink
-        if (
-            sink is not None
-            and not event.final  # the transport's task sends the final event, then closes
-            and not (self._control or self._queue)  # keep the order
-            and sink(event)
-        ):
-            self._epoch = event.epoch
-            self._last_seq = event.seq
-            return
         if self._queue and len(self._queue) - self._replay_left >= self._queue_size:
             self.close("slow_consumer")
             return
@@ -152,6 +186,7 @@ class Subscription:
 
     def push_control(self, event: ControlEvent) -> None:
         """Queue an event for this connection only (a heartbeat answer, an error notice)."""
+        self._leave_steady()  # the transport's task sends it, in order with what follows
         if self._control is None:
             self._control = deque()
         self._control.append(event)
@@ -159,6 +194,7 @@ class Subscription:
 
     def close(self, reason: CloseReason) -> None:
         if self._closed is None:
+            self._leave_steady()
             self._closed = reason
             self._hub._metrics.subscriber_closed(reason)
             self._wake()
@@ -168,6 +204,46 @@ class Subscription:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    # --- the steady path ------------------------------------------------------------------
+
+    def attach(self, sink: Sink) -> None:
+        """Let the hub write live events straight to this socket whenever it can."""
+        self._sink = sink
+
+    def detach(self) -> None:
+        """No more direct writes: before the connection's last frame, or its close frame."""
+        self._leave_steady()
+        self._sink = None
+
+    def _join_steady(self) -> None:
+        """Called by the transport's task when it has nothing left to send."""
+        sink = self._sink
+        local = self._local
+        if (
+            sink is None
+            or self._closed is not None
+            or self._pending is not None
+            or self._final_seen
+            or self._control
+            or self._queue
+            or sink.socket.is_closing()
+            or sink.socket.get_write_buffer_size()
+            or self not in local.members
+        ):
+            return
+        if local.epoch is None:
+            # Nothing fanned out here yet: start where this one stands (on a stream that
+            # does not exist yet, before seq 1 of whatever epoch it gets).
+            local.epoch, local.seq = self._epoch, self._last_seq
+        if (self._epoch, self._last_seq) == (local.epoch, local.seq):
+            local.members[self] = sink
+
+    def _leave_steady(self) -> None:
+        local = self._local
+        if local.members.get(self) is not None:
+            local.members[self] = None
+            self._epoch, self._last_seq = local.epoch, local.seq
+
     # --- consumer side (the transport) --------------------------------------------------
 
     @property
@@ -176,7 +252,16 @@ class Subscription:
         return self._final_seen and not self._control
 
     @property
+    def steady(self) -> bool:
+        """The hub writes this subscriber's live events straight to its socket."""
+        return self._local.members.get(self) is not None
+
+    @property
     def position(self) -> StreamPosition | None:
+        """The last event this subscriber has been given (sent or queued)."""
+        local = self._local
+        if self.steady and local.epoch is not None:
+            return StreamPosition(local.epoch, local.seq)
         if self._epoch is None or self._last_seq == 0:
             return None
         return StreamPosition(self._epoch, self._last_seq)
@@ -206,6 +291,7 @@ class Subscription:
         frame = self.get_nowait()
         if frame is not None:
             return frame
+        self._join_steady()
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
         try:
@@ -225,7 +311,7 @@ class Hub:
         self.broker = broker
         self._queue_size = queue_size
         self._metrics = metrics
-        self._subscribers: dict[str, set[Subscription]] = {}
+        self._sessions: dict[str, _Local] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -258,8 +344,33 @@ class Hub:
         return stored
 
     def _fan_out(self, event: StoredEvent) -> None:
-        for subscription in self._subscribers.get(event.session_id, ()):
+        local = self._sessions.get(event.session_id)
+        if local is None:
+            return
+        members = local.members
+        # The steady subscribers stand at the last event fanned out; this one must follow it.
+        # The final event goes through every subscriber's own task, which then closes.
+        follows = (
+            event.seq == local.seq + 1
+            and (event.epoch == local.epoch or local.epoch is None)
+            and not event.final
+        )
+        for subscription, sink in members.items():
+            if sink is not None:
+                socket = sink.socket
+                if follows and not socket.get_write_buffer_size() and not socket.is_closing():
+                    socket.write(sink.encode(event))
+                    sink.delivered.value += 1
+                    continue
+                subscription._leave_steady()  # only replaces a value: the loop goes on
             subscription.deliver(event)
+        local.epoch = event.epoch
+        local.seq = event.seq
+        if event.seq % LATENCY_SAMPLE_EVERY == 1:
+            # Timed once per transport, after the last direct write: the slowest of them.
+            latency = time.monotonic() - event.created
+            for histogram in {sink.latency for sink in members.values() if sink is not None}:
+                histogram.observe(latency)
 
     # --- subscribing ----------------------------------------------------------------------
 
@@ -275,12 +386,14 @@ class Hub:
         """
         position = StreamPosition.parse(last_event_id) if last_event_id else None
         malformed = bool(last_event_id) and position is None
-        subscription = Subscription(self, session_id, self._queue_size)
-        local = self._subscribers.setdefault(session_id, set())
-        local.add(subscription)
+        local = self._sessions.get(session_id)
+        if local is None:
+            local = self._sessions[session_id] = _Local()
+        subscription = Subscription(self, local, session_id, self._queue_size)
+        local.members[subscription] = None
         self._metrics.subscribers.inc()
         try:
-            if len(local) == 1:
+            if len(local.members) == 1:
                 await self.broker.watch(session_id)
             replay = await self.broker.read(session_id, position)
             self._metrics.replays.inc()
@@ -290,9 +403,9 @@ class Hub:
             yield subscription
         finally:
             self._metrics.subscribers.dec()
-            local.discard(subscription)
-            if not local and self._subscribers.get(session_id) is local:
-                del self._subscribers[session_id]
+            del local.members[subscription]
+            if not local.members and self._sessions.get(session_id) is local:
+                del self._sessions[session_id]
                 await self.broker.unwatch(session_id)
 
     def _resync(self, subscription: Subscription) -> None:
@@ -313,22 +426,22 @@ class Hub:
 
     def close_all(self, reason: CloseReason) -> None:
         """End every subscription (server shutdown): clients reconnect and resume elsewhere."""
-        for local in self._subscribers.values():
-            for subscription in local:
+        for local in self._sessions.values():
+            for subscription in list(local.members):
                 subscription.close(reason)
 
     # --- introspection (metrics, tests) ---------------------------------------------------
 
     @property
     def subscriber_count(self) -> int:
-        return sum(len(local) for local in self._subscribers.values())
+        return sum(len(local.members) for local in self._sessions.values())
 
     @property
     def session_count(self) -> int:
         """Sessions with at least one subscriber in this process."""
-        return len(self._subscribers)
+        return len(self._sessions)
 
     @property
     def sessions(self) -> list[str]:
         """The sessions with at least one subscriber in this process."""
-        return list(self._subscribers)
+        return list(self._sessions)

@@ -13,10 +13,11 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from .messages import StoredEvent
 
-# Publish-to-send latency is observed for every 16th event of a session (seq 1, 17, 33 ...),
-# at every subscriber it reaches. A histogram observation costs ~3 us, several times a
-# counter's; sampling events (not deliveries) keeps the full fan-out spread of each
-# sampled event, the tail that matters, at 1/16 of the cost.
+# Publish-to-send latency is observed for every 16th event of a session (seq 1, 17, 33 ...):
+# once per transport when the fan-out has written it to every steady subscriber (the time
+# of the last, slowest write), and at each subscriber whose copy went through its queue.
+# A histogram observation costs ~3 us, several times a write; timing sampled events, not
+# deliveries, keeps the tail that matters at a small fraction of that cost.
 LATENCY_SAMPLE_EVERY = 16
 
 _AGENT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -92,7 +93,9 @@ class Metrics:
         self.delivery_latency = Histogram(
             "orchestrator_delivery_latency_seconds",
             f"From a stored event reaching this process to its write to a client, by "
-            f"transport; live events only, every {LATENCY_SAMPLE_EVERY}th event of a session",
+            f"transport; live events only, every {LATENCY_SAMPLE_EVERY}th event of a session: "
+            f"once for all the subscribers written by the fan-out (its last write), and at "
+            f"each subscriber it was queued for",
             ["transport"],
             buckets=_LATENCY_BUCKETS,
             registry=r,

@@ -317,7 +317,8 @@ async def test_events_published_during_replay_are_neither_lost_nor_doubled(
     read = broker.read
 
     def held_back() -> int:
-        pending = [s._pending for s in hub._subscribers.get(SID, ())]
+        local = hub._sessions.get(SID)
+        pending = [s._pending for s in (local.members if local else ())]
         return sum(len(p or ()) for p in pending)
 
     async def read_then_publish(session_id, after):  # type: ignore[no-untyped-def]

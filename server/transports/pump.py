@@ -3,9 +3,10 @@
 A transport says only how a frame is written on its protocol; the pump does the
 rest, identically for WebSocket and SSE:
 
-* while nothing is queued and the socket is not backed up, a live event is written
-  straight from the fan-out (the subscription's ``sink``), as the transport's
-  pre-built bytes, shared by every subscriber: no queue, no task switch;
+* while nothing is queued and the socket is not backed up, the hub writes live
+  events straight to the socket (the subscription's :class:`~server.hub.Sink`),
+  as the transport's pre-built bytes, shared by every subscriber: no queue, no
+  task switch;
 * otherwise this task sends what is queued, and a heartbeat when nothing came for
   ``heartbeat_interval``; a send to a backed-up socket may wait at most that long,
   then the subscriber is cut off as a slow consumer.
@@ -18,9 +19,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from ..hub import Frame, Subscription
+from ..hub import Frame, Sink, Subscription
 from ..messages import SLOW_CONSUMER, ControlEvent, StoredEvent
-from ..metrics import LATENCY_SAMPLE_EVERY, Metrics
+from ..metrics import Metrics
 
 
 def slow_consumer_notice(session_id: str) -> ControlEvent:
@@ -38,54 +39,42 @@ async def pump(
     *,
     prebuilt: Callable[[StoredEvent], bytes] | None,
     send: Callable[[Frame], Awaitable[None]],
-    accepting: Callable[[], bool] | None = None,
 ) -> bool:
     """Write frames until the final event (``True``) or until the peer is gone or cut
     off (``False``). ``prebuilt`` gives an event's ready-to-write bytes for direct
-    writes (``None``: always go through ``send``); ``accepting``, if given, says whether
-    the protocol still takes frames (a WebSocket that started its closing handshake
-    does not). Raises ``SubscriptionClosed`` when the server ends
-    the subscription."""
+    writes (``None``: always go through ``send``). Direct writes stop when this
+    returns; a transport that may close its protocol meanwhile (a WebSocket's closing
+    handshake) calls ``subscription.detach()`` first. Raises ``SubscriptionClosed``
+    when the server ends the subscription."""
     delivered = metrics.delivered.labels(transport=transport_name)
     replayed = subscription.position
     latency = metrics.latency_sampler(transport_name, replayed.seq if replayed else 0)
     socket = request.transport  # fixed for the connection's life; closed, it says so
 
-    if prebuilt is not None:
-        build = prebuilt
-
-        def write_now(event: StoredEvent) -> bool:
+    if prebuilt is not None and socket is not None:
+        histogram = metrics.delivery_latency.labels(transport=transport_name)
+        subscription.attach(Sink(socket, prebuilt, delivered, histogram))
+    try:
+        while not subscription.finished:
+            frame = await subscription.get(interval)
+            if frame is None:
+                frame = ControlEvent.heartbeat(subscription.session_id)
             if socket is None or socket.is_closing():
                 return False
-            if accepting is not None and not accepting():
-                return False
             if socket.get_write_buffer_size():
-                return False  # backed up: queue it, and let this task wait on the socket
-            socket.write(build(event))
-            delivered.inc()
-            if event.seq % LATENCY_SAMPLE_EVERY == 1:  # only sampled events pay for a call
-                latency.sent(event)
-            return True
-
-        subscription.sink = write_now
-    while not subscription.finished:
-        frame = await subscription.get(interval)
-        if frame is None:
-            frame = ControlEvent.heartbeat(subscription.session_id)
-        if socket is None or socket.is_closing():
-            return False
-        if socket.get_write_buffer_size():
-            # The peer is behind: this send may wait on it, so bound the wait.
-            try:
-                async with asyncio.timeout(interval):
-                    await send(frame)
-            except TimeoutError:
-                subscription.close("slow_consumer")
-                socket.abort()
-                return False
-        else:
-            await send(frame)
-        if isinstance(frame, StoredEvent):
-            delivered.inc()
-            latency.sent(frame)
-    return True
+                # The peer is behind: this send may wait on it, so bound the wait.
+                try:
+                    async with asyncio.timeout(interval):
+                        await send(frame)
+                except TimeoutError:
+                    subscription.close("slow_consumer")
+                    socket.abort()
+                    return False
+            else:
+                await send(frame)
+            if isinstance(frame, StoredEvent):
+                delivered.inc()
+                latency.sent(frame)
+        return True
+    finally:
+        subscription.detach()

@@ -39,10 +39,24 @@ _CLOSE_CODES = {
 _CLOSE_TIMEOUT = 2.0
 
 
+class _EventSocket(web.WebSocketResponse):
+    """A WebSocket whose close, by us or by aiohttp (the peer's close frame, a protocol
+    error), first stops the hub's direct writes: no data frame may follow a close frame."""
+
+    subscription: Subscription | None = None
+
+    async def close(
+        self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        if self.subscription is not None:
+            self.subscription.detach()
+        return await super().close(code=code, message=message, drain=drain)
+
+
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     ctx = request.app[STREAM_CONTEXT]
     session_id = request.match_info["session_id"]
-    ws = web.WebSocketResponse(
+    ws = _EventSocket(
         heartbeat=ctx.settings.heartbeat_interval,
         # aiohttp refuses a frame of exactly max_msg_size bytes (it checks ">="), while
         # max_frame_size is the largest frame accepted: 1009 only above it.
@@ -83,10 +97,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(
-    ws: web.WebSocketResponse, request: web.Request, ctx: StreamContext, session_id: str
+    ws: _EventSocket, request: web.Request, ctx: StreamContext, session_id: str
 ) -> None:
     """Subscribe, then read the client's commands here while a pump task writes."""
     async with ctx.hub.subscribe(session_id, request.query.get("last_event_id")) as subscription:
+        ws.subscription = subscription
         pump = asyncio.create_task(_pump(ws, request, subscription, ctx))
         try:
             await _read_commands(ws, subscription, ctx)
@@ -170,7 +185,6 @@ async def _pump(
             ctx.settings.heartbeat_interval,
             prebuilt=lambda event: event.ws_frame,
             send=send,
-            accepting=lambda: not ws.closed,
         )
         if finished:
             await _close(ws, WSCloseCode.OK, b"workflow finished")

@@ -124,7 +124,7 @@ async def test_agent_durations_are_observed_by_agent_and_outcome(
 async def test_delivery_latency_is_sampled_for_live_events_only(
     start: StartServer, http: ClientSession, transport: str
 ) -> None:
-    """Live events with seq 1, 17, 33 ... are timed once per subscriber that gets them;
+    """Live events with seq 1, 17, 33 ... are timed (one subscriber: once each);
     replayed events are not timed; every stored event is counted as delivered."""
     server = await start()
     ctx = context_of(server)
