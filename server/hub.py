@@ -108,6 +108,24 @@ class Subscription:
     other subscribers; it resumes from the buffer when it reconnects.
     """
 
+    # Slots: an idle connection holds one of these for hours; a __dict__ would double it.
+    __slots__ = (
+        "_closed",
+        "_control",
+        "_epoch",
+        "_final_seen",
+        "_hub",
+        "_last_seq",
+        "_local",
+        "_pending",
+        "_queue",
+        "_queue_size",
+        "_replay_left",
+        "_sink",
+        "_waiter",
+        "session_id",
+    )
+
     def __init__(self, hub: Hub, local: _Local, session_id: str, queue_size: int) -> None:
         self.session_id = session_id
         self._hub = hub
