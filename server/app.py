@@ -168,7 +168,12 @@ def create_app(
     metrics = Metrics()
     if broker is None:
         broker = create_broker(settings)
-    hub = Hub(broker, queue_size=settings.subscriber_queue_size, metrics=metrics)
+    hub = Hub(
+        broker,
+        queue_size=settings.subscriber_queue_size,
+        metrics=metrics,
+        heartbeat_interval=settings.heartbeat_interval,
+    )
     handoff = AgentHandoffManager(
         hub.publish,
         default_timeout=settings.agent_timeout,

@@ -32,8 +32,8 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Literal
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Literal
 
 from .brokers.base import Broker, Replay
 from .messages import (
@@ -57,16 +57,17 @@ CloseReason = Literal["slow_consumer", "shutdown"]
 
 
 class Sink:
-    """What the fan-out needs to write a steady subscriber's live events itself: its
-    socket, the transport's pre-built bytes of an event (shared by all its
-    subscribers), and the transport's delivery counter and latency histogram."""
+    """What the hub needs to write a steady subscriber's live events and heartbeats
+    itself: its socket, the transport's pre-built bytes of a frame (an event's are
+    shared by all its subscribers), and the transport's delivery counter and
+    latency histogram."""
 
     __slots__ = ("delivered", "encode", "latency", "socket")
 
     def __init__(
         self,
         socket: asyncio.Transport,
-        encode: Callable[[StoredEvent], bytes],
+        encode: Callable[[Frame], bytes],
         delivered: HotCounterChild,
         latency: Histogram,
     ) -> None:
@@ -117,6 +118,7 @@ class Subscription:
         "_hub",
         "_last_seq",
         "_local",
+        "_on_wake",
         "_pending",
         "_queue",
         "_queue_size",
@@ -143,6 +145,9 @@ class Subscription:
         self._closed: CloseReason | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._sink: Sink | None = None
+        # Called when there is something to send and no task waits in get(): a transport
+        # whose task stops while the hub writes for it (park) starts one again here.
+        self._on_wake: Callable[[], None] | None = None
 
     # --- producer side (the hub) --------------------------------------------------------
 
@@ -219,19 +224,33 @@ class Subscription:
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self._on_wake is not None:
+            self._on_wake()
 
     # --- the steady path ------------------------------------------------------------------
 
-    def attach(self, sink: Sink) -> None:
-        """Let the hub write live events straight to this socket whenever it can."""
+    def attach(self, sink: Sink, on_wake: Callable[[], None] | None = None) -> None:
+        """Let the hub write live events and heartbeats straight to this socket whenever
+        it can. ``on_wake``: see :meth:`park`."""
         self._sink = sink
+        self._on_wake = on_wake
 
     def detach(self) -> None:
         """No more direct writes: before the connection's last frame, or its close frame."""
         self._leave_steady()
         self._sink = None
+        self._on_wake = None
+
+    def park(self) -> bool:
+        """Called by the transport's task when it has nothing left to send. ``True`` when
+        the task may end now: the subscriber is steady, so the hub writes what comes,
+        and calls ``on_wake`` for anything it cannot write itself. An idle connection
+        then holds no task at all."""
+        self._join_steady()
+        return self._on_wake is not None and self.steady
 
     def _join_steady(self) -> None:
         """Called by the transport's task when it has nothing left to send."""
@@ -304,17 +323,20 @@ class Subscription:
             self._final_seen = True
         return event
 
-    async def get(self, timeout: float) -> Frame | None:
-        """Wait up to ``timeout`` seconds for the next frame; ``None`` on time-out."""
+    async def get(self, timeout: float | None = None) -> Frame | None:
+        """Wait for the next frame, at most ``timeout`` seconds if given; ``None`` when
+        none came (time-out, or woken with nothing left to send)."""
         frame = self.get_nowait()
         if frame is not None:
             return frame
         self._join_steady()
-        loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
+        self._waiter = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(timeout):
-                await self._waiter
+            if timeout is None:
+                await self._waiter  # no timer: an idle stream holds as little as it can
+            else:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
         except TimeoutError:
             return None
         finally:
@@ -325,15 +347,25 @@ class Subscription:
 class Hub:
     """Sessions, their local subscribers, and the one publish path."""
 
-    def __init__(self, broker: Broker, *, queue_size: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        queue_size: int,
+        metrics: Metrics,
+        heartbeat_interval: float | None = None,
+    ) -> None:
         self.broker = broker
         self._queue_size = queue_size
         self._metrics = metrics
+        self._heartbeat_interval = heartbeat_interval
         self._sessions: dict[str, _Local] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self.broker.start(self._fan_out)
+        if self._heartbeat_interval is not None:
+            self._spawn(self._send_heartbeats(self._heartbeat_interval))
 
     async def close(self) -> None:
         self.close_all("shutdown")
@@ -427,7 +459,10 @@ class Hub:
                 await self.broker.unwatch(session_id)
 
     def _resync(self, subscription: Subscription) -> None:
-        task = asyncio.create_task(self._resync_one(subscription))
+        self._spawn(self._resync_one(subscription))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -441,6 +476,30 @@ class Hub:
         if replay.gap:
             self._metrics.replay_gaps.inc()
         subscription._start(replay, gap=replay.gap)
+
+    # --- heartbeats ---------------------------------------------------------------------
+
+    async def _send_heartbeats(self, interval: float) -> None:
+        """One timer for every stream, instead of one per connection: every ``interval``
+        seconds each subscriber gets a ``heartbeat`` event (PROTOCOL.md)."""
+        while True:
+            await asyncio.sleep(interval)
+            self.send_heartbeats()
+
+    def send_heartbeats(self) -> None:
+        for session_id, local in list(self._sessions.items()):
+            heartbeat = ControlEvent.heartbeat(session_id)
+            for subscription, sink in list(local.members.items()):
+                if (
+                    sink is not None
+                    and not sink.socket.get_write_buffer_size()
+                    and not sink.socket.is_closing()
+                ):
+                    # Steady and idle: written here, like a live event (a heartbeat has
+                    # no place in the sequence, so there is no order to keep).
+                    sink.socket.write(sink.encode(heartbeat))
+                else:
+                    subscription.push_control(heartbeat)
 
     def close_all(self, reason: CloseReason) -> None:
         """End every subscription (server shutdown): clients reconnect and resume elsewhere."""

@@ -246,6 +246,14 @@ class ControlEvent:
     def sse_frame(self) -> bytes:
         return sse_frame(self.payload, event=self.type)
 
+    @property
+    def sse_chunk(self) -> bytes:
+        return http_chunk(self.sse_frame)
+
+    @property
+    def ws_frame(self) -> bytes:
+        return websocket_text_frame(self.payload)
+
     @classmethod
     def error(cls, session_id: str, code: str, error: str, details: str = "") -> ControlEvent:
         event = ErrorEvent(session_id=session_id, code=code, error=error, details=details)

@@ -236,3 +236,37 @@ async def test_after_detach_nothing_is_written_by_the_fan_out(
         frames = await peer.read(1)
         assert frames[0]["id"] == stored.id
         assert peer.sent_by_task == [stored.id]
+
+
+async def test_heartbeats_are_written_by_the_hub_to_steady_subscribers(
+    hub_and_metrics: tuple[Hub, Metrics, Clock],
+) -> None:
+    """One sweep for every stream: a steady subscriber gets its heartbeat written by the
+    hub, with no task involved; one whose socket is backed up gets it through its queue,
+    after what was already on its way."""
+    hub, metrics, _ = hub_and_metrics
+    async with connect(hub, metrics) as steady_one, connect(hub, metrics) as backed_up:
+        await steady(steady_one, backed_up)
+        await hub.publish(progress(1))
+        backed_up.transport.write(json.dumps({"id": "filler", "pad": "x" * (1 << 22)}).encode())
+        backed_up.transport.write(b"\n")
+        hub.send_heartbeats()
+        assert [f["type"] for f in steady_one.read_now()] == ["progress", "heartbeat"]
+        assert steady_one.sent_by_task == []
+        frames = await backed_up.read(3)
+        assert [f.get("type", f.get("id")) for f in frames] == ["progress", "filler", "heartbeat"]
+        assert backed_up.sent_by_task == ["heartbeat"]
+
+
+async def test_the_hub_timer_sends_heartbeats_to_idle_streams() -> None:
+    """With ``heartbeat_interval`` set, the hub's one timer keeps every stream beating."""
+    metrics = Metrics()
+    hub = Hub(MemoryBroker(100, 60.0), queue_size=50, metrics=metrics, heartbeat_interval=0.05)
+    await hub.start()
+    try:
+        async with connect(hub, metrics) as peer:
+            frames = await peer.read(2)
+            assert [f["type"] for f in frames] == ["heartbeat", "heartbeat"]
+            assert all(f["session_id"] == SID for f in frames)
+    finally:
+        await hub.close()

@@ -4,12 +4,17 @@ A transport says only how a frame is written on its protocol; the pump does the
 rest, identically for WebSocket and SSE:
 
 * while nothing is queued and the socket is not backed up, the hub writes live
-  events straight to the socket (the subscription's :class:`~server.hub.Sink`),
-  as the transport's pre-built bytes, shared by every subscriber: no queue, no
-  task switch;
-* otherwise this task sends what is queued, and a heartbeat when nothing came for
-  ``heartbeat_interval``; a send to a backed-up socket may wait at most that long,
-  then the subscriber is cut off as a slow consumer.
+  events and heartbeats straight to the socket (the subscription's
+  :class:`~server.hub.Sink`), as the transport's pre-built bytes, shared by every
+  subscriber: no queue, no task switch;
+* otherwise the connection's task sends what is queued (the replay, a backlog,
+  a frame for this connection only, the final event); a send to a backed-up
+  socket may wait at most ``heartbeat_interval``, then the subscriber is cut off
+  as a slow consumer.
+
+A WebSocket's task ends whenever it has nothing left to send (``park``) and is
+started again when something is queued, so an idle WebSocket holds no task of
+its own; an SSE stream's task is its request handler, which waits.
 """
 
 from __future__ import annotations
@@ -30,51 +35,69 @@ def slow_consumer_notice(session_id: str) -> ControlEvent:
     )
 
 
-async def pump(
-    subscription: Subscription,
-    request: web.Request,
-    metrics: Metrics,
-    transport_name: str,
-    interval: float,
-    *,
-    prebuilt: Callable[[StoredEvent], bytes] | None,
-    send: Callable[[Frame], Awaitable[None]],
-) -> bool:
-    """Write frames until the final event (``True``) or until the peer is gone or cut
-    off (``False``). ``prebuilt`` gives an event's ready-to-write bytes for direct
-    writes (``None``: always go through ``send``). Direct writes stop when this
-    returns; a transport that may close its protocol meanwhile (a WebSocket's closing
-    handshake) calls ``subscription.detach()`` first. Raises ``SubscriptionClosed``
-    when the server ends the subscription."""
-    delivered = metrics.delivered.labels(transport=transport_name)
-    replayed = subscription.position
-    latency = metrics.latency_sampler(transport_name, replayed.seq if replayed else 0)
-    socket = request.transport  # fixed for the connection's life; closed, it says so
+class Outlet:
+    """One connection's way out: its subscription, its socket, how its protocol sends a
+    frame, and its transport's metrics. Made once per connection, when its first bytes
+    (the headers) are out; from then on the hub may write to the socket directly."""
 
-    if prebuilt is not None and socket is not None:
-        histogram = metrics.delivery_latency.labels(transport=transport_name)
-        subscription.attach(Sink(socket, prebuilt, delivered, histogram))
-    try:
-        while not subscription.finished:
-            frame = await subscription.get(interval)
+    __slots__ = ("delivered", "interval", "latency", "send", "socket", "subscription")
+
+    def __init__(
+        self,
+        subscription: Subscription,
+        request: web.Request,
+        metrics: Metrics,
+        transport_name: str,
+        interval: float,
+        *,
+        prebuilt: Callable[[Frame], bytes] | None,
+        send: Callable[[Frame], Awaitable[None]],
+        on_wake: Callable[[], None] | None = None,
+    ) -> None:
+        """``prebuilt`` gives a frame's ready-to-write bytes for direct writes (``None``:
+        everything goes through ``send``); ``on_wake``: see :meth:`Subscription.park`."""
+        self.subscription = subscription
+        self.socket = request.transport  # fixed for the connection's life; closed, it says so
+        self.send = send
+        self.interval = interval
+        self.delivered = metrics.delivered.labels(transport=transport_name)
+        replayed = subscription.position
+        self.latency = metrics.latency_sampler(transport_name, replayed.seq if replayed else 0)
+        if prebuilt is not None and self.socket is not None:
+            histogram = metrics.delivery_latency.labels(transport=transport_name)
+            subscription.attach(Sink(self.socket, prebuilt, self.delivered, histogram), on_wake)
+
+
+async def pump(outlet: Outlet, *, park: bool = False) -> bool | None:
+    """Send queued frames until the final event (``True``), until the peer is gone or
+    cut off (``False``), or, with ``park``, until nothing is left to send and the hub
+    writes what comes (``None``: call again on wake). Raises ``SubscriptionClosed``
+    when the server ends the subscription. Direct writes go on until the transport
+    calls ``subscription.detach()``."""
+    subscription = outlet.subscription
+    socket = outlet.socket
+    while not subscription.finished:
+        frame = subscription.get_nowait()
+        if frame is None:
+            if park and subscription.park():
+                return None
+            frame = await subscription.get()
             if frame is None:
-                frame = ControlEvent.heartbeat(subscription.session_id)
-            if socket is None or socket.is_closing():
+                continue
+        if socket is None or socket.is_closing():
+            return False
+        if socket.get_write_buffer_size():
+            # The peer is behind: this send may wait on it, so bound the wait.
+            try:
+                async with asyncio.timeout(outlet.interval):
+                    await outlet.send(frame)
+            except TimeoutError:
+                subscription.close("slow_consumer")
+                socket.abort()
                 return False
-            if socket.get_write_buffer_size():
-                # The peer is behind: this send may wait on it, so bound the wait.
-                try:
-                    async with asyncio.timeout(interval):
-                        await send(frame)
-                except TimeoutError:
-                    subscription.close("slow_consumer")
-                    socket.abort()
-                    return False
-            else:
-                await send(frame)
-            if isinstance(frame, StoredEvent):
-                delivered.inc()
-                latency.sent(frame)
-        return True
-    finally:
-        subscription.detach()
+        else:
+            await outlet.send(frame)
+        if isinstance(frame, StoredEvent):
+            outlet.delivered.inc()
+            outlet.latency.sent(frame)
+    return True

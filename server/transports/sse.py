@@ -20,12 +20,16 @@ from ..context import STREAM_CONTEXT, StreamContext
 from ..errors import InvalidSessionId
 from ..hub import Frame, SubscriptionClosed
 from ..messages import SLOW_CONSUMER, is_valid_session_id
-from .pump import pump, slow_consumer_notice
+from .pump import Outlet, pump, slow_consumer_notice
 
 # aiohttp-sse's own ": ping" comments are replaced by heartbeat events, which a
 # browser can see; its ping task is stopped as soon as the stream starts (an idle
 # stream would otherwise hold a task, its frame and a timer, about 1.5 KiB).
 _NO_COMMENT_PINGS = 365 * 24 * 3600.0
+
+
+def _sse_chunk(frame: Frame) -> bytes:
+    return frame.sse_chunk
 
 
 def resume_point(request: web.Request) -> str | None:
@@ -62,22 +66,25 @@ async def _stream(request: web.Request, ctx: StreamContext, session_id: str) -> 
         try:
             # The first write also sends the headers; direct writes may only follow it.
             await response.write(f"retry: {ctx.settings.sse_retry_ms}\n\n".encode())
-            await pump(
+            outlet = Outlet(
                 subscription,
                 request,
                 ctx.metrics,
                 "sse",
                 ctx.settings.heartbeat_interval,
                 # A chunked response (HTTP/1.1) takes the cached chunk as is.
-                prebuilt=(lambda event: event.sse_chunk) if response.chunked else None,
+                prebuilt=_sse_chunk if response.chunked else None,
                 send=send,
             )
+            await pump(outlet)
         except SubscriptionClosed as closed:
             if closed.reason == SLOW_CONSUMER:
                 with contextlib.suppress(ConnectionError):
                     await response.write(slow_consumer_notice(session_id).sse_frame)
         except ConnectionError:
             pass  # the client went away
+        finally:
+            subscription.detach()  # before the response's last chunk
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
         return response

@@ -1,10 +1,14 @@
 """WebSocket transport: one text frame per event, commands from the client.
 
-Two loops per connection: this handler reads the client's frames, and a
-pump task writes frames from the subscription. Only the pump writes, so
-frames never interleave. Close codes follow PROTOCOL.md: 1000 after the
-final event, 1001 on shutdown, 1008 refused, 1009 frame too large (aiohttp),
-1013 too slow to keep up, overloaded, or the event store unreachable.
+This handler reads the client's frames. Frames go out two ways: live events
+and heartbeats written by the hub straight to the socket while the connection
+keeps up, and a sending task for everything else (the replay, a backlog, the
+answer to a ping, the final event), which runs only while there is something
+to send. Both write whole frames only, so frames never interleave.
+
+Close codes follow PROTOCOL.md: 1000 after the final event, 1001 on shutdown,
+1008 refused, 1009 frame too large (aiohttp), 1013 too slow to keep up,
+overloaded, or the event store unreachable.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ..messages import (
     ControlEvent,
     is_valid_session_id,
 )
-from .pump import pump, slow_consumer_notice
+from .pump import Outlet, pump, slow_consumer_notice
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +103,16 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 async def _stream(
     ws: _EventSocket, request: web.Request, ctx: StreamContext, session_id: str
 ) -> None:
-    """Subscribe, then read the client's commands here while a pump task writes."""
+    """Subscribe, then read the client's commands here while frames go out."""
     async with ctx.hub.subscribe(session_id, request.query.get("last_event_id")) as subscription:
         ws.subscription = subscription
-        pump = asyncio.create_task(_pump(ws, request, subscription, ctx))
+        sender = _Sender(ws, subscription, request, ctx)
+        sender.wake()  # the replay, if any; then it parks
         try:
             await _read_commands(ws, subscription, ctx)
         finally:
-            pump.cancel()
-            await asyncio.wait({pump})
+            subscription.detach()
+            await sender.stop()
             if not ws.closed:
                 # The client vanished and this handler was cancelled. Closing stops
                 # aiohttp's heartbeat timer, which would otherwise hold the whole
@@ -165,39 +170,69 @@ def _is_ping(text: str) -> bool:
     return isinstance(command, dict) and command.get("type") == "ping"
 
 
-async def _pump(
-    ws: web.WebSocketResponse,
-    request: web.Request,
-    subscription: Subscription,
-    ctx: StreamContext,
-) -> None:
-    """Write frames until the final event, a server-side close, or a dead peer."""
+def _ws_frame(frame: Frame) -> bytes:
+    return frame.ws_frame
 
-    async def send(frame: Frame) -> None:
-        await ws.send_frame(frame.payload, WSMsgType.TEXT)
 
-    try:
-        finished = await pump(
+class _Sender:
+    """The connection's sending task, started when something is queued for it and ended
+    when nothing is left (the hub writes to a steady subscriber itself)."""
+
+    __slots__ = ("_outlet", "_task", "_ws")
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        subscription: Subscription,
+        request: web.Request,
+        ctx: StreamContext,
+    ) -> None:
+        self._ws = ws
+        self._task: asyncio.Task[None] | None = None
+        self._outlet = Outlet(
             subscription,
             request,
             ctx.metrics,
             "websocket",
             ctx.settings.heartbeat_interval,
-            prebuilt=lambda event: event.ws_frame,
-            send=send,
+            prebuilt=_ws_frame,
+            send=self._send,
+            on_wake=self.wake,
         )
-        if finished:
-            await _close(ws, WSCloseCode.OK, b"workflow finished")
-    except SubscriptionClosed as closed:
-        if closed.reason == SLOW_CONSUMER:
-            notice = slow_consumer_notice(subscription.session_id)
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                async with asyncio.timeout(_CLOSE_TIMEOUT):
-                    await ws.send_frame(notice.payload, WSMsgType.TEXT)
-        code, reason = _CLOSE_CODES[closed.reason]
-        await _close(ws, code, reason)
-    except ConnectionError:
-        pass  # the peer went away; the reader loop sees it too
+
+    def wake(self) -> None:
+        # A task that has parked is done at once (it returns in the step that parked it).
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def _send(self, frame: Frame) -> None:
+        await self._ws.send_frame(frame.payload, WSMsgType.TEXT)
+
+    async def _run(self) -> None:
+        """Send until parked, the final event (then close 1000), a server-side close, or a
+        dead peer."""
+        ws = self._ws
+        subscription = self._outlet.subscription
+        try:
+            finished = await pump(self._outlet, park=True)
+            if finished:
+                await _close(ws, WSCloseCode.OK, b"workflow finished")
+        except SubscriptionClosed as closed:
+            if closed.reason == SLOW_CONSUMER:
+                notice = slow_consumer_notice(subscription.session_id)
+                with contextlib.suppress(ConnectionError, TimeoutError):
+                    async with asyncio.timeout(_CLOSE_TIMEOUT):
+                        await ws.send_frame(notice.payload, WSMsgType.TEXT)
+            code, reason = _CLOSE_CODES[closed.reason]
+            await _close(ws, code, reason)
+        except ConnectionError:
+            pass  # the peer went away; the reader loop sees it too
 
 
 async def _close(ws: web.WebSocketResponse, code: int, reason: bytes) -> None:

@@ -3,9 +3,12 @@ two independent client libraries: aiohttp's client and ``websockets``."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import secrets
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -13,6 +16,7 @@ from aiohttp import ClientSession, WSServerHandshakeError
 from aiohttp.test_utils import TestClient
 from websockets.exceptions import InvalidStatus
 
+import server
 from server.config import Settings
 from tests.clients import (
     JUNK_EVENT_IDS,
@@ -257,6 +261,48 @@ async def test_empty_last_event_id_means_from_the_start(
     assert events == stored(events) and seqs(events) == [1, 2]
 
 
+SERVER_CODE = Path(server.__file__).parent
+
+
+def server_tasks() -> int:
+    """Tasks running the server's own code now (not aiohttp's, nor a client library's):
+    the server runs in this process and loop."""
+    return sum(
+        1
+        for task in asyncio.all_tasks()
+        if Path(task.get_coro().cr_code.co_filename).is_relative_to(SERVER_CODE)
+    )
+
+
+async def test_an_idle_connection_holds_no_task_of_its_own(
+    client: TestClient, open_ws: WSOpener
+) -> None:
+    """Once its replay is out, a connection that keeps up is written to by the hub itself:
+    no sending task waits for it (an idle connection costs less memory), and what is
+    published next still reaches every subscriber, in order."""
+    session_id = new_session_id()
+    await publish(client, session_id, progress(1))
+    before = server_tasks()
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = [
+            await stack.enter_async_context(open_ws(client.server, ws_path(session_id)))
+            for _ in range(10)
+        ]
+        for ws in sockets:
+            assert seqs(await read_events(ws, 1)) == [1]  # the replay, sent by a task
+        await wait_until(lambda: server_tasks() == before, "no task left for the connections")
+        await publish(client, session_id, progress(2))
+        pinging = sockets[0]
+        await pinging.send_text(json.dumps({"type": "ping"}))  # its answer goes via a task
+        answered = await read_events(pinging, 2)
+        assert [e.get("seq", e["type"]) for e in answered] == [2, "heartbeat"]
+        await publish(client, session_id, progress(3))
+        assert seqs(await read_events(pinging, 1)) == [3]
+        for ws in sockets[1:]:
+            assert seqs(await read_events(ws, 2)) == [2, 3]
+        await wait_until(lambda: server_tasks() == before, "no task left for the connections")
+
+
 # --- heartbeats and commands ------------------------------------------------------------------
 
 
@@ -447,9 +493,7 @@ async def test_slow_consumer_is_dropped_without_delaying_another_subscriber(
         open_slow_ws(slow_library, url) as slow,
     ):
         await subscribed(client, 2)
-        published, fast_events = await publish_until_slow_consumer_is_cut(
-            server, session_id, fast
-        )
+        published, fast_events = await publish_until_slow_consumer_is_cut(server, session_id, fast)
         await publish(client, session_id, final())
         fast_events += await read_to_end(fast)
         assert seqs(fast_events) == list(range(1, published + 2))
