@@ -266,6 +266,22 @@ async def test_a_failing_agent_is_logged_with_its_session_and_reference(
     assert failure["reference"] in snapshot  # the user sees the same reference
 
 
+async def test_a_request_log_line_names_the_session_of_that_request_only(
+    start: StartServer, http: ClientSession, json_log: io.StringIO
+) -> None:
+    """A refusal logged while handling a stream request names that request's session, and
+    the next request on the same keep-alive connection names its own."""
+    server = await start(max_connections_per_session=1)
+    first, second = new_session_id(), new_session_id()
+    async with http.get(sse_url(server, first)), http.get(sse_url(server, second)):
+        for session_id in (first, second, first):
+            async with http.get(sse_url(server, session_id)) as refused:
+                assert refused.status == 503
+    records = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    refusals = [r for r in records if " -> 503: " in r["message"]]
+    assert [r.get("session_id") for r in refusals] == [first, second, first]
+
+
 def test_a_malformed_request_is_one_info_line_not_an_error_with_a_traceback() -> None:
     """aiohttp's ERROR + traceback for a client's malformed HTTP becomes a one-line INFO;
     a real server error stays an ERROR."""
