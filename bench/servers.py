@@ -80,6 +80,7 @@ VARIANTS: dict[str, tuple[list[str], Callable[[], str | None]]] = {
     "uvloop": (["--uvloop"], _uvloop_unavailable),
     "backlog": (["--backlog", "4096"], _available),
     "gcfreeze": (["--gc-freeze"], _available),
+    "gclog": (["--gc-log"], _available),
 }
 
 

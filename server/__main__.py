@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Sequence
 
@@ -16,10 +17,28 @@ from .logs import setup_logging
 HANDLER_SHUTDOWN_TIMEOUT = 3.0
 
 
+# The cyclic garbage collector stops the event loop while it runs. Nearly all garbage
+# here is freed by reference counting; what is left for the collector is little, so it
+# may run far less often than CPython's default (gen 0 every 700 allocations).
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+async def tune_garbage_collection(app: web.Application) -> None:
+    """Take what start-up made (modules, pandas and statsmodels, the app) out of the
+    collector's view, since it lives as long as the process yet every full collection
+    would walk it again, and collect less often. Measured with Redis and 1,000
+    sessions: full collections of 80 to 115 ms, p99 latency 43 ms; with this, none
+    during the run and 4.4 ms (docs/BENCHMARKS.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings.from_args(argv)
     setup_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
+    app.on_startup.append(tune_garbage_collection)  # after the app's own start-up
     web.run_app(
         app,
         host=settings.host,
