@@ -22,7 +22,8 @@ subscriber joins it when its transport's task finds nothing left to send, and
 leaves it (back to its own queue) as soon as its socket backs up, it gets a
 frame of its own (a heartbeat answer, a notice), it is closed, or the stream
 does not continue where the steady ones stand (a gap, a new epoch, the final
-event, which the transport's task sends before closing).
+event, which the transport's task sends before closing). Heartbeats take the
+same two ways, from one timer for the whole hub rather than one per connection.
 """
 
 from __future__ import annotations
