@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import json
@@ -151,8 +152,13 @@ def _may_publish(request: web.Request, token: str | None) -> bool:
         return scheme.lower() == "bearer" and hmac.compare_digest(given_bytes, expected)
     if any(name in request.headers for name in _PROXY_HEADERS):
         return False
+    return _is_loopback(request.remote or "")
+
+
+@functools.lru_cache(maxsize=256)  # a publisher sends many events from one address
+def _is_loopback(address: str) -> bool:
     try:
-        return ipaddress.ip_address(request.remote or "").is_loopback
+        return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
 

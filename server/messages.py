@@ -38,7 +38,8 @@ def utc_now() -> datetime:
 
 def format_timestamp(value: datetime) -> str:
     """RFC 3339 in UTC with microseconds and a ``Z``: ``2026-11-27T20:01:02.123456Z``."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat, not strftime: a third of the cost on every published event.
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 class _Event(BaseModel):

@@ -39,10 +39,10 @@ class Metrics:
         self.subscribers = Gauge(
             "orchestrator_subscribers", "Subscriptions held by the hub in this process", registry=r
         )
-        self.published = Counter(
+        self.published = HotCounter(
             "orchestrator_events_published",
             "Stored events published through this process, by type",
-            ["type"],
+            "type",
             registry=r,
         )
         self.delivered = HotCounter(
