@@ -117,6 +117,15 @@ async def steady(*peers: Peer) -> None:
     await wait_until(lambda: all(p.subscription.steady for p in peers), "steady subscribers")
 
 
+@pytest.fixture
+async def one_peer(hub_and_metrics: tuple[Hub, Metrics, Clock]) -> AsyncIterator[Peer]:
+    """One subscriber on the hub of ``hub_and_metrics``, already steady."""
+    hub, metrics, _ = hub_and_metrics
+    async with connect(hub, metrics) as peer:
+        await steady(peer)
+        yield peer
+
+
 async def test_the_fan_out_writes_steady_subscribers_sockets_itself(
     hub_and_metrics: tuple[Hub, Metrics, Clock],
 ) -> None:
@@ -166,76 +175,72 @@ async def test_a_backed_up_socket_goes_through_its_queue_and_keeps_its_order(
 
 
 async def test_a_frame_of_its_own_keeps_its_place_between_live_events(
-    hub_and_metrics: tuple[Hub, Metrics, Clock],
+    hub_and_metrics: tuple[Hub, Metrics, Clock], one_peer: Peer
 ) -> None:
     """A heartbeat answer pushed to a steady subscriber goes out after the events already
     written and before the next ones."""
-    hub, metrics, _ = hub_and_metrics
-    async with connect(hub, metrics) as peer:
-        await steady(peer)
-        await hub.publish(progress(1))
-        await hub.publish(progress(2))
-        peer.subscription.push_control(ControlEvent.heartbeat(SID))
-        await hub.publish(progress(3))
-        frames = await peer.read(4)
-        assert [f.get("seq", f["type"]) for f in frames] == [1, 2, "heartbeat", 3]
-        await steady(peer)
-        await hub.publish(progress(4))
-        assert [f["seq"] for f in peer.read_now()] == [4]
+    hub, _, _ = hub_and_metrics
+    peer = one_peer
+    await hub.publish(progress(1))
+    await hub.publish(progress(2))
+    peer.subscription.push_control(ControlEvent.heartbeat(SID))
+    await hub.publish(progress(3))
+    frames = await peer.read(4)
+    assert [f.get("seq", f["type"]) for f in frames] == [1, 2, "heartbeat", 3]
+    await steady(peer)
+    await hub.publish(progress(4))
+    assert [f["seq"] for f in peer.read_now()] == [4]
 
 
 async def test_the_final_event_is_left_to_the_transports_task(
-    hub_and_metrics: tuple[Hub, Metrics, Clock],
+    hub_and_metrics: tuple[Hub, Metrics, Clock], one_peer: Peer
 ) -> None:
     """The final event goes through each subscriber's queue, so its task can close the
     connection right after it."""
-    hub, metrics, _ = hub_and_metrics
-    async with connect(hub, metrics) as peer:
-        await steady(peer)
-        await hub.publish(progress(1))
-        done = await hub.publish(final())
-        frames = await peer.read(2)
-        assert [f["type"] for f in frames] == ["progress", "complete"]
-        assert peer.sent_by_task == [done.id]
-        assert peer.subscription.finished
+    hub, _, _ = hub_and_metrics
+    peer = one_peer
+    await hub.publish(progress(1))
+    done = await hub.publish(final())
+    frames = await peer.read(2)
+    assert [f["type"] for f in frames] == ["progress", "complete"]
+    assert peer.sent_by_task == [done.id]
+    assert peer.subscription.finished
 
 
 async def test_a_recreated_stream_under_steady_subscribers_is_a_gap(
-    hub_and_metrics: tuple[Hub, Metrics, Clock],
+    hub_and_metrics: tuple[Hub, Metrics, Clock], one_peer: Peer
 ) -> None:
     """When the stream no longer continues where the steady subscribers stand (here it
     expired and started again at seq 1), they are told ``replay_gap`` and resume."""
-    hub, metrics, clock = hub_and_metrics
+    hub, _, clock = hub_and_metrics
+    peer = one_peer
     broker = hub.broker
     assert isinstance(broker, MemoryBroker)
-    async with connect(hub, metrics) as peer:
-        await steady(peer)
-        old = await hub.publish(progress(1))
-        clock.now += 120
-        broker.sweep()
-        new = await hub.publish(progress(1))
-        frames = await peer.read(3)
-        assert [f["type"] for f in frames] == ["progress", "error", "progress"]
-        assert frames[1]["code"] == REPLAY_GAP
-        assert [frames[0]["id"], frames[2]["id"]] == [old.id, new.id]
-        assert new.epoch != old.epoch
+    old = await hub.publish(progress(1))
+    clock.now += 120
+    broker.sweep()
+    new = await hub.publish(progress(1))
+    frames = await peer.read(3)
+    assert [f["type"] for f in frames] == ["progress", "error", "progress"]
+    assert frames[1]["code"] == REPLAY_GAP
+    assert [frames[0]["id"], frames[2]["id"]] == [old.id, new.id]
+    assert new.epoch != old.epoch
 
 
 async def test_after_detach_nothing_is_written_by_the_fan_out(
-    hub_and_metrics: tuple[Hub, Metrics, Clock],
+    hub_and_metrics: tuple[Hub, Metrics, Clock], one_peer: Peer
 ) -> None:
     """``detach`` (before a close frame, say) stops direct writes at once; what follows
     waits in the queue."""
-    hub, metrics, _ = hub_and_metrics
-    async with connect(hub, metrics) as peer:
-        await steady(peer)
-        peer.subscription.detach()
-        assert not peer.subscription.steady
-        stored = await hub.publish(progress(1))
-        assert peer.read_now() == []
-        frames = await peer.read(1)
-        assert frames[0]["id"] == stored.id
-        assert peer.sent_by_task == [stored.id]
+    hub, _, _ = hub_and_metrics
+    peer = one_peer
+    peer.subscription.detach()
+    assert not peer.subscription.steady
+    stored = await hub.publish(progress(1))
+    assert peer.read_now() == []
+    frames = await peer.read(1)
+    assert frames[0]["id"] == stored.id
+    assert peer.sent_by_task == [stored.id]
 
 
 async def test_heartbeats_are_written_by_the_hub_to_steady_subscribers(
