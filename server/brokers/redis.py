@@ -16,7 +16,8 @@ whichever process appends. When the state hash is gone (expired, or a Redis
 without persistence restarted empty) the next append starts a new epoch, so
 an id from the earlier life of the stream is answered with a gap.
 
-Live delivery uses one pub/sub connection per process. :meth:`RedisBroker.watch`
+Live delivery uses one pub/sub connection per process, and the appending
+process hands its own events to its hub as soon as Redis has stored them. :meth:`RedisBroker.watch`
 subscribes to the session's channel and returns once Redis has confirmed the
 subscription, so an event stored after ``watch`` returns is delivered live; the
 hub reads its replay after that. The reader passes each message to the hub's
@@ -437,7 +438,13 @@ class RedisBroker:
         result = await self._call("append", attempt)
         if result[0] == 0:
             raise SessionEnded(session_id)
-        return StoredEvent(session_id, str(result[1]), int(result[2]), type, final, body)
+        stored = StoredEvent(session_id, str(result[1]), int(result[2]), type, final, body)
+        # This process's subscribers get it now rather than when Redis echoes it back
+        # through pub/sub: one hop less, measured as about half of what Redis added to p99.
+        # The echo is then dropped as a duplicate; an event another process stored in
+        # between reaches the hub out of order, which it resyncs from the stream.
+        self._deliver(stored)
+        return stored
 
     async def read(self, session_id: str, after: StreamPosition | None) -> Replay:
         await self._settle_subscription(session_id)

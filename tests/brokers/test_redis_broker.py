@@ -592,3 +592,43 @@ async def test_hubs_in_two_processes_stream_and_resume_one_session(redis_url: st
     finally:
         await hub_a.close()
         await hub_b.close()
+
+
+async def test_the_publishing_process_hands_its_events_over_at_once_and_once(
+    redis_url: str,
+) -> None:
+    """On the process that publishes, a subscriber has the event when ``publish`` returns,
+    as with the memory broker; the copy Redis echoes back through pub/sub is dropped.
+    Events another process stores in between still arrive, in order."""
+    prefix = f"test-{secrets.token_hex(4)}"
+    here, elsewhere = (
+        Hub(RedisBroker(redis_url, 100, 60, key_prefix=prefix), queue_size=100, metrics=Metrics())
+        for _ in range(2)
+    )
+    await here.start()
+    await elsewhere.start()
+    sid = new_session_id()
+
+    def event(n: int) -> ProgressEvent:
+        return ProgressEvent(session_id=sid, agent="orchestrator", status="step", progress=n)
+
+    try:
+        async with here.subscribe(sid) as subscription:
+            first = await here.publish(event(1))
+            assert subscription.get_nowait() is first  # no await since publish: no pub/sub hop
+            second = await elsewhere.publish(event(2))  # reaches `here` after first's echo
+            third = await here.publish(event(3))
+            # Redis sends a channel's messages in order: once the fourth is here, the
+            # echoes of the first and the third have been read (and must have been dropped).
+            fourth = await elsewhere.publish(event(4))
+            received = [first]
+            async with asyncio.timeout(TIMEOUT):
+                while received[-1].seq < 4:
+                    frame = await subscription.get(TIMEOUT)
+                    if isinstance(frame, StoredEvent):
+                        received.append(frame)
+            assert [f.id for f in received] == [e.id for e in (first, second, third, fourth)]
+            assert subscription.get_nowait() is None
+    finally:
+        await here.close()
+        await elsewhere.close()
