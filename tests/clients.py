@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from aiohttp import (
     ClientResponse,
@@ -150,6 +151,17 @@ def assert_whole_story(events: list[Event], session_id: str, count: int) -> None
 
 
 # Resume ids that cannot be a position: each gets replay_gap, then the whole story.
+# Session ids that are not valid, as they appear in a URL path (percent-encoded).
+BAD_SESSION_IDS = {
+    "too short": "abc1234",
+    "too long": "a" * 129,
+    "with an encoded slash": "abcdefgh%2Fijkl",
+    "with a dot": "abcdefgh.ijkl",
+    "with unicode": quote("s\u00e9ssion-0001"),
+    "with a NUL": "abcdefgh%00",
+    "with a space": "abcd%20efghijk",
+}
+
 JUNK_EVENT_IDS = {
     "a dash": "-",
     "three dashes": "1-1-1",

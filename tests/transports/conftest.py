@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from urllib.parse import quote
 
 import pytest
 from aiohttp import ClientSession
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 
 from tests.clients import (
     SSEStream,
@@ -19,12 +20,34 @@ from tests.clients import (
     open_aiohttp_ws,
     open_curl_sse,
     open_websockets_ws,
+    wait_until,
     ws_url,
 )
-from tests.conftest import BROKERS
+from tests.conftest import BROKERS, hub_of
 
 WSOpener = Callable[[TestServer, str], AbstractAsyncContextManager[WSClient]]
 SSEOpener = Callable[..., AbstractAsyncContextManager[SSEStream]]
+
+
+def ws_path(session_id: str, last_event_id: str | None = None) -> str:
+    return _stream_path("ws", session_id, last_event_id)
+
+
+def sse_path(session_id: str, last_event_id: str | None = None) -> str:
+    return _stream_path("sse", session_id, last_event_id)
+
+
+def _stream_path(transport: str, session_id: str, last_event_id: str | None) -> str:
+    path = f"/{transport}/orchestrator/{session_id}"
+    if last_event_id is not None:
+        path += "?last_event_id=" + quote(last_event_id, safe="")
+    return path
+
+
+async def subscribed(client: TestClient, count: int = 1) -> None:
+    """Wait until the hub holds ``count`` subscriptions (the clients are live)."""
+    hub = hub_of(client.server)
+    await wait_until(lambda: hub.subscriber_count == count, f"{count} subscription(s)")
 
 
 @pytest.fixture(params=BROKERS)

@@ -4,13 +4,13 @@ each test run with a raw parse of the stream read by aiohttp and with ``curl -N`
 from __future__ import annotations
 
 import json
-from urllib.parse import quote
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from server.config import Settings
 from tests.clients import (
+    BAD_SESSION_IDS,
     FRONTEND_ORIGIN,
     JUNK_EVENT_IDS,
     Event,
@@ -28,23 +28,10 @@ from tests.clients import (
     seqs,
     slow_session,
     stored,
-    wait_until,
 )
 from tests.conftest import ClientFactory, hub_of
 from tests.timing import HEARTBEAT_INTERVAL, QUIET_HEARTBEAT_INTERVAL
-from tests.transports.conftest import SSEOpener
-
-
-def sse_path(session_id: str, last_event_id: str | None = None) -> str:
-    path = f"/sse/orchestrator/{session_id}"
-    if last_event_id is not None:
-        path += "?last_event_id=" + quote(last_event_id, safe="")
-    return path
-
-
-async def subscribed(client: TestClient, count: int = 1) -> None:
-    hub = hub_of(client.server)
-    await wait_until(lambda: hub.subscriber_count == count, f"{count} subscription(s)")
+from tests.transports.conftest import SSEOpener, sse_path, subscribed
 
 
 async def assert_still_streams(client: TestClient) -> None:
@@ -300,15 +287,6 @@ async def test_resume_at_the_final_event_gets_204(client: TestClient, open_sse: 
 
 # --- refusals and CORS ------------------------------------------------------------------------
 
-BAD_SESSION_IDS = {
-    "too short": "abc1234",
-    "too long": "a" * 129,
-    "with an encoded slash": "abcdefgh%2Fijkl",
-    "with unicode": quote("séssion-0001"),
-    "with a NUL": "abcdefgh%00",
-    "with a dot": "abcdefgh.ijkl",
-}
-
 
 @pytest.mark.parametrize("case", list(BAD_SESSION_IDS))
 async def test_bad_session_id_gets_400_with_a_json_error(
@@ -400,9 +378,7 @@ async def test_slow_consumer_is_ended_without_delaying_another_subscriber(
         open_aiohttp_sse(session, url) as slow,
     ):
         await subscribed(client, 2)
-        published, fast_events = await publish_until_slow_consumer_is_cut(
-            server, session_id, fast
-        )
+        published, fast_events = await publish_until_slow_consumer_is_cut(server, session_id, fast)
         await publish(client, session_id, final())
         fast_events += await read_to_end(fast)
         assert seqs(fast_events) == list(range(1, published + 2))

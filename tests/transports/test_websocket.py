@@ -9,7 +9,6 @@ import json
 import re
 import secrets
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from aiohttp import ClientSession, WSServerHandshakeError
@@ -19,6 +18,7 @@ from websockets.exceptions import InvalidStatus
 import server
 from server.config import Settings
 from tests.clients import (
+    BAD_SESSION_IDS,
     JUNK_EVENT_IDS,
     Event,
     final,
@@ -40,7 +40,7 @@ from tests.clients import (
 )
 from tests.conftest import ClientFactory, hub_of
 from tests.timing import HEARTBEAT_INTERVAL, QUIET_HEARTBEAT_INTERVAL
-from tests.transports.conftest import WSOpener
+from tests.transports.conftest import WSOpener, subscribed, ws_path
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -51,19 +51,6 @@ NORMAL_CLOSURE, GOING_AWAY, POLICY_VIOLATION, MESSAGE_TOO_BIG, TRY_AGAIN_LATER =
     1009,
     1013,
 )
-
-
-def ws_path(session_id: str, last_event_id: str | None = None) -> str:
-    path = f"/ws/orchestrator/{session_id}"
-    if last_event_id is not None:
-        path += "?last_event_id=" + quote(last_event_id, safe="")
-    return path
-
-
-async def subscribed(client: TestClient, count: int = 1) -> None:
-    """Wait until the hub holds ``count`` subscriptions (the clients are live)."""
-    hub = hub_of(client.server)
-    await wait_until(lambda: hub.subscriber_count == count, f"{count} subscription(s)")
 
 
 async def assert_still_streams(client: TestClient, open_ws: WSOpener) -> None:
@@ -408,16 +395,6 @@ async def test_frame_over_max_frame_size_closes_1009(
 
 
 # --- refused sessions -------------------------------------------------------------------------
-
-BAD_SESSION_IDS = {
-    "too short": "abc1234",
-    "too long": "a" * 129,
-    "with an encoded slash": "abcdefgh%2Fijkl",
-    "with a dot": "abcdefgh.ijkl",
-    "with unicode": quote("séssion-0001"),
-    "with a NUL": "abcdefgh%00",
-    "with a space": "abcd%20efghijk",
-}
 
 
 @pytest.mark.parametrize("case", list(BAD_SESSION_IDS))
