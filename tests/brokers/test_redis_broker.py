@@ -7,10 +7,11 @@ server processes. Everything runs against a real ``redis-server``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -557,18 +558,28 @@ async def test_quick_unwatch_then_watch_stays_subscribed(make_node: NodeFactory)
 # --- with the hub ----------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def two_hubs(redis_url: str) -> AsyncIterator[tuple[Hub, Hub]]:
+    """Two started hubs on one Redis, as two server processes would be; both closed after."""
+    prefix = f"test-{secrets.token_hex(4)}"
+    hubs = [
+        Hub(RedisBroker(redis_url, 100, 60, key_prefix=prefix), queue_size=100, metrics=Metrics())
+        for _ in range(2)
+    ]
+    try:
+        for hub in hubs:
+            await hub.start()
+        yield hubs[0], hubs[1]
+    finally:
+        for hub in hubs:
+            await hub.close()
+
+
 async def test_hubs_in_two_processes_stream_and_resume_one_session(redis_url: str) -> None:
     """A workflow's events published through hub A reach a subscriber of hub B in order, and
     a subscriber resuming on B from an id gets exactly the events after it."""
-    prefix = f"test-{secrets.token_hex(4)}"
-    hub_a, hub_b = (
-        Hub(RedisBroker(redis_url, 100, 60, key_prefix=prefix), queue_size=100, metrics=Metrics())
-        for _ in range(2)
-    )
-    await hub_a.start()
-    await hub_b.start()
     sid = new_session_id()
-    try:
+    async with two_hubs(redis_url) as (hub_a, hub_b):
         async with hub_b.subscribe(sid) as subscription:
             published = [
                 await hub_a.publish(
@@ -589,9 +600,6 @@ async def test_hubs_in_two_processes_stream_and_resume_one_session(redis_url: st
         async with hub_b.subscribe(sid, published[1].id) as resumed:
             rest = [resumed.get_nowait() for _ in range(len(published) - 2)]
             assert [f.id for f in rest if f is not None] == [e.id for e in published[2:]]
-    finally:
-        await hub_a.close()
-        await hub_b.close()
 
 
 async def test_the_publishing_process_hands_its_events_over_at_once_and_once(
@@ -600,35 +608,24 @@ async def test_the_publishing_process_hands_its_events_over_at_once_and_once(
     """On the process that publishes, a subscriber has the event when ``publish`` returns,
     as with the memory broker; the copy Redis echoes back through pub/sub is dropped.
     Events another process stores in between still arrive, in order."""
-    prefix = f"test-{secrets.token_hex(4)}"
-    here, elsewhere = (
-        Hub(RedisBroker(redis_url, 100, 60, key_prefix=prefix), queue_size=100, metrics=Metrics())
-        for _ in range(2)
-    )
-    await here.start()
-    await elsewhere.start()
     sid = new_session_id()
 
     def event(n: int) -> ProgressEvent:
         return ProgressEvent(session_id=sid, agent="orchestrator", status="step", progress=n)
 
-    try:
-        async with here.subscribe(sid) as subscription:
-            first = await here.publish(event(1))
-            assert subscription.get_nowait() is first  # no await since publish: no pub/sub hop
-            second = await elsewhere.publish(event(2))  # reaches `here` after first's echo
-            third = await here.publish(event(3))
-            # Redis sends a channel's messages in order: once the fourth is here, the
-            # echoes of the first and the third have been read (and must have been dropped).
-            fourth = await elsewhere.publish(event(4))
-            received = [first]
-            async with asyncio.timeout(TIMEOUT):
-                while received[-1].seq < 4:
-                    frame = await subscription.get(TIMEOUT)
-                    if isinstance(frame, StoredEvent):
-                        received.append(frame)
-            assert [f.id for f in received] == [e.id for e in (first, second, third, fourth)]
-            assert subscription.get_nowait() is None
-    finally:
-        await here.close()
-        await elsewhere.close()
+    async with two_hubs(redis_url) as (here, elsewhere), here.subscribe(sid) as subscription:
+        first = await here.publish(event(1))
+        assert subscription.get_nowait() is first  # no await since publish: no pub/sub hop
+        second = await elsewhere.publish(event(2))  # reaches `here` after first's echo
+        third = await here.publish(event(3))
+        # Redis sends a channel's messages in order: once the fourth is here, the
+        # echoes of the first and the third have been read (and must have been dropped).
+        fourth = await elsewhere.publish(event(4))
+        received = [first]
+        async with asyncio.timeout(TIMEOUT):
+            while received[-1].seq < 4:
+                frame = await subscription.get(TIMEOUT)
+                if isinstance(frame, StoredEvent):
+                    received.append(frame)
+        assert [f.id for f in received] == [e.id for e in (first, second, third, fourth)]
+        assert subscription.get_nowait() is None
