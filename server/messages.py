@@ -160,48 +160,20 @@ class StreamPosition:
         return f"StreamPosition({self.epoch!r}, {self.seq})"
 
 
-class StoredEvent:
-    """An event as stored in a session's stream, encoded once for every subscriber.
+class _Framed:
+    """A frame's wire forms, built from ``payload`` on first use and cached, so that
+    every subscriber of a transport is written the very same ``bytes``."""
 
-    ``payload`` is the complete wire form as UTF-8 JSON, ``id`` and ``seq``
-    included. The SSE and WebSocket frames are built from it on first use and
-    cached, so the subscribers of each transport share one ``bytes`` object.
-    """
+    __slots__ = ("_sse", "_sse_chunk", "_ws")
 
-    __slots__ = (
-        "_sse",
-        "_sse_chunk",
-        "_ws",
-        "created",
-        "epoch",
-        "final",
-        "id",
-        "payload",
-        "seq",
-        "session_id",
-        "type",
-    )
+    payload: bytes
+    type: str
+    id: str | None
 
-    def __init__(
-        self, session_id: str, epoch: str, seq: int, type: str, final: bool, body: str
-    ) -> None:
-        self.session_id = session_id
-        self.epoch = epoch
-        self.seq = seq
-        self.type = type
-        self.final = final
-        self.id = make_event_id(epoch, seq)
-        # ``body`` is the model's JSON without id/seq; splice them in once.
-        self.payload = f'{body[:-1]},"id":"{self.id}","seq":{seq}}}'.encode()
+    def __init__(self) -> None:
         self._sse: bytes | None = None
         self._sse_chunk: bytes | None = None
         self._ws: bytes | None = None
-        # When this process got the event (time.monotonic()), for publish-to-send latency.
-        self.created = time.monotonic()
-
-    @property
-    def position(self) -> StreamPosition:
-        return StreamPosition(self.epoch, self.seq)
 
     @property
     def sse_frame(self) -> bytes:
@@ -223,6 +195,45 @@ class StoredEvent:
             self._ws = websocket_text_frame(self.payload)
         return self._ws
 
+
+class StoredEvent(_Framed):
+    """An event as stored in a session's stream, encoded once for every subscriber.
+
+    ``payload`` is the complete wire form as UTF-8 JSON, ``id`` and ``seq``
+    included. The SSE and WebSocket frames are built from it on first use and
+    cached, so the subscribers of each transport share one ``bytes`` object.
+    """
+
+    __slots__ = (
+        "created",
+        "epoch",
+        "final",
+        "id",
+        "payload",
+        "seq",
+        "session_id",
+        "type",
+    )
+
+    def __init__(
+        self, session_id: str, epoch: str, seq: int, type: str, final: bool, body: str
+    ) -> None:
+        super().__init__()
+        self.session_id = session_id
+        self.epoch = epoch
+        self.seq = seq
+        self.type = type
+        self.final = final
+        self.id = make_event_id(epoch, seq)
+        # ``body`` is the model's JSON without id/seq; splice them in once.
+        self.payload = f'{body[:-1]},"id":"{self.id}","seq":{seq}}}'.encode()
+        # When this process got the event (time.monotonic()), for publish-to-send latency.
+        self.created = time.monotonic()
+
+    @property
+    def position(self) -> StreamPosition:
+        return StreamPosition(self.epoch, self.seq)
+
     def to_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.payload)
         return result
@@ -231,8 +242,10 @@ class StoredEvent:
         return f"StoredEvent({self.id!r}, {self.type!r}, final={self.final})"
 
 
-class ControlEvent:
-    """An event for one connection only (heartbeat, control error): no ``id``, never stored."""
+class ControlEvent(_Framed):
+    """An event for one connection only (heartbeat, control error): no ``id``, never stored.
+
+    A heartbeat goes to every subscriber of its session, so its frames are cached too."""
 
     __slots__ = ("payload", "type")
 
@@ -240,20 +253,9 @@ class ControlEvent:
     final = False
 
     def __init__(self, type: str, payload: bytes) -> None:
+        super().__init__()
         self.type = type
         self.payload = payload
-
-    @property
-    def sse_frame(self) -> bytes:
-        return sse_frame(self.payload, event=self.type)
-
-    @property
-    def sse_chunk(self) -> bytes:
-        return http_chunk(self.sse_frame)
-
-    @property
-    def ws_frame(self) -> bytes:
-        return websocket_text_frame(self.payload)
 
     @classmethod
     def error(cls, session_id: str, code: str, error: str, details: str = "") -> ControlEvent:
