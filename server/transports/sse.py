@@ -22,11 +22,6 @@ from ..hub import Frame, SubscriptionClosed
 from ..messages import SLOW_CONSUMER, is_valid_session_id
 from .pump import Outlet, pump, slow_consumer_notice
 
-# aiohttp-sse's own ": ping" comments are replaced by heartbeat events, which a
-# browser can see; its ping task is stopped as soon as the stream starts (an idle
-# stream would otherwise hold a task, its frame and a timer, about 1.5 KiB).
-_NO_COMMENT_PINGS = 365 * 24 * 3600.0
-
 
 def _sse_chunk(frame: Frame) -> bytes:
     return frame.sse_chunk
@@ -53,12 +48,12 @@ async def _stream(request: web.Request, ctx: StreamContext, session_id: str) -> 
             # Resumed at the final event: nothing will ever follow.
             return web.Response(status=204)
 
-        response = EventSourceResponse(
-            ping_interval=_NO_COMMENT_PINGS,
-            send_timeout=None,
-        )
+        response = EventSourceResponse(send_timeout=None)
         await response.prepare(request)
-        response.stop_streaming()  # its ping task; the stream itself goes on until we end it
+        # aiohttp-sse's ": ping" comments are replaced by the hub's heartbeat events, which a
+        # browser can see. Its ping task is stopped before its first ping (an idle stream
+        # would hold a task, its frame and a timer, about 1.5 KiB); the stream goes on.
+        response.stop_streaming()
 
         async def send(frame: Frame) -> None:
             await response.write(frame.sse_frame)
