@@ -35,6 +35,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -42,12 +43,13 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import ServiceUnavailable, SessionEnded
 from ..messages import StoredEvent, StreamPosition
 from .base import EventListener, Lease, LeaseState, Replay, SessionInfo
+from .batching import Batcher
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +221,32 @@ async def _close_pubsub(pubsub: Any) -> None:  # redis-py leaves PubSub.aclose u
     await pubsub.aclose()
 
 
+def _error_code(error: BaseException) -> str:
+    """The error's class and Redis's error code ("ResponseError OOM"): never its text,
+    which may name keys."""
+    code = str(error).split(" ", 1)[0][:32] if isinstance(error, ResponseError) else ""
+    return f"{type(error).__name__} {code}".rstrip()
+
+
+@dataclass(slots=True)
+class _Append:
+    """One append waiting for its batch, with the script's keys and arguments (see
+    _APPEND_LUA)."""
+
+    session_id: str
+    type: str
+    final: bool
+    body: str
+    keys: list[str]
+    args: list[Any]  # all but the last two: retry and the dedup window
+
+    def arguments(self, retry: bool) -> list[Any]:
+        return [*self.args, "1" if retry else "0", _DEDUP_WINDOW]
+
+    def stored(self, epoch: str, seq: int) -> StoredEvent:
+        return StoredEvent(self.session_id, epoch, seq, self.type, self.final, self.body)
+
+
 def _milliseconds(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
@@ -282,6 +310,7 @@ class RedisBroker:
         self._client: Redis | None = None
         self._sub_client: Redis | None = None
         self._append_script: Any = None
+        self._appends: Batcher[_Append, StoredEvent] | None = None
         self._read_script: Any = None
         self._claim_script: Any = None
         self._renew_script: Any = None
@@ -353,6 +382,12 @@ class RedisBroker:
         self._client = self._make_client(self._max_connections)
         self._sub_client = self._make_client(1)
         self._append_script = self._client.register_script(_APPEND_LUA)
+        self._appends = Batcher(
+            self._store_batch,
+            # A retried batch finds each of its appends among the newest entries.
+            max_batch=_DEDUP_WINDOW,
+            closed=lambda: ServiceUnavailable(UNAVAILABLE_MESSAGE),
+        )
         self._read_script = self._client.register_script(_READ_LUA)
         self._claim_script = self._client.register_script(_CLAIM_LUA)
         self._renew_script = self._client.register_script(_RENEW_LUA)
@@ -373,6 +408,8 @@ class RedisBroker:
                 await asyncio.wait({reader}, timeout=1.0)
             if not reader.cancelled() and reader.exception() is not None:
                 log.error("redis pub/sub reader had failed", exc_info=reader.exception())
+        if self._appends is not None:
+            await self._appends.close()
         for batches in self._inflight.values():
             for batch in batches:
                 for future in batch:
@@ -417,34 +454,66 @@ class RedisBroker:
                 delay = min(delay * 2, 1.0)
             except RedisError as exc:
                 # Redis answered with an error (OOM, READONLY, NOPERM...): no retry.
-                code = str(exc).split(" ", 1)[0][:32] if isinstance(exc, ResponseError) else ""
-                log.warning("redis %s refused: %s %s", what, type(exc).__name__, code)
+                log.warning("redis %s refused: %s", what, _error_code(exc))
                 raise ServiceUnavailable(UNAVAILABLE_MESSAGE) from None
 
     async def append(self, session_id: str, type: str, body: str, final: bool) -> StoredEvent:
-        client = self._require_client()
+        self._require_client()
+        assert self._appends is not None
         keys = [self._state_key(session_id), self._stream_key(session_id)]
-        nonce = secrets.token_hex(6)
-        fresh_epoch = new_epoch()
-        final_flag = "1" if final else "0"
-        channel = self.channel(session_id)
+        args = [type, "1" if final else "0", body, self._buffer_size, self._ttl_ms, new_epoch()]
+        args += [self.channel(session_id), secrets.token_hex(6)]  # the nonce a retry looks for
+        return await self._appends.submit(_Append(session_id, type, final, body, keys, args))
+
+    async def _store_batch(self, batch: list[_Append]) -> list[StoredEvent | Exception]:
+        """Run the append script for each append of the batch in one pipeline (one round
+        trip), retrying the whole batch on transient failures: each append carries a
+        nonce, so a retry finds what an earlier attempt stored instead of storing it twice.
+        """
+        client = self._require_client()
 
         async def attempt(n: int) -> list[Any]:
-            args = [type, final_flag, body, self._buffer_size, self._ttl_ms, fresh_epoch]
-            args += [channel, nonce, "1" if n else "0", _DEDUP_WINDOW]
-            result: list[Any] = await self._append_script(keys=keys, args=args, client=client)
-            return result
+            return await self._run_appends(client, batch, retry=n > 0)
 
-        result = await self._call("append", attempt)
-        if result[0] == 0:
-            raise SessionEnded(session_id)
-        stored = StoredEvent(session_id, str(result[1]), int(result[2]), type, final, body)
-        # This process's subscribers get it now rather than when Redis echoes it back
-        # through pub/sub: one hop less, measured as about half of what Redis added to p99.
-        # The echo is then dropped as a duplicate; an event another process stored in
-        # between reaches the hub out of order, which it resyncs from the stream.
-        self._deliver(stored)
-        return stored
+        answers = await self._call("append", attempt)
+        results: list[StoredEvent | Exception] = []
+        for request, answer in zip(batch, answers, strict=True):
+            if isinstance(answer, Exception):
+                # Redis refused this one script (OOM, READONLY...): no retry.
+                log.warning("redis append refused: %s", _error_code(answer))
+                results.append(ServiceUnavailable(UNAVAILABLE_MESSAGE))
+            elif answer[0] == 0:
+                results.append(SessionEnded(request.session_id))
+            else:
+                stored = request.stored(str(answer[1]), int(answer[2]))
+                # This process's subscribers get it now, in the order stored, rather than
+                # when Redis echoes it back through pub/sub: one hop less, measured as about
+                # half of what Redis added to p99. The echo is then dropped as a duplicate;
+                # an event another process stored in between reaches the hub out of order,
+                # which it resyncs from the stream.
+                self._deliver(stored)
+                results.append(stored)
+        return results
+
+    async def _run_appends(self, client: Redis, batch: list[_Append], retry: bool) -> list[Any]:
+        """One pipeline of EVALSHA calls. After a ``SCRIPT FLUSH`` or a restart of Redis
+        the script is loaded again and the whole batch retried (see :meth:`_store_batch`)."""
+        if len(batch) == 1:
+            # Alone in its turn of the loop, as appends are below saturation: a plain call
+            # costs less than a pipeline of one (the script object loads itself if needed).
+            request = batch[0]
+            args = request.arguments(retry)
+            return [await self._append_script(keys=request.keys, args=args, client=client)]
+        sha = self._append_script.sha
+        for reloaded in (False, True):
+            async with client.pipeline(transaction=False) as pipe:
+                for request in batch:
+                    pipe.evalsha(sha, 2, *request.keys, *request.arguments(retry or reloaded))
+                answers: list[Any] = await pipe.execute(raise_on_error=False)
+            if reloaded or not any(isinstance(answer, NoScriptError) for answer in answers):
+                break
+            await client.script_load(_APPEND_LUA)
+        return answers
 
     async def read(self, session_id: str, after: StreamPosition | None) -> Replay:
         await self._settle_subscription(session_id)

@@ -46,15 +46,15 @@ def keys_of(broker: RedisBroker, session_id: str) -> tuple[str, str]:
 
 
 class LoseFirstAnswer:
-    """Wrap a script so that its first call runs in Redis but its answer is "lost"."""
+    """Wrap a call to Redis so that its first call runs in Redis but its answer is "lost"."""
 
     def __init__(self, script: Callable[..., Awaitable[Any]]) -> None:
         self.script = script
         self.calls = 0
 
-    async def __call__(self, **kwargs: Any) -> Any:
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
-        result = await self.script(**kwargs)
+        result = await self.script(*args, **kwargs)
         if self.calls == 1:
             raise RedisConnectionError("connection lost before the reply")
         return result
@@ -224,13 +224,70 @@ async def test_append_whose_answer_was_lost_is_stored_once(
     """A retried append whose first attempt did reach Redis returns that event, not a copy."""
     node = await make_node()
     sid = new_session_id()
-    lossy = LoseFirstAnswer(node.broker._append_script)
-    monkeypatch.setattr(node.broker, "_append_script", lossy)
+    lossy = LoseFirstAnswer(node.broker._run_appends)
+    monkeypatch.setattr(node.broker, "_run_appends", lossy)
     first = await node.broker.append(sid, "progress", body(1), False)
     second = await node.broker.append(sid, "progress", body(2), False)
     assert lossy.calls == 3
     assert (first.seq, second.seq) == (1, 2)
     assert await raw_redis.xlen(node.broker._stream_key(sid)) == 2
+
+
+async def test_concurrent_appends_share_round_trips_and_are_stored_once(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """300 appends made at once, over 10 sessions, go out in a handful of pipelines; each is
+    stored once, every session's seqs are gapless, and each caller gets its own event."""
+    node = await make_node()
+    sids = [new_session_id() for _ in range(10)]
+    requests = [(sids[i % 10], body(i)) for i in range(300)]
+    results = await asyncio.gather(
+        *(node.broker.append(sid, "progress", text, False) for sid, text in requests)
+    )
+    assert node.broker._appends is not None and node.broker._appends.batches <= 10
+    assert [(e.session_id, json.loads(e.payload)["n"]) for e in results] == [
+        (sid, n) for n, (sid, _) in enumerate(requests)
+    ]
+    for sid in sids:
+        assert sorted(e.seq for e in results if e.session_id == sid) == list(range(1, 31))
+        assert await raw_redis.xlen(node.broker._stream_key(sid)) == 30
+
+
+async def test_a_pipeline_whose_answer_was_lost_stores_each_append_once(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch, raw_redis: Redis
+) -> None:
+    """The whole pipeline is retried, and each append finds what its first attempt stored."""
+    node = await make_node()
+    sid = new_session_id()
+    await node.broker.append(sid, "progress", body(0), False)  # the lone one, before
+    lossy = LoseFirstAnswer(node.broker._run_appends)
+    monkeypatch.setattr(node.broker, "_run_appends", lossy)
+    results = await asyncio.gather(
+        *(node.broker.append(sid, "progress", body(n), False) for n in range(1, 101))
+    )
+    assert lossy.calls >= 3  # the lone first call, lost once, then the rest batched
+    assert sorted(e.seq for e in results) == list(range(2, 102))
+    assert await raw_redis.xlen(node.broker._stream_key(sid)) == 101
+
+
+async def test_appends_go_on_after_redis_forgets_the_script(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """After ``SCRIPT FLUSH`` (as after a restart of Redis), lone and pipelined appends load
+    the script again and store each event once."""
+    node = await make_node()
+    sid = new_session_id()
+    await node.broker.append(sid, "progress", body(1), False)
+    for _ in range(2):
+        await raw_redis.script_flush()
+        lone = await node.broker.append(sid, "progress", body(2), False)
+        await raw_redis.script_flush()
+        batched = await asyncio.gather(
+            *(node.broker.append(sid, "progress", body(n), False) for n in range(10))
+        )
+    assert lone.seq == 13
+    assert sorted(e.seq for e in batched) == list(range(14, 24))
+    assert await raw_redis.xlen(node.broker._stream_key(sid)) == 23
 
 
 async def test_claim_whose_answer_was_lost_still_wins(
@@ -453,14 +510,14 @@ async def test_append_retries_until_redis_returns(
     server = own_redis()
     node = await make_node(server.url, retry_budget=TIMEOUT)
     attempts = 0
-    script = node.broker._append_script
+    run_appends = node.broker._run_appends
 
-    async def counting(**kwargs: Any) -> Any:
+    async def counting(*args: Any, **kwargs: Any) -> Any:
         nonlocal attempts
         attempts += 1
-        return await script(**kwargs)
+        return await run_appends(*args, **kwargs)
 
-    monkeypatch.setattr(node.broker, "_append_script", counting)
+    monkeypatch.setattr(node.broker, "_run_appends", counting)
     server.stop()
     append = asyncio.create_task(node.broker.append(new_session_id(), "progress", body(1), False))
     await eventually(lambda: attempts >= 2)
