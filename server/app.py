@@ -140,8 +140,14 @@ def _origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
     return origin in allowed or "*" in allowed
 
 
-def _add_cors_headers(allowed: tuple[str, ...]) -> Callable[..., Awaitable[None]]:
+def _on_response_prepare(allowed: tuple[str, ...]) -> Callable[..., Awaitable[None]]:
+    """One hook for every response, streams included (it runs once per published event)."""
+
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        # aiohttp's default "Server: Python/3.x aiohttp/3.x" tells an attacker what to look up.
+        response.headers.popall("Server", None)
+        if not allowed:
+            return
         origin = request.headers.get("Origin")
         if origin and _origin_allowed(origin, allowed):
             response.headers["Access-Control-Allow-Origin"] = origin
@@ -149,11 +155,6 @@ def _add_cors_headers(allowed: tuple[str, ...]) -> Callable[..., Awaitable[None]
             response.headers["Vary"] = "Origin"
 
     return on_prepare
-
-
-async def _hide_server_header(request: web.Request, response: web.StreamResponse) -> None:
-    # aiohttp's default "Server: Python/3.x aiohttp/3.x" tells an attacker what to look up.
-    response.headers.popall("Server", None)
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -204,11 +205,9 @@ def create_app(
 
     app = web.Application(
         client_max_size=settings.max_body_size,
-        middlewares=[
-            log_context_middleware,
-            errors_middleware,
-            cors_middleware(settings.cors_origins),
-        ],
+        middlewares=[log_context_middleware, errors_middleware]
+        # Without allowed origins there is no preflight to answer: no layer for it.
+        + ([cors_middleware(settings.cors_origins)] if settings.cors_origins else []),
     )
     app[STREAM_CONTEXT] = StreamContext(settings, hub, metrics, admission)
     app[WORKFLOW_RUNNER] = runner
@@ -234,8 +233,7 @@ def create_app(
 
     app.cleanup_ctx.append(lifetime)
     app.on_shutdown.append(on_shutdown)
-    app.on_response_prepare.append(_add_cors_headers(settings.cors_origins))
-    app.on_response_prepare.append(_hide_server_header)
+    app.on_response_prepare.append(_on_response_prepare(settings.cors_origins))
 
     app.router.add_get("/ws/orchestrator/{session_id}", websocket_handler)
     app.router.add_get("/sse/orchestrator/{session_id}", sse_handler)

@@ -55,3 +55,35 @@ async def test_a_secret_in_an_exception_reaches_no_event_and_no_body_only_the_lo
 
     assert not any(SECRET in item for item in seen)
     assert SECRET in caplog.text
+
+
+async def test_no_response_names_the_server_software(
+    start: StartServer, http: ClientSession
+) -> None:
+    """aiohttp's ``Server: Python/3.x aiohttp/3.x`` tells an attacker what to look up: no
+    answer carries it, whether a REST body, an error, an SSE stream or a WebSocket
+    handshake."""
+    server = await start()
+    session_id = "no-server-header"
+    seen = []
+    for path in (
+        "/healthz",
+        f"/api/sessions/{session_id}",  # 404, the JSON error shape
+        "/no/such/route",
+    ):
+        async with http.get(url(server, path)) as response:
+            seen.append(response.headers)
+    async with http.post(
+        url(server, f"/api/sessions/{session_id}/events"),
+        json={"type": "progress", "agent": "orchestrator", "status": "step", "progress": 10},
+    ) as response:
+        assert response.status == 202
+        seen.append(response.headers)
+    async with http.get(sse_url(server, session_id)) as response:
+        assert response.status == 200
+        seen.append(response.headers)
+    async with http.ws_connect(ws_url(server, session_id)) as ws:
+        assert ws._response is not None
+        seen.append(ws._response.headers)
+    assert len(seen) == 6
+    assert not [headers["Server"] for headers in seen if "Server" in headers]
