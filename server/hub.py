@@ -29,11 +29,10 @@ same two ways, from one timer for the whole hub rather than one per connection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal
 
 from .brokers.base import Broker, Replay
@@ -345,6 +344,29 @@ class Subscription:
         return self.get_nowait()
 
 
+class Subscribing:
+    """What :meth:`Hub.subscribe` returns. A class rather than a generator-based context
+    manager: a stream stays inside it for hours, and a suspended generator with its
+    wrapper would cost about 500 bytes more per connection."""
+
+    __slots__ = ("_hub", "_last_event_id", "_session_id", "_subscription")
+
+    def __init__(self, hub: Hub, session_id: str, last_event_id: str | None) -> None:
+        self._hub = hub
+        self._session_id = session_id
+        self._last_event_id = last_event_id
+        self._subscription: Subscription | None = None
+
+    async def __aenter__(self) -> Subscription:
+        self._subscription = await self._hub._join(self._session_id, self._last_event_id)
+        return self._subscription
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            await self._hub._leave(subscription)
+
+
 class Hub:
     """Sessions, their local subscribers, and the one publish path."""
 
@@ -425,16 +447,17 @@ class Hub:
 
     # --- subscribing ----------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def subscribe(
-        self, session_id: str, last_event_id: str | None = None
-    ) -> AsyncIterator[Subscription]:
-        """Subscribe to one session, resuming after ``last_event_id`` if given.
+    def subscribe(self, session_id: str, last_event_id: str | None = None) -> Subscribing:
+        """``async with hub.subscribe(session_id, last_event_id) as subscription``:
+        subscribe to one session, resuming after ``last_event_id`` if given.
 
         A malformed ``last_event_id`` is a position that cannot be served:
         the subscriber gets ``replay_gap`` and every retained event. The
         subscription is always removed on exit, cancellation included.
         """
+        return Subscribing(self, session_id, last_event_id)
+
+    async def _join(self, session_id: str, last_event_id: str | None) -> Subscription:
         position = StreamPosition.parse(last_event_id) if last_event_id else None
         malformed = bool(last_event_id) and position is None
         local = self._sessions.get(session_id)
@@ -447,17 +470,22 @@ class Hub:
             if len(local.members) == 1:
                 await self.broker.watch(session_id)
             replay = await self.broker.read(session_id, position)
-            self._metrics.replays.inc()
-            if replay.gap or malformed:
-                self._metrics.replay_gaps.inc()
-            subscription._start(replay, gap=replay.gap or malformed)
-            yield subscription
-        finally:
-            self._metrics.subscribers.dec()
-            del local.members[subscription]
-            if not local.members and self._sessions.get(session_id) is local:
-                del self._sessions[session_id]
-                await self.broker.unwatch(session_id)
+        except BaseException:
+            await self._leave(subscription)
+            raise
+        self._metrics.replays.inc()
+        if replay.gap or malformed:
+            self._metrics.replay_gaps.inc()
+        subscription._start(replay, gap=replay.gap or malformed)
+        return subscription
+
+    async def _leave(self, subscription: Subscription) -> None:
+        self._metrics.subscribers.dec()
+        local, session_id = subscription._local, subscription.session_id
+        del local.members[subscription]
+        if not local.members and self._sessions.get(session_id) is local:
+            del self._sessions[session_id]
+            await self.broker.unwatch(session_id)
 
     def _resync(self, subscription: Subscription) -> None:
         self._spawn(self._resync_one(subscription))
