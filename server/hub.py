@@ -225,6 +225,7 @@ class Subscription:
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None:
+            self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
         elif self._on_wake is not None:
@@ -329,19 +330,23 @@ class Subscription:
         frame = self.get_nowait()
         if frame is not None:
             return frame
-        self._join_steady()
-        self._waiter = asyncio.get_running_loop().create_future()
         try:
-            if timeout is None:
-                await self._waiter  # no timer: an idle stream holds as little as it can
-            else:
-                async with asyncio.timeout(timeout):
-                    await self._waiter
+            async with asyncio.timeout(timeout):
+                await self.wait()
         except TimeoutError:
             return None
         finally:
             self._waiter = None
         return self.get_nowait()
+
+    def wait(self) -> asyncio.Future[None]:
+        """A future that is done once there may be a frame to send (then ``get_nowait``).
+
+        Awaiting it directly keeps no coroutine frame of its own, and no timer, for the
+        hours an idle stream may wait."""
+        self._join_steady()
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        return waiter
 
 
 class Subscribing:

@@ -81,9 +81,8 @@ async def pump(outlet: Outlet, *, park: bool = False) -> bool | None:
         if frame is None:
             if park and subscription.park():
                 return None
-            frame = await subscription.get()
-            if frame is None:
-                continue
+            await subscription.wait()
+            continue
         if socket is None or socket.is_closing():
             return False
         if socket.get_write_buffer_size():

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from ..auth import check_stream_access
-from ..context import STREAM_CONTEXT, StreamContext
+from ..context import STREAM_CONTEXT
 from ..errors import InvalidSessionId
 from ..hub import Frame, SubscriptionClosed
 from ..messages import SLOW_CONSUMER, is_valid_session_id
@@ -38,48 +38,45 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     if not is_valid_session_id(session_id):
         raise InvalidSessionId()
     check_stream_access(request, ctx.settings, session_id)  # 401 without a valid token
+    # One frame for the whole stream (no helper coroutine): it stays suspended for hours.
     with ctx.admission.connection(session_id, "sse"):  # 503 over a limit; counts the stream
-        return await _stream(request, ctx, session_id)
+        async with ctx.hub.subscribe(session_id, resume_point(request)) as subscription:
+            if subscription.finished:
+                # Resumed at the final event: nothing will ever follow.
+                return web.Response(status=204)
 
+            response = EventSourceResponse(send_timeout=None)
+            await response.prepare(request)
+            # aiohttp-sse's ": ping" comments are replaced by the hub's heartbeat events, which a
+            # browser can see. Its ping task is stopped before its first ping (an idle stream
+            # would hold a task, its frame and a timer, about 1.5 KiB); the stream goes on.
+            response.stop_streaming()
 
-async def _stream(request: web.Request, ctx: StreamContext, session_id: str) -> web.StreamResponse:
-    async with ctx.hub.subscribe(session_id, resume_point(request)) as subscription:
-        if subscription.finished:
-            # Resumed at the final event: nothing will ever follow.
-            return web.Response(status=204)
+            async def send(frame: Frame) -> None:
+                await response.write(frame.sse_frame)
 
-        response = EventSourceResponse(send_timeout=None)
-        await response.prepare(request)
-        # aiohttp-sse's ": ping" comments are replaced by the hub's heartbeat events, which a
-        # browser can see. Its ping task is stopped before its first ping (an idle stream
-        # would hold a task, its frame and a timer, about 1.5 KiB); the stream goes on.
-        response.stop_streaming()
-
-        async def send(frame: Frame) -> None:
-            await response.write(frame.sse_frame)
-
-        try:
-            # The first write also sends the headers; direct writes may only follow it.
-            await response.write(f"retry: {ctx.settings.sse_retry_ms}\n\n".encode())
-            outlet = Outlet(
-                subscription,
-                request,
-                ctx.metrics,
-                "sse",
-                ctx.settings.heartbeat_interval,
-                # A chunked response (HTTP/1.1) takes the cached chunk as is.
-                prebuilt=_sse_chunk if response.chunked else None,
-                send=send,
-            )
-            await pump(outlet)
-        except SubscriptionClosed as closed:
-            if closed.reason == SLOW_CONSUMER:
-                with contextlib.suppress(ConnectionError):
-                    await response.write(slow_consumer_notice(session_id).sse_frame)
-        except ConnectionError:
-            pass  # the client went away
-        finally:
-            subscription.detach()  # before the response's last chunk
-        with contextlib.suppress(ConnectionError):
-            await response.write_eof()
-        return response
+            try:
+                # The first write also sends the headers; direct writes may only follow it.
+                await response.write(f"retry: {ctx.settings.sse_retry_ms}\n\n".encode())
+                outlet = Outlet(
+                    subscription,
+                    request,
+                    ctx.metrics,
+                    "sse",
+                    ctx.settings.heartbeat_interval,
+                    # A chunked response (HTTP/1.1) takes the cached chunk as is.
+                    prebuilt=_sse_chunk if response.chunked else None,
+                    send=send,
+                )
+                await pump(outlet)
+            except SubscriptionClosed as closed:
+                if closed.reason == SLOW_CONSUMER:
+                    with contextlib.suppress(ConnectionError):
+                        await response.write(slow_consumer_notice(session_id).sse_frame)
+            except ConnectionError:
+                pass  # the client went away
+            finally:
+                subscription.detach()  # before the response's last chunk
+            with contextlib.suppress(ConnectionError):
+                await response.write_eof()
+            return response
