@@ -103,13 +103,31 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 async def _stream(
     ws: _EventSocket, request: web.Request, ctx: StreamContext, session_id: str
 ) -> None:
-    """Subscribe, then read the client's commands here while frames go out."""
+    """Subscribe, then read the client's commands here while frames go out: ``{"type":
+    "ping"}`` is answered, anything else gets ``invalid_message``. Ends on close.
+
+    The reading loop is here rather than in a helper: an idle stream sits in it for hours,
+    and each coroutine frame it is nested in costs its size per connection."""
     async with ctx.hub.subscribe(session_id, request.query.get("last_event_id")) as subscription:
         ws.subscription = subscription
         sender = _Sender(ws, subscription, request, ctx)
         sender.wake()  # the replay, if any; then it parks
         try:
-            await _read_commands(ws, subscription, ctx)
+            async for message in ws:
+                if message.type is WSMsgType.TEXT and _is_ping(message.data):
+                    subscription.push_control(ControlEvent.heartbeat(session_id))
+                elif message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    subscription.push_control(
+                        ControlEvent.error(
+                            session_id,
+                            INVALID_MESSAGE,
+                            'Unknown message. The only command is {"type": "ping"}.',
+                        )
+                    )
+                elif message.type is WSMsgType.ERROR and _too_big(message.data):
+                    # aiohttp has closed with 1009 already; count it now, as the handler
+                    # may be cancelled as soon as the socket is gone.
+                    ctx.metrics.refused("frame_too_large")
         finally:
             subscription.detach()
             await sender.stop()
@@ -135,27 +153,6 @@ async def _refuse(
     with contextlib.suppress(ConnectionError):
         await ws.send_frame(notice.payload, WSMsgType.TEXT)
     await _close(ws, close_code, refused.code.encode())
-
-
-async def _read_commands(
-    ws: web.WebSocketResponse, subscription: Subscription, ctx: StreamContext
-) -> None:
-    """Answer ``{"type": "ping"}``; anything else gets ``invalid_message``. Ends on close."""
-    async for message in ws:
-        if message.type is WSMsgType.TEXT and _is_ping(message.data):
-            subscription.push_control(ControlEvent.heartbeat(subscription.session_id))
-        elif message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-            subscription.push_control(
-                ControlEvent.error(
-                    subscription.session_id,
-                    INVALID_MESSAGE,
-                    'Unknown message. The only command is {"type": "ping"}.',
-                )
-            )
-        elif message.type is WSMsgType.ERROR and _too_big(message.data):
-            # aiohttp has closed with 1009 already; count it now, as the handler may be
-            # cancelled as soon as the socket is gone.
-            ctx.metrics.refused("frame_too_large")
 
 
 def _too_big(error: object) -> bool:
