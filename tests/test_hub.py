@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from server.brokers.base import Broker
+from server.brokers.base import Broker, Replay
 from server.brokers.memory import MemoryBroker
 from server.brokers.redis import RedisBroker
-from server.errors import SessionEnded
+from server.errors import ServiceUnavailable, SessionEnded
 from server.hub import Hub, Subscription, SubscriptionClosed
 from server.messages import (
     REPLAY_GAP,
@@ -29,6 +29,7 @@ from server.messages import (
     ControlEvent,
     ProgressEvent,
     StoredEvent,
+    StreamPosition,
 )
 from server.metrics import Metrics
 from tests.conftest import BOTH_BROKERS
@@ -361,6 +362,34 @@ async def test_subscribers_are_removed_on_exit_and_on_cancellation(make_hub: Hub
     with pytest.raises(asyncio.CancelledError):
         await task
     assert hub.subscriber_count == 0 and hub.session_count == 0
+
+
+async def test_a_subscription_whose_replay_cannot_be_read_leaves_nothing_behind() -> None:
+    """The event store fails while a subscriber joins: the caller gets the error, and no
+    subscriber, session or watch is left (a later subscriber joins as if first)."""
+    hub = await make_memory_hub()
+    broker = hub.broker
+    read = broker.read
+    failures = 0
+
+    async def failing_read(session_id: str, after: StreamPosition | None) -> Replay:
+        nonlocal failures
+        failures += 1
+        raise ServiceUnavailable("down")
+
+    broker.read = failing_read  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ServiceUnavailable):
+            async with hub.subscribe(SID):
+                pytest.fail("entered a subscription that has no replay")
+        assert failures == 1
+        assert hub.subscriber_count == 0 and hub.session_count == 0
+    finally:
+        broker.read = read  # type: ignore[method-assign]
+    await hub.publish(progress(1))
+    async with hub.subscribe(SID) as sub:
+        assert seqs(await drain(sub)) == [1]
+    await hub.close()
 
 
 @BOTH_BROKERS
