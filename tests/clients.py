@@ -150,7 +150,6 @@ def assert_whole_story(events: list[Event], session_id: str, count: int) -> None
     assert not any(event.get("final") for event in story[:-1])
 
 
-# Resume ids that cannot be a position: each gets replay_gap, then the whole story.
 # Session ids that are not valid, as they appear in a URL path (percent-encoded).
 BAD_SESSION_IDS = {
     "too short": "abc1234",
@@ -162,6 +161,7 @@ BAD_SESSION_IDS = {
     "with a space": "abcd%20efghijk",
 }
 
+# Resume ids that cannot be a position: each gets replay_gap, then the whole story.
 JUNK_EVENT_IDS = {
     "a dash": "-",
     "three dashes": "1-1-1",
