@@ -76,6 +76,10 @@ class Sink:
         self.delivered = delivered
         self.latency = latency
 
+    def writable_now(self) -> bool:
+        """The socket takes a write at once: open, nothing waiting in its buffer."""
+        return not self.socket.get_write_buffer_size() and not self.socket.is_closing()
+
 
 class _Local:
     """This process's subscribers of one session, and where the steady ones stand."""
@@ -264,8 +268,7 @@ class Subscription:
             or self._final_seen
             or self._control
             or self._queue
-            or sink.socket.is_closing()
-            or sink.socket.get_write_buffer_size()
+            or not sink.writable_now()
             or self not in local.members
         ):
             return
@@ -436,6 +439,7 @@ class Hub:
         for subscription, sink in members.items():
             if sink is not None:
                 socket = sink.socket
+                # Sink.writable_now, inlined: this loop runs once per subscriber per event.
                 if follows and not socket.get_write_buffer_size() and not socket.is_closing():
                     socket.write(sink.encode(event))
                     sink.delivered.value += 1
@@ -524,11 +528,7 @@ class Hub:
         for session_id, local in list(self._sessions.items()):
             heartbeat = ControlEvent.heartbeat(session_id)
             for subscription, sink in list(local.members.items()):
-                if (
-                    sink is not None
-                    and not sink.socket.get_write_buffer_size()
-                    and not sink.socket.is_closing()
-                ):
+                if sink is not None and sink.writable_now():
                     # Steady and idle: written here, like a live event (a heartbeat has
                     # no place in the sequence, so there is no order to keep).
                     sink.socket.write(sink.encode(heartbeat))
