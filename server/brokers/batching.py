@@ -44,12 +44,13 @@ class Batcher(Generic[In, Out]):
         self._send = send
         self._max_batch = max_batch
         self._closed_error = closed
+        # Calls waiting for their batch. Whenever it is not empty, a batch task has been
+        # started that will take them when it runs.
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
-        self._batch_opened = False  # a batch task is started and has not taken its calls yet
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0  # batches sent and not answered yet
         self._closed = False
-        self.batches = 0  # batches sent so far (for tests and the benchmark's notes)
+        self.batches = 0  # batches sent so far, lone calls included (for tests)
 
     async def submit(self, item: In) -> Out:
         if self._closed:
@@ -59,11 +60,10 @@ class Batcher(Generic[In, Out]):
             # a turn of the loop sooner than through a batch task.
             return await self._send_alone(item)
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
-        if not self._batch_opened:
+        if not self._pending:
             # The task starts on the next turn of the loop and takes what is pending then.
-            self._batch_opened = True
             self._start(self._send_pending())
+        self._pending.append((item, future))
         return await future
 
     async def _send_alone(self, item: In) -> Out:
@@ -85,7 +85,6 @@ class Batcher(Generic[In, Out]):
     async def _send_pending(self) -> None:
         batch = self._pending[: self._max_batch]
         del self._pending[: self._max_batch]
-        self._batch_opened = bool(self._pending)
         if self._pending:  # more than one batch's worth: the rest goes beside this one
             self._start(self._send_pending())
         self.batches += 1
