@@ -238,10 +238,11 @@ class _Append:
     final: bool
     body: str
     keys: list[str]
-    args: list[Any]  # all but the last two: retry and the dedup window
+    settings: list[Any]  # ARGV 4 to 8: maxlen, ttl_ms, fresh epoch, channel, nonce
 
     def arguments(self, retry: bool) -> list[Any]:
-        return [*self.args, "1" if retry else "0", _DEDUP_WINDOW]
+        final = "1" if self.final else "0"
+        return [self.type, final, self.body, *self.settings, "1" if retry else "0", _DEDUP_WINDOW]
 
     def stored(self, epoch: str, seq: int) -> StoredEvent:
         return StoredEvent(self.session_id, epoch, seq, self.type, self.final, self.body)
@@ -461,9 +462,9 @@ class RedisBroker:
         self._require_client()
         assert self._appends is not None
         keys = [self._state_key(session_id), self._stream_key(session_id)]
-        args = [type, "1" if final else "0", body, self._buffer_size, self._ttl_ms, new_epoch()]
-        args += [self.channel(session_id), secrets.token_hex(6)]  # the nonce a retry looks for
-        return await self._appends.submit(_Append(session_id, type, final, body, keys, args))
+        settings = [self._buffer_size, self._ttl_ms, new_epoch(), self.channel(session_id)]
+        settings.append(secrets.token_hex(6))  # the nonce a retry looks for
+        return await self._appends.submit(_Append(session_id, type, final, body, keys, settings))
 
     async def _store_batch(self, batch: list[_Append]) -> list[StoredEvent | Exception]:
         """Run the append script for each append of the batch in one pipeline (one round
