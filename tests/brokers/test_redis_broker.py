@@ -290,6 +290,87 @@ async def test_appends_go_on_after_redis_forgets_the_script(
     assert await raw_redis.xlen(node.broker._stream_key(sid)) == 23
 
 
+async def test_overlapping_publishers_each_get_their_own_answer(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """Publishers appending one event at a time, as the publish requests of many sessions do:
+    with two of them, a lone append and a batch of one are on their way at once, and each
+    caller still gets the answer to its own append, never its neighbour's."""
+    node = await make_node()
+    sids = [new_session_id() for _ in range(2)]
+
+    async def publisher(sid: str) -> list[StoredEvent]:
+        return await append_many(node.broker, sid, 30)
+
+    results = await asyncio.gather(*(publisher(sid) for sid in sids))
+    for sid, events in zip(sids, results, strict=True):
+        assert [(e.session_id, e.seq, json.loads(e.payload)["n"]) for e in events] == [
+            (sid, n, n) for n in range(1, 31)
+        ]
+        stored = await raw_redis.xrange(node.broker._stream_key(sid))
+        assert [json.loads(fields["b"])["n"] for _, fields in stored] == list(range(1, 31))
+
+
+async def test_a_lone_append_that_timed_out_is_stored_once(
+    make_node: NodeFactory, own_redis: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis holds an append past its time-out (``CLIENT PAUSE``): the call is abandoned and
+    retried, the append is stored once, and the next append gets its own answer rather than
+    the late answer of the abandoned call."""
+    server = own_redis()
+    node = await make_node(server.url, op_timeout=0.2, retry_budget=TIMEOUT)
+    admin = Redis.from_url(server.url, decode_responses=True)
+    sid = new_session_id()
+    await node.broker.append(sid, "progress", body(1), False)
+    attempts = 0
+    run_appends = node.broker._run_appends
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal attempts
+        attempts += 1
+        return await run_appends(*args, **kwargs)
+
+    monkeypatch.setattr(node.broker, "_run_appends", counting)
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", int(TIMEOUT * 1000), "WRITE")
+        append = asyncio.create_task(node.broker.append(sid, "progress", body(2), False))
+        await eventually(lambda: attempts >= 2)  # the first attempt timed out
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        second = await append
+        third = await node.broker.append(sid, "progress", body(3), False)
+        assert [(e.seq, json.loads(e.payload)["n"]) for e in (second, third)] == [(2, 2), (3, 3)]
+        stored = await admin.xrange(node.broker._stream_key(sid))
+        assert [json.loads(fields["b"])["n"] for _, fields in stored] == [1, 2, 3]
+    finally:
+        await admin.aclose()
+
+
+@pytest.mark.parametrize("path", ["append connection", "pipeline"])
+async def test_an_append_redis_refuses_fails_alone(
+    make_node: NodeFactory, raw_redis: Redis, path: str
+) -> None:
+    """In a batch, an append whose script Redis refuses (here: its state key was overwritten
+    with a string) fails on its own; the others are stored, and the next append is answered
+    in step. On both ways a batch goes out: the broker's own connection, or a pipeline
+    while that one is busy."""
+    node = await make_node()
+    good, bad = new_session_id(), new_session_id()
+    await raw_redis.set(node.broker._state_key(bad), "not a hash")
+    node.broker._append_connection_busy = path == "pipeline"
+    batch = [
+        node.broker._append_request(sid, "progress", body(n), False)
+        for n, sid in enumerate([good, bad, good], start=1)
+    ]
+    first, refused, third = await node.broker._store_batch(batch)
+    assert isinstance(refused, ServiceUnavailable)
+    assert isinstance(first, StoredEvent) and isinstance(third, StoredEvent)
+    assert (first.seq, third.seq) == (1, 2)
+    node.broker._append_connection_busy = False
+    after = await node.broker.append(good, "progress", body(4), False)
+    assert (after.seq, json.loads(after.payload)["n"]) == (3, 4)
+    assert await raw_redis.xlen(node.broker._stream_key(good)) == 3
+
+
 async def test_claim_whose_answer_was_lost_still_wins(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
