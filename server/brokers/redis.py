@@ -51,6 +51,7 @@ from ..errors import ServiceUnavailable, SessionEnded
 from ..messages import StoredEvent, StreamPosition
 from .base import EventListener, Lease, LeaseState, Replay, SessionInfo
 from .batching import Batcher
+from .pipelining import PipelinedConnection
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +250,6 @@ class _Append:
         return StoredEvent(self.session_id, epoch, seq, self.type, self.final, self.body)
 
 
-# Sends a batch of appends and returns one answer (or Redis's error) per append.
-_SendAppends = Callable[[Redis, list[_Append], bool], Awaitable[list[Any]]]
-
-
 def _milliseconds(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
@@ -316,8 +313,7 @@ class RedisBroker:
         self._client: Redis | None = None
         self._sub_client: Redis | None = None
         self._append_script: Any = None
-        self._append_connection: Any = None  # redis-py leaves Connection's methods untyped
-        self._append_connection_busy = False  # a batch is on its way on it
+        self._append_connection: PipelinedConnection | None = None
         self._appends: Batcher[_Append, StoredEvent] | None = None
         self._read_script: Any = None
         self._claim_script: Any = None
@@ -390,6 +386,7 @@ class RedisBroker:
         self._client = self._make_client(self._max_connections)
         self._sub_client = self._make_client(1)
         self._append_script = self._client.register_script(_APPEND_LUA)
+        self._append_connection = PipelinedConnection(self._client.connection_pool)
         self._appends = Batcher(
             self._store_batch,
             # A retried batch finds each of its appends among the newest entries.
@@ -418,10 +415,8 @@ class RedisBroker:
                 log.error("redis pub/sub reader had failed", exc_info=reader.exception())
         if self._appends is not None:
             await self._appends.close()
-        connection, self._append_connection = self._append_connection, None
-        if connection is not None and self._client is not None:
-            with contextlib.suppress(*_FAILURES):
-                await self._client.connection_pool.release(connection)
+        if self._append_connection is not None:
+            await self._append_connection.close()
         for batches in self._inflight.values():
             for batch in batches:
                 for future in batch:
@@ -511,63 +506,23 @@ class RedisBroker:
         return results
 
     async def _run_appends(self, client: Redis, batch: list[_Append], retry: bool) -> list[Any]:
-        """Send the batch's EVALSHA calls together and read their answers, one per call.
-        After a ``SCRIPT FLUSH`` or a restart of Redis the script is loaded again and the
-        whole batch retried (see :meth:`_store_batch`).
+        """Write the batch's EVALSHA calls together on the append connection and return
+        one answer per call. After a ``SCRIPT FLUSH`` or a restart of Redis the script
+        is loaded again and the whole batch retried (see :meth:`_store_batch`)."""
+        assert self._append_connection is not None
+        answers = await self._append_connection.call(self._packed_appends(batch, retry))
+        if any(isinstance(answer, NoScriptError) for answer in answers):
+            await client.script_load(_APPEND_LUA)
+            # Some appends of the batch may have run before the flush: they run as retries.
+            answers = await self._append_connection.call(self._packed_appends(batch, True))
+        return answers
 
-        The batch goes on the broker's own append connection when it is free, as it is
-        below saturation; while another batch is on it, as a pipeline on a pooled one.
-        """
-        if self._append_connection_busy:
-            return await self._with_reload(client, batch, retry, self._pipelined)
-        self._append_connection_busy = True
-        try:
-            return await self._with_reload(client, batch, retry, self._on_append_connection)
-        finally:
-            self._append_connection_busy = False
-
-    async def _with_reload(
-        self, client: Redis, batch: list[_Append], retry: bool, send: _SendAppends
-    ) -> list[Any]:
-        answers = await send(client, batch, retry)
-        if not any(isinstance(answer, NoScriptError) for answer in answers):
-            return answers
-        await client.script_load(_APPEND_LUA)
-        # Some appends of the batch may have run before the flush: they run as retries.
-        return await send(client, batch, True)
-
-    async def _on_append_connection(
-        self, client: Redis, batch: list[_Append], retry: bool
-    ) -> list[Any]:
-        """Through the client, a call takes a pooled connection, checks it and records
-        metrics, every time: measured, that was about half of what a lone append cost this
-        process. Here the calls are written on a connection the broker keeps, and read back.
-        A call cancelled or failed midway disconnects it (redis-py does; the answers still
-        due cannot be told apart any more), and the next send connects it again."""
-        connection = self._append_connection
-        if connection is None:
-            pool: Any = client.connection_pool  # redis-py leaves get_connection untyped
-            connection = self._append_connection = await pool.get_connection()
+    def _packed_appends(self, batch: list[_Append], retry: bool) -> list[bytes]:
         sha = self._append_script.sha
-        commands = [("EVALSHA", sha, 2, *r.keys, *r.arguments(retry)) for r in batch]
         # hiredis packs in C: 2.5 µs a command here, against 16.6 for redis-py's packer.
-        packed = [hiredis.pack_command(command) for command in commands]
-        await connection.send_packed_command(packed, check_health=False)
-        answers: list[Any] = []
-        for _ in batch:
-            try:
-                answers.append(await connection.read_response())
-            except ResponseError as refused:  # read whole: the connection stays in step
-                answers.append(refused)
-        return answers
-
-    async def _pipelined(self, client: Redis, batch: list[_Append], retry: bool) -> list[Any]:
-        sha = self._append_script.sha
-        async with client.pipeline(transaction=False) as pipe:
-            for request in batch:
-                pipe.evalsha(sha, 2, *request.keys, *request.arguments(retry))
-            answers: list[Any] = await pipe.execute(raise_on_error=False)
-        return answers
+        return [
+            hiredis.pack_command(("EVALSHA", sha, 2, *r.keys, *r.arguments(retry))) for r in batch
+        ]
 
     async def read(self, session_id: str, after: StreamPosition | None) -> Replay:
         await self._settle_subscription(session_id)

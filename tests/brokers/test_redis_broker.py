@@ -345,18 +345,15 @@ async def test_a_lone_append_that_timed_out_is_stored_once(
         await admin.aclose()
 
 
-@pytest.mark.parametrize("path", ["append connection", "pipeline"])
 async def test_an_append_redis_refuses_fails_alone(
-    make_node: NodeFactory, raw_redis: Redis, path: str
+    make_node: NodeFactory, raw_redis: Redis
 ) -> None:
     """In a batch, an append whose script Redis refuses (here: its state key was overwritten
     with a string) fails on its own; the others are stored, and the next append is answered
-    in step. On both ways a batch goes out: the broker's own connection, or a pipeline
-    while that one is busy."""
+    in step."""
     node = await make_node()
     good, bad = new_session_id(), new_session_id()
     await raw_redis.set(node.broker._state_key(bad), "not a hash")
-    node.broker._append_connection_busy = path == "pipeline"
     batch = [
         node.broker._append_request(sid, "progress", body(n), False)
         for n, sid in enumerate([good, bad, good], start=1)
@@ -365,7 +362,6 @@ async def test_an_append_redis_refuses_fails_alone(
     assert isinstance(refused, ServiceUnavailable)
     assert isinstance(first, StoredEvent) and isinstance(third, StoredEvent)
     assert (first.seq, third.seq) == (1, 2)
-    node.broker._append_connection_busy = False
     after = await node.broker.append(good, "progress", body(4), False)
     assert (after.seq, json.loads(after.payload)["n"]) == (3, 4)
     assert await raw_redis.xlen(node.broker._stream_key(good)) == 3
