@@ -313,6 +313,10 @@ async def test_many_clients_dropping_at_once_leave_nothing_behind(client: TestCl
     server, hub = client.server, hub_of(client.server)
     session_id = new_session_id()
     kinds = [kind for kind in CLIENTS[:3] for _ in range(13)]
+    # The broker opens its connections (and the Redis broker their reader task) on first
+    # use; they are the process's, not the clients', so the baseline is taken after one.
+    warm_up = new_session_id()
+    await hub.publish(ProgressEvent(session_id=warm_up, agent="demand", status="x", progress=1))
     async with subscriber_session() as session:
         baseline = footprint(server)
         async with AsyncExitStack() as stack:
