@@ -20,7 +20,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check server tests bench
-	$(BIN)/ruff format --check server
+	$(BIN)/ruff format --check server tests bench
 	$(BIN)/mypy
 
 check: lint test

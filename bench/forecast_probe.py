@@ -40,7 +40,13 @@ def free_port() -> int:
 async def running_server() -> AsyncIterator[str]:
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server", "--port", str(port), "--log-level", "WARNING",
+        sys.executable,
+        "-m",
+        "server",
+        "--port",
+        str(port),
+        "--log-level",
+        "WARNING",
         cwd=ROOT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -63,8 +69,9 @@ async def running_server() -> AsyncIterator[str]:
             await process.wait()
 
 
-async def probe(base: str, http: aiohttp.ClientSession, session_id: str,
-                until: asyncio.Event, limit: int) -> list[float]:
+async def probe(
+    base: str, http: aiohttp.ClientSession, session_id: str, until: asyncio.Event, limit: int
+) -> list[float]:
     """Publish probes into ``session_id`` until ``until`` is set; their latencies in ms."""
     latencies: list[float] = []
     url = f"{base.replace('http', 'ws', 1)}/ws/orchestrator/{session_id}"
@@ -89,8 +96,10 @@ async def probe(base: str, http: aiohttp.ClientSession, session_id: str,
 def summary(latencies: list[float]) -> str:
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    return (f"{len(ordered)} probes: p50 {statistics.median(ordered):.2f} ms, "
-            f"p99 {p99:.2f} ms, max {ordered[-1]:.2f} ms")
+    return (
+        f"{len(ordered)} probes: p50 {statistics.median(ordered):.2f} ms, "
+        f"p99 {p99:.2f} ms, max {ordered[-1]:.2f} ms"
+    )
 
 
 async def main(idle_probes: int) -> None:
@@ -100,9 +109,10 @@ async def main(idle_probes: int) -> None:
         print(f"idle server:         {summary(idle)}")
 
         done = asyncio.Event()
-        async with http.post(f"{base}/api/orchestrator/run-workflow",
-                             json={"strategy_description": STRATEGY,
-                                   "session_id": "busy-forecast-01"}) as r:
+        async with http.post(
+            f"{base}/api/orchestrator/run-workflow",
+            json={"strategy_description": STRATEGY, "session_id": "busy-forecast-01"},
+        ) as r:
             assert r.status == 202, r.status
 
         async def watch() -> None:
@@ -117,8 +127,10 @@ async def main(idle_probes: int) -> None:
         started = time.perf_counter()
         busy = await probe(base, http, "probe-busy-0001", done, 100_000)
         await watcher
-        print(f"during the forecast: {summary(busy)} "
-              f"(forecast ran {time.perf_counter() - started:.1f} s)")
+        print(
+            f"during the forecast: {summary(busy)} "
+            f"(forecast ran {time.perf_counter() - started:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

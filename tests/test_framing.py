@@ -24,9 +24,7 @@ def test_sse_frame_without_id_for_control_events() -> None:
 def test_sse_frame_cannot_be_broken_by_line_breaks() -> None:
     """CR/LF are stripped from id and event, and data is split into data: lines."""
     framed = sse_frame(b"one\r\ntwo\rthree\nfour", event="ev\nil", event_id="i\r\nd")
-    assert framed == (
-        b"id: id\nevent: evil\ndata: one\ndata: two\ndata: three\ndata: four\n\n"
-    )
+    assert framed == (b"id: id\nevent: evil\ndata: one\ndata: two\ndata: three\ndata: four\n\n")
 
 
 def test_http_chunk() -> None:
