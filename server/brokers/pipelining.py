@@ -70,7 +70,11 @@ class PipelinedConnection:
                 return life
             if life is not None:
                 self._drop(life)
-            life = self._life = _Life(await self._pool.get_connection())
+            connection = await self._pool.get_connection()
+            if self._closed:  # closed while the pool was connecting
+                await self._pool.release(connection)
+                raise RedisConnectionError("the append connection is closed")
+            life = self._life = _Life(connection)
             life.reader = asyncio.create_task(self._read(life), name="redis-append-reader")
             return life
 
