@@ -498,9 +498,9 @@ class RedisBroker:
                 stored = request.stored(str(answer[1]), int(answer[2]))
                 # This process's subscribers get it now, in the order stored, rather than
                 # when Redis echoes it back through pub/sub: one hop less, measured as about
-                # half of what Redis added to p99. The echo is then dropped as a duplicate;
-                # an event another process stored in between reaches the hub out of order,
-                # which it resyncs from the stream.
+                # half of what Redis added to p99. Whichever of the two comes first delivers
+                # it; the other is dropped as a duplicate. An event another process stored in
+                # between reaches the hub out of order, which it resyncs from the stream.
                 self._deliver(stored)
                 results.append(stored)
         return results
