@@ -51,11 +51,21 @@ def open_connections(ctx: StreamContext) -> float:
     return sum(metric(ctx, "orchestrator_connections", transport=t) for t in ("websocket", "sse"))
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = EVENT_TIMEOUT) -> None:
-    """Poll a real condition until it holds; fail after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(POLL)
+async def wait_until(
+    condition: Callable[[], bool],
+    timeout: float = EVENT_TIMEOUT,
+    state: Callable[[], object] | None = None,
+) -> None:
+    """Poll a real condition until it holds; fail after ``timeout`` seconds, showing
+    ``state()`` (what the condition looks at) when given."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                await asyncio.sleep(POLL)
+    except TimeoutError:
+        if state is None:
+            raise
+        raise AssertionError(f"still not there after {timeout}s: {state()}") from None
 
 
 def rss_bytes() -> int:

@@ -92,6 +92,14 @@ async def test_5000_cycles_leave_no_connection_task_or_memory_behind(start: Star
                 ProgressEvent(session_id=session_id, agent="demand", status=f"{n}", progress=n)
             )
 
+    def state() -> dict[str, float]:
+        return {
+            "connections": open_connections(ctx),
+            "subscribers": ctx.hub.subscriber_count,
+            "live sessions": metric(ctx, "orchestrator_sessions", state="live"),
+            "tasks": len(asyncio.all_tasks()),
+        }
+
     async def settled() -> None:
         await wait_until(
             lambda: (
@@ -100,6 +108,7 @@ async def test_5000_cycles_leave_no_connection_task_or_memory_behind(start: Star
                 and metric(ctx, "orchestrator_sessions", state="live") == 0
             ),
             SETTLE_TIMEOUT,
+            state,
         )
 
     connector = TCPConnector(limit=0, force_close=True)
@@ -111,7 +120,11 @@ async def test_5000_cycles_leave_no_connection_task_or_memory_behind(start: Star
 
         await run_cycles(http, server, sessions, CYCLES)
         await settled()
-        await wait_until(lambda: len(asyncio.all_tasks()) <= tasks, SETTLE_TIMEOUT)
+        await wait_until(
+            lambda: len(asyncio.all_tasks()) <= tasks,
+            SETTLE_TIMEOUT,
+            lambda: f"{state()}, baseline {tasks} tasks: {sorted(map(repr, asyncio.all_tasks()))}",
+        )
         gc.collect()
         growth = rss_bytes() - rss
     assert growth < RSS_GROWTH_BOUND, f"RSS grew by {growth / 2**20:.1f} MB"
