@@ -2,8 +2,8 @@
 
 Each publish request, and each workflow, awaits one append at a time, but many of them
 run at once: under load, dozens of appends are submitted in the same turn of the event
-loop. Sent one by one, each costs a pooled connection, a write and a read, here and in
-Redis. Sent together as one pipeline, the whole batch costs one of each.
+loop. Sent one by one, each costs a write and a read, here and in Redis. Sent together
+as one pipeline, the whole batch costs one of each.
 
 Nothing waits for a timer. A call made while nothing else is on its way goes out at
 once; the calls made while one is on its way go out together on the next turn of the

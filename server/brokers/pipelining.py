@@ -36,6 +36,8 @@ class _Life:
 
 
 class PipelinedConnection:
+    """Calls written on one connection taken from ``pool``, answered in order."""
+
     def __init__(self, pool: Any) -> None:
         self._pool = pool
         self._life: _Life | None = None
