@@ -298,6 +298,8 @@ class RedisBroker:
             raise ValueError("buffer_size must be at least 1")
         if session_ttl <= 0:
             raise ValueError("session_ttl must be positive")
+        if max_connections < 2:
+            raise ValueError("max_connections must be at least 2: one is kept for appends")
         self._url = url
         self._buffer_size = buffer_size
         self._ttl_ms = max(1, math.ceil(session_ttl * 1000))

@@ -367,6 +367,27 @@ async def test_an_append_redis_refuses_fails_alone(
     assert await raw_redis.xlen(node.broker._stream_key(good)) == 3
 
 
+def test_a_broker_needs_a_connection_beside_the_one_kept_for_appends(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="max_connections"):
+        RedisBroker(redis_url, 10, 60.0, max_connections=1)
+
+
+async def test_appends_do_not_starve_other_calls_of_connections(make_node: NodeFactory) -> None:
+    """With two connections, one kept for appends, replays and claims still get the other
+    while appends flow."""
+    node = await make_node(max_connections=2)
+    sid = new_session_id()
+    appends = asyncio.gather(
+        *(node.broker.append(sid, "progress", body(n), False) for n in range(50))
+    )
+    replays = asyncio.gather(*(node.broker.read(sid, None) for _ in range(10)))
+    claims = asyncio.gather(*(node.broker.claim(new_session_id()) for _ in range(10)))
+    stored, _, claimed = await asyncio.gather(appends, replays, claims)
+    assert sorted(e.seq for e in stored) == list(range(1, 51))
+    assert claimed == [True] * 10
+    assert len((await node.broker.read(sid, None)).events) == 50
+
+
 async def test_claim_whose_answer_was_lost_still_wins(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
