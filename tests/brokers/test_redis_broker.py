@@ -45,16 +45,23 @@ def keys_of(broker: RedisBroker, session_id: str) -> tuple[str, str]:
     return broker._state_key(session_id), broker._stream_key(session_id)
 
 
-class LoseFirstAnswer:
-    """Wrap a call to Redis so that its first call runs in Redis but its answer is "lost"."""
+class CountCalls:
+    """Wrap a call to Redis and count its calls, retries included."""
 
-    def __init__(self, script: Callable[..., Awaitable[Any]]) -> None:
-        self.script = script
+    def __init__(self, call: Callable[..., Awaitable[Any]]) -> None:
+        self.call = call
         self.calls = 0
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
-        result = await self.script(*args, **kwargs)
+        return await self.call(*args, **kwargs)
+
+
+class LoseFirstAnswer(CountCalls):
+    """Wrap a call to Redis so that its first call runs in Redis but its answer is "lost"."""
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = await super().__call__(*args, **kwargs)
         if self.calls == 1:
             raise RedisConnectionError("connection lost before the reply")
         return result
@@ -322,19 +329,12 @@ async def test_a_lone_append_that_timed_out_is_stored_once(
     admin = Redis.from_url(server.url, decode_responses=True)
     sid = new_session_id()
     await node.broker.append(sid, "progress", body(1), False)
-    attempts = 0
-    run_appends = node.broker._run_appends
-
-    async def counting(*args: Any, **kwargs: Any) -> Any:
-        nonlocal attempts
-        attempts += 1
-        return await run_appends(*args, **kwargs)
-
-    monkeypatch.setattr(node.broker, "_run_appends", counting)
+    attempts = CountCalls(node.broker._run_appends)
+    monkeypatch.setattr(node.broker, "_run_appends", attempts)
     try:
         await admin.execute_command("CLIENT", "PAUSE", int(TIMEOUT * 1000), "WRITE")
         append = asyncio.create_task(node.broker.append(sid, "progress", body(2), False))
-        await eventually(lambda: attempts >= 2)  # the first attempt timed out
+        await eventually(lambda: attempts.calls >= 2)  # the first attempt timed out
         await admin.execute_command("CLIENT", "UNPAUSE")
         second = await append
         third = await node.broker.append(sid, "progress", body(3), False)
@@ -607,18 +607,11 @@ async def test_append_retries_until_redis_returns(
     when Redis returns within the retry budget."""
     server = own_redis()
     node = await make_node(server.url, retry_budget=TIMEOUT)
-    attempts = 0
-    run_appends = node.broker._run_appends
-
-    async def counting(*args: Any, **kwargs: Any) -> Any:
-        nonlocal attempts
-        attempts += 1
-        return await run_appends(*args, **kwargs)
-
-    monkeypatch.setattr(node.broker, "_run_appends", counting)
+    attempts = CountCalls(node.broker._run_appends)
+    monkeypatch.setattr(node.broker, "_run_appends", attempts)
     server.stop()
     append = asyncio.create_task(node.broker.append(new_session_id(), "progress", body(1), False))
-    await eventually(lambda: attempts >= 2)
+    await eventually(lambda: attempts.calls >= 2)
     server.start()
     stored = await append
     assert stored.seq == 1
