@@ -38,11 +38,8 @@ async def pipe(pool: BlockingConnectionPool) -> AsyncIterator[PipelinedConnectio
     await connection.close()
 
 
-@pytest.fixture
-async def admin(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
+async def blocked_clients(raw_redis: Redis) -> bool:
+    return int((await raw_redis.info("clients"))["blocked_clients"]) > 0
 
 
 async def client_id(pipe: PipelinedConnection) -> int:
@@ -65,19 +62,19 @@ async def test_calls_from_many_tasks_get_their_own_answers_on_one_connection(
 
 
 async def test_an_error_reply_is_an_answer_and_the_connection_stays_in_step(
-    pipe: PipelinedConnection, admin: Redis
+    pipe: PipelinedConnection, raw_redis: Redis
 ) -> None:
     key = f"test-pipe-{secrets.token_hex(4)}"
-    await admin.set(key, "not a list")
+    await raw_redis.set(key, "not a list")
     ok, refused, echoed = await pipe.call(packed(("PING",), ("LPUSH", key, "x"), ("ECHO", "next")))
     assert (ok, echoed) == ("PONG", "next")
     assert isinstance(refused, ResponseError) and str(refused).startswith("WRONGTYPE")
     assert await pipe.call(packed(("ECHO", "after"))) == ["after"]
-    await admin.delete(key)
+    await raw_redis.delete(key)
 
 
 async def test_a_cancelled_call_drops_the_connection_and_fails_those_behind_it(
-    pipe: PipelinedConnection, admin: Redis
+    pipe: PipelinedConnection, raw_redis: Redis
 ) -> None:
     """A call is cancelled while Redis still owes it an answer (a blocking BLPOP): the
     answers due can no longer be matched to their calls, so the connection is dropped, the
@@ -86,7 +83,7 @@ async def test_a_cancelled_call_drops_the_connection_and_fails_those_behind_it(
     before = await client_id(pipe)
     key = f"test-pipe-{secrets.token_hex(4)}"
     blocked = asyncio.create_task(pipe.call(packed(("BLPOP", key, 0))))
-    await eventually(lambda: _blocked_clients(admin))
+    await eventually(lambda: blocked_clients(raw_redis))
     behind = asyncio.create_task(pipe.call(packed(("ECHO", "behind"))))
     await eventually(lambda: pipe._life is not None and len(pipe._life.waiting) == 2)
     blocked.cancel()
@@ -95,32 +92,28 @@ async def test_a_cancelled_call_drops_the_connection_and_fails_those_behind_it(
     with pytest.raises(RedisConnectionError):
         await behind
     assert await client_id(pipe) != before
-    await admin.rpush(key, "late")  # no one takes it: the blocked connection is gone
-    assert await admin.lrange(key, 0, -1) == ["late"]
-    await admin.delete(key)
+    await raw_redis.rpush(key, "late")  # no one takes it: the blocked connection is gone
+    assert await raw_redis.lrange(key, 0, -1) == ["late"]
+    await raw_redis.delete(key)
 
 
-async def _blocked_clients(admin: Redis) -> bool:
-    return int((await admin.info("clients"))["blocked_clients"]) > 0
-
-
-async def test_a_killed_connection_is_replaced(pipe: PipelinedConnection, admin: Redis) -> None:
+async def test_a_killed_connection_is_replaced(pipe: PipelinedConnection, raw_redis: Redis) -> None:
     """Redis drops the connection (``CLIENT KILL``, as a restart or a network fault would):
     at most one call fails with a connection error, and the next one gets a new connection."""
     before = await client_id(pipe)
-    await admin.client_kill_filter(_id=before)
+    await raw_redis.client_kill_filter(_id=before)
     with contextlib.suppress(RedisConnectionError):
         await pipe.call(packed(("PING",)))
     assert await client_id(pipe) != before
 
 
 async def test_close_fails_calls_still_waiting_and_refuses_new_ones(
-    pool: BlockingConnectionPool, admin: Redis
+    pool: BlockingConnectionPool, raw_redis: Redis
 ) -> None:
     pipe = PipelinedConnection(pool)
     key = f"test-pipe-{secrets.token_hex(4)}"
     blocked = asyncio.create_task(pipe.call(packed(("BLPOP", key, 0))))
-    await eventually(lambda: _blocked_clients(admin))
+    await eventually(lambda: blocked_clients(raw_redis))
     await pipe.close()
     with pytest.raises(RedisConnectionError):
         await blocked
