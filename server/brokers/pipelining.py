@@ -118,7 +118,8 @@ class PipelinedConnection:
 
     async def close(self) -> None:
         self._closed = True
-        life, self._life = self._life, None
-        if life is not None and life.reader is not None:
-            life.reader.cancel()
-            await asyncio.wait({life.reader})
+        life = self._life
+        if life is not None:
+            self._drop(life)
+            if life.reader is not None:
+                await asyncio.wait({life.reader})
