@@ -8,10 +8,10 @@ a pooled connection through redis-py's client, which checks it and records metri
 every call: measured, that was half of what a lone append cost the server.
 
 The connection comes from the client's pool (so it has the URL's TLS, password and
-database) and is kept. When it fails, or a call is cancelled midway (its answers could
-then not be told apart from the next call's), the connection is dropped, every call
-still waiting on it fails with a connection error (the broker retries those), and the
-next call opens a new one.
+database), is kept, and is written and read directly (:mod:`.resp`). When it fails, or
+a call is cancelled midway (its answers could then not be told apart from the next
+call's), the connection is dropped, every call still waiting on it fails with a
+connection error (the broker retries those), and the next call opens a new one.
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+
+from .resp import RespStream
 
 
 @dataclass(slots=True)
 class _Life:
     """One connection from the pool, and the calls waiting for its answers, oldest first."""
 
-    connection: Any  # redis-py leaves Connection's methods untyped
+    stream: RespStream
     waiting: deque[asyncio.Future[Any]] = field(default_factory=deque)
     reader: asyncio.Task[None] | None = None
 
@@ -54,7 +55,8 @@ class PipelinedConnection:
         # the order on the wire, whichever task writes next.
         life.waiting.extend(futures)
         try:
-            await life.connection.send_packed_command(packed, check_health=False)
+            life.stream.write(packed)
+            await life.stream.drain()
             return [await future for future in futures]
         except BaseException:
             self._drop(life)
@@ -62,21 +64,21 @@ class PipelinedConnection:
 
     async def _open(self) -> _Life:
         life = self._life
-        if life is not None and life.connection.is_connected:
+        if life is not None and life.stream.is_open:
             return life
         async with self._opening:
             if self._closed:
                 raise RedisConnectionError("the append connection is closed")
             life = self._life
-            if life is not None and life.connection.is_connected:
+            if life is not None and life.stream.is_open:
                 return life
             if life is not None:
                 self._drop(life)
-            connection = await self._pool.get_connection()
+            stream = await RespStream.open(self._pool)
             if self._closed:  # closed while the pool was connecting
-                await self._pool.release(connection)
+                await stream.close()
                 raise RedisConnectionError("the append connection is closed")
-            life = self._life = _Life(connection)
+            life = self._life = _Life(stream)
             life.reader = asyncio.create_task(self._read(life), name="redis-append-reader")
             return life
 
@@ -86,18 +88,15 @@ class PipelinedConnection:
         error: BaseException = RedisConnectionError("the append connection was dropped")
         try:
             while True:
-                try:
-                    answer = await life.connection.read_response()
-                except ResponseError as refused:  # an answer too: the reply was read whole
-                    answer = refused
+                answer = await life.stream.read()  # an error reply is an answer too
                 if not life.waiting:  # nothing was asked: the stream cannot be trusted
                     raise RedisConnectionError("unexpected answer on the append connection")
                 future = life.waiting.popleft()
                 if not future.done():  # its caller may have been cancelled
                     future.set_result(answer)
         except asyncio.CancelledError:
-            pass  # dropped: redis-py has disconnected it
-        except Exception as failure:  # redis-py has disconnected it
+            pass  # dropped
+        except Exception as failure:
             error = failure
         finally:
             if self._life is life:
@@ -107,8 +106,7 @@ class PipelinedConnection:
                 if not future.done():
                     future.set_exception(error)
             with contextlib.suppress(Exception):
-                await life.connection.disconnect()
-                await self._pool.release(life.connection)
+                await life.stream.close()
 
     def _drop(self, life: _Life) -> None:
         if self._life is life:

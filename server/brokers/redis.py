@@ -40,11 +40,10 @@ from typing import Any, TypeVar
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import ServiceUnavailable, SessionEnded
@@ -52,6 +51,7 @@ from ..messages import StoredEvent, StreamPosition
 from .base import EventListener, Lease, LeaseState, Replay, SessionInfo
 from .batching import Batcher
 from .pipelining import PipelinedConnection
+from .resp import RespStream
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,9 @@ _LEASE_STATES: dict[str, LeaseState] = {
 }
 
 
-async def _close_pubsub(pubsub: Any) -> None:  # redis-py leaves PubSub.aclose untyped
-    await pubsub.aclose()
+def _is_noscript(answer: Any) -> bool:
+    """Redis no longer has the script (``SCRIPT FLUSH``, or a restart)."""
+    return isinstance(answer, ResponseError) and str(answer).startswith("NOSCRIPT")
 
 
 def _error_code(error: BaseException) -> str:
@@ -329,7 +330,7 @@ class RedisBroker:
         # Live delivery state (all touched from the event loop only).
         self._control_channel = f"{key_prefix}:broker:{secrets.token_hex(8)}"
         self._watched: set[str] = set()
-        self._pubsub: PubSub | None = None  # set while the reader is connected
+        self._pubsub: RespStream | None = None  # set while the reader is connected
         self._sub_lock = asyncio.Lock()  # orders SUBSCRIBE/UNSUBSCRIBE on the wire
         # Per channel, one entry per SUBSCRIBE sent, holding the watchers it satisfies.
         self._inflight: dict[str, deque[list[asyncio.Future[None]]]] = {}
@@ -368,6 +369,9 @@ class RedisBroker:
             max_connections=max_connections,
             timeout=self._op_timeout,  # waiting for a free pooled connection
             decode_responses=True,
+            # RESP2: the append and pub/sub connections are read with hiredis directly
+            # (resp.py), where pub/sub messages are then plain arrays, not push replies.
+            protocol=2,
             # No socket_timeout: with one, redis-py sends through asyncio.wait_for, which on
             # Python 3.11 can swallow a cancellation. Each call is bounded with
             # asyncio.timeout instead (see _call and _open_pubsub).
@@ -513,7 +517,7 @@ class RedisBroker:
         is loaded again and the whole batch retried (see :meth:`_store_batch`)."""
         assert self._append_connection is not None
         answers = await self._append_connection.call(self._packed_appends(batch, retry))
-        if any(isinstance(answer, NoScriptError) for answer in answers):
+        if any(_is_noscript(answer) for answer in answers):
             await client.script_load(_APPEND_LUA)
             # Some appends of the batch may have run before the flush: they run as retries.
             answers = await self._append_connection.call(self._packed_appends(batch, True))
@@ -659,7 +663,8 @@ class RedisBroker:
             pubsub = self._pubsub
             if pubsub is not None:
                 try:
-                    await pubsub.subscribe(channel)
+                    pubsub.send(("SUBSCRIBE", channel))
+                    await pubsub.drain()
                 except _FAILURES:
                     # The reader sees the broken connection too; on reconnect it
                     # subscribes every watched session and resolves this future.
@@ -680,7 +685,8 @@ class RedisBroker:
             if session_id in self._watched or pubsub is None:
                 return  # watched again meanwhile, or nothing to undo on the wire
             with contextlib.suppress(*_FAILURES):
-                await pubsub.unsubscribe(self.channel(session_id))
+                pubsub.send(("UNSUBSCRIBE", self.channel(session_id)))
+                await pubsub.drain()
 
     async def _settle_subscription(self, session_id: str) -> None:
         """Wait (bounded) until a subscription in flight for this session is confirmed.
@@ -692,23 +698,19 @@ class RedisBroker:
         if pending:
             await asyncio.wait(pending, timeout=self._watch_timeout)
 
-    async def _open_pubsub(self) -> PubSub:
+    async def _open_pubsub(self) -> RespStream:
         """Connect the pub/sub connection (a seam for tests that hold a reconnect back)."""
         assert self._sub_client is not None
-        pubsub = self._sub_client.pubsub()
-        try:
-            async with asyncio.timeout(self._connect_timeout + self._op_timeout):
-                await pubsub.subscribe(self._control_channel)  # keeps it in subscribed mode
-        except BaseException:
-            await _close_pubsub(pubsub)
-            raise
+        async with asyncio.timeout(self._connect_timeout + self._op_timeout):
+            pubsub = await RespStream.open(self._sub_client.connection_pool)
+        pubsub.send(("SUBSCRIBE", self._control_channel))  # keeps it in subscribed mode
         return pubsub
 
     async def _read_forever(self) -> None:
         delay = 0.05
         failing = False  # log the first failure of a run of them, not every retry
         while not self._closed:
-            pubsub: PubSub | None = None
+            pubsub: RespStream | None = None
             try:
                 pubsub = await self._open_pubsub()
                 await self._resubscribe(pubsub)
@@ -733,11 +735,11 @@ class RedisBroker:
                 self._pubsub = None
                 if pubsub is not None:
                     with contextlib.suppress(*_FAILURES):
-                        await _close_pubsub(pubsub)
+                        await pubsub.close()
             await asyncio.sleep(delay)  # reconnect back-off
             delay = min(delay * 2, 2.0)
 
-    async def _resubscribe(self, pubsub: PubSub) -> None:
+    async def _resubscribe(self, pubsub: RespStream) -> None:
         """Subscribe every watched session; each watcher still waiting is satisfied by
         its channel's confirmation on this connection."""
         async with self._sub_lock:
@@ -754,26 +756,33 @@ class RedisBroker:
             for channel in channels:
                 self._inflight.setdefault(channel, deque([[]]))
             if channels:
-                await pubsub.subscribe(*channels)
+                pubsub.send(("SUBSCRIBE", *channels))
+                await pubsub.drain()
             self._pubsub = pubsub
 
-    async def _pump(self, pubsub: PubSub) -> None:
+    async def _pump(self, pubsub: RespStream) -> None:
         pinged = False
         while True:
-            message = await pubsub.get_message(timeout=self._idle_ping)
-            if message is None:
+            try:
+                async with asyncio.timeout(self._idle_ping):
+                    reply = await pubsub.read()
+            except TimeoutError:
                 # Silent for idle_ping: ping; silent for another one after it: dead.
                 if pinged:
-                    raise RedisConnectionError("pub/sub connection silent")
-                await pubsub.ping()
+                    raise RedisConnectionError("pub/sub connection silent") from None
+                pubsub.send(("PING",))
                 pinged = True
                 continue
             pinged = False
-            kind = message.get("type")
+            if isinstance(reply, ResponseError):
+                raise reply  # a refused SUBSCRIBE (NOPERM...): reconnect and log it
+            # RESP2 arrays: [message, channel, data], [subscribe, channel, count],
+            # [unsubscribe, channel, count], [pong, ""].
+            kind = reply[0]
             if kind == "message":
-                self._on_message(str(message["channel"]), str(message["data"]))
+                self._on_message(reply[1], reply[2])
             elif kind == "subscribe":
-                await self._on_subscribed(str(message["channel"]))
+                await self._on_subscribed(reply[1])
 
     async def _on_subscribed(self, channel: str) -> None:
         batches = self._inflight.get(channel)

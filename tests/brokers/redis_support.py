@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from server.brokers.redis import RedisBroker
 from server.messages import StoredEvent
@@ -15,6 +17,7 @@ from tests.redis_support import RedisServer, ServerFactory, redis_unavailable
 
 __all__ = [
     "TIMEOUT",
+    "FreezingProxy",
     "Node",
     "NodeFactory",
     "Recorder",
@@ -81,3 +84,62 @@ async def eventually(check: Callable[[], Any], timeout: float = TIMEOUT) -> None
             if result:
                 return
             await asyncio.sleep(0.02)
+
+
+@dataclass
+class FreezingProxy:
+    """A TCP proxy in front of Redis whose open connections can be frozen: they stay open
+    and carry nothing more either way, as over a network path that died without a reset
+    (a half-open connection). Connections opened afterwards work."""
+
+    target: tuple[str, int]
+    server: asyncio.Server | None = None
+    links: list[asyncio.Task[None]] = field(default_factory=list)
+    held: list[asyncio.StreamWriter] = field(default_factory=list)  # frozen, kept open
+
+    @classmethod
+    async def start(cls, redis_url: str) -> FreezingProxy:
+        parts = urlsplit(redis_url)
+        proxy = cls((parts.hostname or "127.0.0.1", parts.port or 6379))
+        proxy.server = await asyncio.start_server(proxy._link, "127.0.0.1", 0)
+        return proxy
+
+    def url(self, redis_url: str) -> str:
+        """``redis_url`` with its host and port replaced by the proxy's."""
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        parts = urlsplit(redis_url)
+        credentials = parts.netloc.rpartition("@")[0]
+        netloc = f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.held += [writer, up_writer]
+        self.links += [
+            asyncio.create_task(self._copy(reader, up_writer)),
+            asyncio.create_task(self._copy(up_reader, writer)),
+        ]
+
+    @staticmethod
+    async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def freeze(self) -> None:
+        """Stop carrying data on every connection open now; keep their sockets open."""
+        links, self.links = self.links, []
+        for task in links:
+            task.cancel()
+        await asyncio.gather(*links, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.freeze()
+        for writer in self.held:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()

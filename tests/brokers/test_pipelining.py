@@ -26,7 +26,9 @@ def packed(*commands: tuple[str | int, ...]) -> list[bytes]:
 
 @pytest.fixture
 async def pool(redis_url: str) -> AsyncIterator[BlockingConnectionPool]:
-    pool = BlockingConnectionPool.from_url(redis_url, max_connections=4, decode_responses=True)
+    pool = BlockingConnectionPool.from_url(
+        redis_url, max_connections=4, decode_responses=True, protocol=2
+    )
     yield pool
     await pool.aclose()
 

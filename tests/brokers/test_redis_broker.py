@@ -25,7 +25,15 @@ from server.hub import Hub
 from server.messages import CompleteEvent, ProgressEvent, StoredEvent, StreamPosition
 from server.metrics import Metrics
 
-from .redis_support import TIMEOUT, Node, NodeFactory, ServerFactory, eventually, new_session_id
+from .redis_support import (
+    TIMEOUT,
+    FreezingProxy,
+    Node,
+    NodeFactory,
+    ServerFactory,
+    eventually,
+    new_session_id,
+)
 
 
 def body(n: int, **extra: Any) -> str:
@@ -552,6 +560,55 @@ async def test_missed_live_events_are_caught_up_after_a_pubsub_reconnect(
     await append_many(a.broker, sid, 1, start=6)
     await b.recorder.wait_until(lambda: len(b.recorder.of(sid)) >= 6)
     assert b.recorder.seqs(sid) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_silent_pubsub_connection_is_replaced_and_what_it_missed_is_delivered(
+    make_node: NodeFactory, redis_url: str
+) -> None:
+    """The pub/sub connection stays open but carries nothing more (a half-open TCP
+    connection, which no error announces): within two ``idle_ping``s the reader gives up on
+    it, connects again, and delivers what was stored meanwhile."""
+    proxy = await FreezingProxy.start(redis_url)
+    try:
+        a = await make_node()
+        b = await make_node(proxy.url(redis_url), idle_ping=0.2)
+        sid = new_session_id()
+        await b.broker.watch(sid)
+        await append_many(a.broker, sid, 1)
+        await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1])
+        await proxy.freeze()
+        await append_many(a.broker, sid, 2, start=2)
+        await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2, 3])
+        await append_many(a.broker, sid, 1, start=4)
+        await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2, 3, 4])
+    finally:
+        await proxy.close()
+
+
+async def test_a_redis_with_a_password_and_another_database_serves_every_path(
+    make_node: NodeFactory, own_redis: ServerFactory
+) -> None:
+    """The append and pub/sub connections, which the broker reads itself, are opened by
+    redis-py: the URL's password and database number apply to them as to every other call."""
+    server = own_redis(password="pw-for-the-test")
+    url = server.url.removesuffix("/0") + "/5"
+    a, b = await make_node(url), await make_node(url)
+    sid = new_session_id()
+    await b.broker.watch(sid)
+    stored = await append_many(a.broker, sid, 3)
+    await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2, 3])
+    replay = await b.broker.read(sid, None)
+    assert [e.id for e in replay.events] == [e.id for e in stored]
+    admin = Redis.from_url(url, decode_responses=True)
+    try:
+        assert await admin.exists(*keys_of(a.broker, sid)) == 2
+    finally:
+        await admin.aclose()
+    default_db = Redis.from_url(server.url, decode_responses=True)
+    try:
+        assert await default_db.exists(*keys_of(a.broker, sid)) == 0
+    finally:
+        await default_db.aclose()
 
 
 # --- faults --------------------------------------------------------------------------------
