@@ -85,6 +85,12 @@ class RespStream:
         """Wait while the socket's write buffer is over its high-water mark."""
         await self._writer.drain()
 
+    async def call(self, packed: list[bytes]) -> list[Any]:
+        """Write the packed commands and read their replies, in order."""
+        self.write(packed)
+        await self.drain()
+        return [await self.read() for _ in packed]
+
     async def read(self) -> Any:
         """The next reply; raises ``RedisConnectionError`` once Redis has closed it."""
         reply = self._parser.gets()
@@ -95,6 +101,14 @@ class RespStream:
             self._parser.feed(data)
             reply = self._parser.gets()
         return reply
+
+    async def release(self) -> None:
+        """Give the connection back to its pool open, for redis-py's next call. Only when
+        every reply was read: otherwise it is closed (see :meth:`close`)."""
+        if self._parser.has_data() or not self.is_open:
+            await self.close()
+        else:
+            await self._pool.release(self._connection)
 
     async def close(self) -> None:
         """Close the socket and give the connection back to its pool (which opens a new

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from redis.asyncio import Redis
 
 from server.brokers.base import Lease
 from server.brokers.memory import MemoryBroker
+from server.errors import ServiceUnavailable
 
-from .redis_support import NodeFactory, eventually, new_session_id
+from .redis_support import NodeFactory, ServerFactory, eventually, new_session_id
 
 SHORT = 0.3  # seconds: a lease that lapses within a test
 
@@ -99,7 +101,9 @@ async def test_release_only_by_the_owner(make_node: NodeFactory) -> None:
 
 async def test_lease_states_of_many_sessions_in_one_call(make_node: NodeFactory) -> None:
     """One call reports every session: held, lost, ended, none (published into without a
-    workflow, or claimed without a lease) and gone (no stream at all)."""
+    workflow, or claimed without a lease) and gone (no stream at all). The broker asks
+    Redis a hundred sessions at a time: the sessions of interest sit in different
+    hundreds, and each gets its own answer."""
     a = await make_node()
     held, lost, ended, published, unleased, gone = (new_session_id() for _ in range(6))
     assert await a.broker.claim(held, Lease("owner-a", 30))
@@ -109,8 +113,12 @@ async def test_lease_states_of_many_sessions_in_one_call(make_node: NodeFactory)
     await a.broker.append(ended, "complete", body(1), True)
     await a.broker.append(published, "progress", body(1), False)
     assert await a.broker.claim(unleased)
-    many = [new_session_id() for _ in range(200)]
-    states = await a.broker.lease_states([held, lost, ended, published, unleased, gone, *many])
+    many = [new_session_id() for _ in range(300)]
+    asked = many[:]
+    for n, session_id in enumerate((held, lost, ended, published, unleased, gone)):
+        asked.insert(n * 61, session_id)  # positions 0, 61, ..., 305: in four hundreds
+    states = await a.broker.lease_states(asked)
+    assert list(states) == asked
     assert [states[s] for s in (held, lost, ended, published, unleased, gone)] == [
         "held",
         "lost",
@@ -121,6 +129,45 @@ async def test_lease_states_of_many_sessions_in_one_call(make_node: NodeFactory)
     ]
     assert {states[s] for s in many} == {"gone"}
     assert await a.broker.lease_states([]) == {}
+
+
+async def test_lease_calls_load_their_scripts_again_after_a_script_flush(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """After ``SCRIPT FLUSH`` (as after a restart of Redis), renewals and lease checks load
+    their script again and answer as before."""
+    a = await make_node()
+    sid, other = new_session_id(), new_session_id()
+    assert await a.broker.claim(sid, Lease("owner-a", SHORT))
+    await raw_redis.script_flush()
+    await a.broker.renew_leases([sid], Lease("owner-a", 30))
+    assert await raw_redis.pttl(a.broker._lease_key(sid)) > SHORT * 1000  # renewed
+    await raw_redis.script_flush()
+    assert await a.broker.lease_states([sid, other]) == {sid: "held", other: "gone"}
+
+
+async def test_a_lease_check_held_past_its_time_out_gives_its_connection_back(
+    make_node: NodeFactory, own_redis: ServerFactory
+) -> None:
+    """Redis holds a lease check past its time-out (``CLIENT PAUSE``): the call fails with
+    ``ServiceUnavailable``, and the connection it had taken is not lost to the pool. With
+    one pooled connection (the other is kept for appends), every later call would
+    otherwise wait for a connection and fail."""
+    server = own_redis()
+    a = await make_node(server.url, max_connections=2, op_timeout=0.2, retry_budget=0.3)
+    admin = Redis.from_url(server.url, decode_responses=True)
+    sid = new_session_id()
+    try:
+        assert await a.broker.claim(sid, Lease("owner-a", 30))
+        await admin.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+        with pytest.raises(ServiceUnavailable):
+            await a.broker.lease_states([sid])
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        for _ in range(3):
+            assert await a.broker.lease_states([sid]) == {sid: "held"}
+            assert (await a.broker.info(sid)) is not None
+    finally:
+        await admin.aclose()
 
 
 async def test_a_stream_recreated_under_a_running_workflow_is_leased_again(
