@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 Frame = StoredEvent | ControlEvent
 CloseReason = Literal["slow_consumer", "shutdown"]
 
+# Subscribers a heartbeat round writes before it lets the event loop run other work.
+_HEARTBEATS_PER_TURN = 128
+
 
 class Sink:
     """What the hub needs to write a steady subscriber's live events and heartbeats
@@ -522,12 +525,21 @@ class Hub:
         seconds each subscriber gets a ``heartbeat`` event (PROTOCOL.md)."""
         while True:
             await asyncio.sleep(interval)
-            self.send_heartbeats()
+            await self.send_heartbeats()
 
-    def send_heartbeats(self) -> None:
+    async def send_heartbeats(self) -> None:
+        """One round, ``_HEARTBEATS_PER_TURN`` subscribers per turn of the event loop: a
+        round over 10,000 streams would otherwise hold every live event back for as long
+        as 10,000 socket writes take."""
+        heartbeat_of = ControlEvent.heartbeats()
+        written = 0
         for session_id, local in list(self._sessions.items()):
-            heartbeat = ControlEvent.heartbeat(session_id)
+            if written >= _HEARTBEATS_PER_TURN:
+                await asyncio.sleep(0)  # let live events and requests through
+                written = 0
+            heartbeat = heartbeat_of(session_id)
             for subscription, sink in list(local.members.items()):
+                written += 1
                 if sink is not None and sink.writable_now():
                     # Steady and idle: written here, like a live event (a heartbeat has
                     # no place in the sequence, so there is no order to keep).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -265,3 +266,20 @@ class ControlEvent(_Framed):
     @classmethod
     def heartbeat(cls, session_id: str) -> ControlEvent:
         return cls("heartbeat", HeartbeatEvent(session_id=session_id).model_dump_json().encode())
+
+    @classmethod
+    def heartbeats(cls) -> Callable[[str], ControlEvent]:
+        """Heartbeats for one round over every session, all with this moment's timestamp.
+
+        The JSON is built once by the model and each session's id spliced in: the same
+        bytes as :meth:`heartbeat` at 1 µs instead of 30 (a model, a timestamp and a JSON
+        dump per session held the event loop for 100 ms a round with 2,000 sessions).
+        Session ids need no JSON escaping (``SESSION_ID_PATTERN``)."""
+        marker = "SESSIONIDMARKER"  # nothing else in a heartbeat can contain it
+        template = HeartbeatEvent(session_id=marker).model_dump_json()
+        head, tail = template.split(f'"{marker}"')
+
+        def heartbeat(session_id: str) -> ControlEvent:
+            return cls("heartbeat", f'{head}"{session_id}"{tail}'.encode())
+
+        return heartbeat

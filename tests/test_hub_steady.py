@@ -21,7 +21,7 @@ import pytest
 
 from server.brokers.memory import MemoryBroker
 from server.hub import Hub, Sink, Subscription
-from server.messages import REPLAY_GAP, ControlEvent, StoredEvent
+from server.messages import REPLAY_GAP, ControlEvent, HeartbeatEvent, StoredEvent
 from server.metrics import Metrics
 from tests.clients import wait_until
 from tests.test_hub import SID, Clock, final, progress
@@ -66,13 +66,13 @@ class Peer:
 
 
 @contextlib.asynccontextmanager
-async def connect(hub: Hub, metrics: Metrics) -> AsyncIterator[Peer]:
+async def connect(hub: Hub, metrics: Metrics, session_id: str = SID) -> AsyncIterator[Peer]:
     """Subscribe over a fresh socket pair, with a Sink and a stand-in transport task."""
     loop = asyncio.get_running_loop()
     server_end, client_end = socket.socketpair()
     client_end.setblocking(False)
     transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, server_end)
-    async with hub.subscribe(SID) as subscription:
+    async with hub.subscribe(session_id) as subscription:
         peer = Peer(subscription, transport, client_end, [])
         subscription.attach(
             Sink(
@@ -255,12 +255,47 @@ async def test_heartbeats_are_written_by_the_hub_to_steady_subscribers(
         await hub.publish(progress(1))
         backed_up.transport.write(json.dumps({"id": "filler", "pad": "x" * (1 << 22)}).encode())
         backed_up.transport.write(b"\n")
-        hub.send_heartbeats()
+        await hub.send_heartbeats()
         assert [f["type"] for f in steady_one.read_now()] == ["progress", "heartbeat"]
         assert steady_one.sent_by_task == []
         frames = await backed_up.read(3)
         assert [f.get("type", f.get("id")) for f in frames] == ["progress", "filler", "heartbeat"]
         assert backed_up.sent_by_task == ["heartbeat"]
+
+
+async def test_a_heartbeat_round_lets_other_work_run_between_slices(
+    hub_and_metrics: tuple[Hub, Metrics, Clock],
+) -> None:
+    """A round over many streams writes a slice of them, then lets the event loop run
+    (live events, requests) before the next slice, instead of holding it for as long as
+    thousands of socket writes take. Every stream still gets exactly one heartbeat."""
+    hub, metrics, _ = hub_and_metrics
+    async with contextlib.AsyncExitStack() as stack:
+        peers = [
+            await stack.enter_async_context(connect(hub, metrics, f"session-{n:04d}"))
+            for n in range(300)
+        ]
+        await steady(*peers)
+        round_of_heartbeats = asyncio.create_task(hub.send_heartbeats())
+        await asyncio.sleep(0)  # the round runs until its first pause, then this test
+        first_slice = sum(1 for peer in peers if peer.read_now())
+        assert 0 < first_slice < len(peers)
+        await round_of_heartbeats
+        later = [peer.read_now() for peer in peers]
+        assert sum(len(frames) for frames in later) == len(peers) - first_slice
+        assert all(f["type"] == "heartbeat" for frames in later for f in frames)
+
+
+def test_a_rounds_heartbeats_are_the_models_json() -> None:
+    """The heartbeats of a round are built once and the session id spliced in: the bytes
+    are what the model itself dumps, with the round's one timestamp."""
+    heartbeat_of = ControlEvent.heartbeats()
+    for session_id in ("session-0001", "a_b-C_9" + "x" * 121, "SESSIONIDMARKER"):
+        sent = heartbeat_of(session_id)
+        timestamp = json.loads(sent.payload)["timestamp"]
+        model = HeartbeatEvent(session_id=session_id, timestamp=timestamp)
+        assert sent.payload == model.model_dump_json().encode()
+        assert sent.type == "heartbeat" and sent.id is None
 
 
 async def test_the_hub_timer_sends_heartbeats_to_idle_streams() -> None:
