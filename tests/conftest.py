@@ -64,10 +64,10 @@ def own_redis(tmp_path: Path) -> Iterator[RedisFactory]:
         redis_unavailable("no redis-server binary on PATH to stop and restart")
     servers: list[RedisServer] = []
 
-    def make(password: str | None = None) -> RedisServer:
+    def make(password: str | None = None, tls: bool = False) -> RedisServer:
         directory = tmp_path / f"redis-{len(servers)}"
         directory.mkdir()
-        server = RedisServer(binary, directory, password)
+        server = RedisServer(binary, directory, password, tls)
         servers.append(server)
         server.start()
         return server

@@ -14,6 +14,7 @@ Where Redis comes from:
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -39,20 +40,46 @@ def free_port() -> int:
         return port
 
 
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (the certificate is its own CA)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        redis_unavailable("no openssl binary on PATH to make a certificate for TLS")
+    certificate, key = directory / "server.crt", directory / "server.key"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(certificate),
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return certificate, key
+
+
 class RedisServer:
     """A ``redis-server`` of our own, without persistence, that a test may stop and
-    start: it always comes back empty, on the same port."""
+    start: it always comes back empty, on the same port. With ``tls``, :attr:`url` is a
+    ``rediss://`` URL on a TLS port (a plain port stays open for the readiness check)."""
 
-    def __init__(self, binary: str, directory: Path, password: str | None = None) -> None:
+    def __init__(
+        self, binary: str, directory: Path, password: str | None = None, tls: bool = False
+    ) -> None:
         self.binary = binary
         self.directory = directory
         self.port = free_port()
         self.password = password
+        self.tls = self_signed_certificate(directory) if tls else None
+        self.tls_port = free_port() if tls else None
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls is not None:
+            certificate = self.tls[0]
+            return f"rediss://{auth}127.0.0.1:{self.tls_port}/0?ssl_ca_certs={certificate}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
@@ -73,6 +100,15 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls is not None:
+            certificate, key = self.tls
+            args += [
+                "--tls-port", str(self.tls_port),
+                "--tls-cert-file", str(certificate),
+                "--tls-key-file", str(key),
+                "--tls-ca-cert-file", str(certificate),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while not self._answers_ping():
@@ -113,4 +149,4 @@ class RedisServer:
 class ServerFactory(Protocol):
     """The ``own_redis`` fixture: start a dedicated server."""
 
-    def __call__(self, password: str | None = None) -> RedisServer: ...
+    def __call__(self, password: str | None = None, tls: bool = False) -> RedisServer: ...

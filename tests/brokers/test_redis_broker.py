@@ -611,6 +611,24 @@ async def test_a_redis_with_a_password_and_another_database_serves_every_path(
         await default_db.aclose()
 
 
+async def test_a_redis_over_tls_serves_every_path(
+    make_node: NodeFactory, own_redis: ServerFactory
+) -> None:
+    """A ``rediss://`` URL: the append and pub/sub connections, which the broker reads
+    itself, are TLS connections opened by redis-py (the server's certificate checked
+    against the URL's CA file), and appends, replays and live delivery work over them."""
+    server = own_redis(tls=True)
+    assert server.url.startswith("rediss://")
+    a, b = await make_node(server.url), await make_node(server.url)
+    sid = new_session_id()
+    await b.broker.watch(sid)
+    stored = await append_many(a.broker, sid, 3)
+    await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2, 3])
+    replay = await b.broker.read(sid, None)
+    assert [e.id for e in replay.events] == [e.id for e in stored]
+    assert await a.broker.lease_states([sid]) == {sid: "none"}
+
+
 # --- faults --------------------------------------------------------------------------------
 
 
