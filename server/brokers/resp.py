@@ -1,7 +1,8 @@
 """A Redis connection spoken to directly: commands packed and replies parsed by hiredis.
 
 The broker's two busiest connections, the one its appends are written on and the
-pub/sub connection every live event arrives on, are read this way. redis-py opens the
+pub/sub connection every live event arrives on, are read this way, and so are the
+lease calls that cover every session the process streams. redis-py opens the
 connection (so the URL's TLS, user, password and database are honoured) and we then
 write and read its socket ourselves. Measured per reply on the pub/sub connection:
 ``PubSub.get_message`` about 25 µs and ``Connection.read_response`` about 15 µs, for
@@ -33,7 +34,8 @@ Command = tuple[Any, ...]
 
 
 class RespStream:
-    """One connection taken from a redis-py ``pool``; given back by :meth:`close`.
+    """One connection taken from a redis-py ``pool``; given back by :meth:`release` (open,
+    for redis-py's next call) or :meth:`close`.
 
     Error replies are returned as :class:`ResponseError` values, not raised, so one
     refused command among many written together does not hide the others' replies.

@@ -585,13 +585,9 @@ async def test_a_silent_pubsub_connection_is_replaced_and_what_it_missed_is_deli
         await proxy.close()
 
 
-async def test_a_redis_with_a_password_and_another_database_serves_every_path(
-    make_node: NodeFactory, own_redis: ServerFactory
-) -> None:
-    """The append and pub/sub connections, which the broker reads itself, are opened by
-    redis-py: the URL's password and database number apply to them as to every other call."""
-    server = own_redis(password="pw-for-the-test")
-    url = server.url.removesuffix("/0") + "/5"
+async def serves_every_path(make_node: NodeFactory, url: str) -> tuple[str, str]:
+    """Through two brokers on ``url``: appends, live delivery, a replay and a lease check.
+    Returns the keys of the session it used."""
     a, b = await make_node(url), await make_node(url)
     sid = new_session_id()
     await b.broker.watch(sid)
@@ -599,16 +595,24 @@ async def test_a_redis_with_a_password_and_another_database_serves_every_path(
     await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2, 3])
     replay = await b.broker.read(sid, None)
     assert [e.id for e in replay.events] == [e.id for e in stored]
-    admin = Redis.from_url(url, decode_responses=True)
-    try:
-        assert await admin.exists(*keys_of(a.broker, sid)) == 2
-    finally:
-        await admin.aclose()
-    default_db = Redis.from_url(server.url, decode_responses=True)
-    try:
-        assert await default_db.exists(*keys_of(a.broker, sid)) == 0
-    finally:
-        await default_db.aclose()
+    assert await a.broker.lease_states([sid]) == {sid: "none"}
+    return keys_of(a.broker, sid)
+
+
+async def test_a_redis_with_a_password_and_another_database_serves_every_path(
+    make_node: NodeFactory, own_redis: ServerFactory
+) -> None:
+    """The append and pub/sub connections, which the broker reads itself, are opened by
+    redis-py: the URL's password and database number apply to them as to every other call."""
+    server = own_redis(password="pw-for-the-test")
+    url = server.url.removesuffix("/0") + "/5"
+    keys = await serves_every_path(make_node, url)
+    for database_url, count in ((url, 2), (server.url, 0)):
+        admin = Redis.from_url(database_url, decode_responses=True)
+        try:
+            assert await admin.exists(*keys) == count
+        finally:
+            await admin.aclose()
 
 
 async def test_a_redis_over_tls_serves_every_path(
@@ -619,14 +623,7 @@ async def test_a_redis_over_tls_serves_every_path(
     against the URL's CA file), and appends, replays and live delivery work over them."""
     server = own_redis(tls=True)
     assert server.url.startswith("rediss://")
-    a, b = await make_node(server.url), await make_node(server.url)
-    sid = new_session_id()
-    await b.broker.watch(sid)
-    stored = await append_many(a.broker, sid, 3)
-    await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2, 3])
-    replay = await b.broker.read(sid, None)
-    assert [e.id for e in replay.events] == [e.id for e in stored]
-    assert await a.broker.lease_states([sid]) == {sid: "none"}
+    await serves_every_path(make_node, server.url)
 
 
 # --- faults --------------------------------------------------------------------------------
