@@ -12,6 +12,7 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -585,10 +586,10 @@ async def test_a_silent_pubsub_connection_is_replaced_and_what_it_missed_is_deli
         await proxy.close()
 
 
-async def serves_every_path(make_node: NodeFactory, url: str) -> tuple[str, str]:
+async def serves_every_path(make_node: NodeFactory, url: str, **options: Any) -> tuple[str, str]:
     """Through two brokers on ``url``: appends, live delivery, a replay and a lease check.
     Returns the keys of the session it used."""
-    a, b = await make_node(url), await make_node(url)
+    a, b = await make_node(url, **options), await make_node(url, **options)
     sid = new_session_id()
     await b.broker.watch(sid)
     stored = await append_many(a.broker, sid, 3)
@@ -613,6 +614,26 @@ async def test_a_redis_with_a_password_and_another_database_serves_every_path(
             assert await admin.exists(*keys) == count
         finally:
             await admin.aclose()
+
+
+async def test_the_readmes_acl_user_is_enough_for_every_path(
+    make_node: NodeFactory, own_redis: ServerFactory
+) -> None:
+    """The README's least-privilege ACL user, taken from the README itself, with the
+    default key prefix: every path works, the connections read directly included."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    (rule_line,) = [line for line in readme.splitlines() if line.startswith("user orchestrator ")]
+    rules = rule_line.split()[2:]
+    assert ">PASSWORD" in rules
+    server = own_redis()
+    admin = Redis.from_url(server.url, decode_responses=True)
+    try:
+        rules = [">pw-for-the-acl" if rule == ">PASSWORD" else rule for rule in rules]
+        await admin.execute_command("ACL", "SETUSER", "orchestrator", "reset", *rules)
+    finally:
+        await admin.aclose()
+    url = server.url.replace("redis://", "redis://orchestrator:pw-for-the-acl@")
+    await serves_every_path(make_node, url, key_prefix="orch")
 
 
 async def test_a_redis_over_tls_serves_every_path(
