@@ -32,8 +32,9 @@ from aiohttp import (
     ClientWebSocketResponse,
     TCPConnector,
     WSMsgType,
+    web,
 )
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as websockets_connect
@@ -44,6 +45,8 @@ from server.context import STREAM_CONTEXT
 from tests.timing import EVENT_TIMEOUT, POLL_INTERVAL, WORKFLOW_TIMEOUT
 
 Event = dict[str, Any]
+# The aiohttp test client of our app (the fixtures' ``client``).
+AppClient = TestClient[web.Request, web.Application]
 
 STRATEGY = "15% off outdoor furniture for 8 weeks"
 FRONTEND_ORIGIN = "http://localhost:5173"
@@ -54,12 +57,19 @@ def new_session_id() -> str:
     return str(uuid.uuid4())
 
 
-def http_url(server: TestServer, path: str) -> URL:
+def app_of(server: BaseTestServer) -> web.Application:
+    """The app a test server runs (``client.server`` is typed as aiohttp's base class)."""
+    assert isinstance(server, TestServer)
+    app: web.Application = server.app
+    return app
+
+
+def http_url(server: BaseTestServer, path: str) -> URL:
     """An absolute URL; ``path`` is taken as already percent-encoded (so ``%00`` stays)."""
     return URL(f"http://{server.host}:{server.port}{path}", encoded=True)
 
 
-def ws_url(server: TestServer, path: str) -> str:
+def ws_url(server: BaseTestServer, path: str) -> str:
     return f"ws://{server.host}:{server.port}{path}"
 
 
@@ -97,7 +107,7 @@ def final(result: Any = None) -> Event:
     }
 
 
-async def publish(client: TestClient, session_id: str, body: Event) -> Event:
+async def publish(client: AppClient, session_id: str, body: Event) -> Event:
     """Publish one event through ``POST /api/sessions/{id}/events``; return ``{id, seq}``."""
     response = await client.post(f"/api/sessions/{session_id}/events", json=body)
     text = await response.text()
@@ -106,7 +116,7 @@ async def publish(client: TestClient, session_id: str, body: Event) -> Event:
     return answer
 
 
-async def publish_story(client: TestClient, session_id: str, count: int) -> list[Event]:
+async def publish_story(client: AppClient, session_id: str, count: int) -> list[Event]:
     """``count`` progress events then the final one; the ``{id, seq}`` of each, in order."""
     stored = [await publish(client, session_id, progress(n)) for n in range(1, count + 1)]
     stored.append(await publish(client, session_id, final()))
@@ -186,7 +196,7 @@ async def read_events(
     stream: EventStream, count: int, timeout: float = EVENT_TIMEOUT
 ) -> list[Event]:
     """Exactly the next ``count`` events (heartbeats included); fails if the stream ends."""
-    events = []
+    events: list[Event] = []
     for _ in range(count):
         event = await stream.next_event(timeout)
         assert event is not None, f"the stream ended after {events!r}"
@@ -198,7 +208,7 @@ async def read_until(
     stream: EventStream, condition: Callable[[Event], bool], timeout: float = EVENT_TIMEOUT
 ) -> list[Event]:
     """Events up to and including the first that meets ``condition``."""
-    events = []
+    events: list[Event] = []
     while True:
         event = await stream.next_event(timeout)
         assert event is not None, f"the stream ended after {events!r}"
@@ -217,14 +227,14 @@ async def read_to_end(stream: EventStream, timeout: float = WORKFLOW_TIMEOUT) ->
 
 
 async def publish_until_slow_consumer_is_cut(
-    server: TestServer, session_id: str, fast: EventStream, limit: int = 2000
+    server: BaseTestServer, session_id: str, fast: EventStream, limit: int = 2000
 ) -> tuple[int, list[Event]]:
     """Publish big events (so a reader that stopped fills its socket buffers after a few
     megabytes) until the server has cut a slow consumer off, reading each one from
     ``fast`` as it goes. Returns how many were published and what ``fast`` read."""
     from server.messages import ProgressEvent  # the hub's own event type
 
-    hub = server.app[STREAM_CONTEXT].hub
+    hub = app_of(server)[STREAM_CONTEXT].hub
     fast_events: list[Event] = []
     published = 0
     while metric(server, "orchestrator_subscriptions_closed_total", reason="slow_consumer") == 0:
@@ -612,14 +622,14 @@ async def open_curl_sse(
 # --- metrics ----------------------------------------------------------------------------------
 
 
-def metric(server: TestServer, name: str, **labels: str) -> float:
+def metric(server: BaseTestServer, name: str, **labels: str) -> float:
     """The current value of one sample of the server's metrics (0 if never set)."""
-    registry = server.app[STREAM_CONTEXT].metrics.registry
+    registry = app_of(server)[STREAM_CONTEXT].metrics.registry
     value = registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
 
 
-def connections(server: TestServer) -> dict[str, float]:
+def connections(server: BaseTestServer) -> dict[str, float]:
     """The connection gauge, by transport."""
     return {
         transport: metric(server, "orchestrator_connections", transport=transport)

@@ -17,13 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer
 
 from server.app import create_app
 from server.config import Settings
 from server.context import STREAM_CONTEXT
 from server.hub import Hub
+from tests.clients import AppClient, app_of
 from tests.redis_support import RedisServer, redis_unavailable
 from tests.redis_support import ServerFactory as RedisFactory
 from tests.timing import HEARTBEAT_INTERVAL
@@ -115,55 +115,55 @@ def settings(broker_kind: str, request: pytest.FixtureRequest) -> Settings:
     )
 
 
-ServerFactory = Callable[..., Awaitable[TestServer]]
+ServerFactory = Callable[..., Awaitable[BaseTestServer]]
 
 
 @pytest.fixture
-async def make_server(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> ServerFactory:
-    """Start the real app on 127.0.0.1 with the given settings (aiohttp's TestServer binds a
+async def make_server(aiohttp_server: Callable[..., Awaitable[BaseTestServer]]) -> ServerFactory:
+    """Start the real app on 127.0.0.1 with the given settings (aiohttp's BaseTestServer binds a
     real socket and cancels handlers on disconnect, like ``python -m server``)."""
 
-    async def factory(settings: Settings) -> TestServer:
+    async def factory(settings: Settings) -> BaseTestServer:
         return await aiohttp_server(create_app(settings))
 
     return factory
 
 
 @pytest.fixture
-async def server(make_server: ServerFactory, settings: Settings) -> TestServer:
+async def server(make_server: ServerFactory, settings: Settings) -> BaseTestServer:
     return await make_server(settings)
 
 
 @pytest.fixture
 async def client(
-    server: TestServer, aiohttp_client: Callable[..., Awaitable[TestClient]]
-) -> TestClient:
+    server: BaseTestServer, aiohttp_client: Callable[..., Awaitable[AppClient]]
+) -> AppClient:
     return await aiohttp_client(server)
 
 
-def hub_of(server: TestServer) -> Hub:
-    app: web.Application = server.app
+def hub_of(server: BaseTestServer) -> Hub:
+    app = app_of(server)
     return app[STREAM_CONTEXT].hub
 
 
 @pytest.fixture
-async def hub(server: TestServer) -> AsyncIterator[Hub]:
+async def hub(server: BaseTestServer) -> AsyncIterator[Hub]:
     yield hub_of(server)
 
 
 # --- transport, API and end-to-end tests ------------------------------------------------------
 
-ClientFactory = Callable[[Settings], Awaitable[TestClient]]
+ClientFactory = Callable[[Settings], Awaitable[AppClient]]
 
 
 @pytest.fixture
 async def make_client(
-    make_server: ServerFactory, aiohttp_client: Callable[..., Awaitable[TestClient]]
+    make_server: ServerFactory, aiohttp_client: Callable[..., Awaitable[AppClient]]
 ) -> ClientFactory:
     """Start the real app with the given settings; an aiohttp test client of it
     (``client.server`` is the server, ``client.session`` a plain ``ClientSession``)."""
 
-    async def factory(settings: Settings) -> TestClient:
+    async def factory(settings: Settings) -> AppClient:
         return await aiohttp_client(await make_server(settings))
 
     return factory

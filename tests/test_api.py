@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
@@ -21,6 +21,7 @@ from server.config import Settings
 from tests.clients import (
     AGENTS,
     STRATEGY,
+    AppClient,
     Event,
     final,
     http_url,
@@ -70,7 +71,7 @@ async def error_of(response: Any, status: int, code: str | None = None) -> dict[
     text = await response.text()
     assert response.status == status, text
     assert response.content_type == "application/json"
-    body = json.loads(text)
+    body: dict[str, str] = json.loads(text)
     assert set(body) == {"error", "code", "reference"}, body
     assert all(isinstance(value, str) and value for value in body.values()), body
     if code is not None:
@@ -84,7 +85,7 @@ async def error_of(response: Any, status: int, code: str | None = None) -> dict[
 
 
 async def test_run_workflow_answers_202_with_the_session_and_its_stream_urls(
-    client: TestClient,
+    client: AppClient,
 ) -> None:
     """``run-workflow`` answers 202 with the session id, ``running`` and the two stream URLs,
     and the WebSocket URL it names streams that workflow to its final event."""
@@ -108,7 +109,7 @@ async def test_run_workflow_answers_202_with_the_session_and_its_stream_urls(
     assert {event["session_id"] for event in events} == {session_id}
 
 
-async def test_run_workflow_keeps_the_session_id_it_is_given(client: TestClient) -> None:
+async def test_run_workflow_keeps_the_session_id_it_is_given(client: AppClient) -> None:
     """A client-chosen ``session_id`` is the session's id, and its stream URLs use it (the
     frontend opens its stream before it starts the workflow)."""
     session_id = new_session_id()
@@ -128,7 +129,7 @@ async def test_run_workflow_keeps_the_session_id_it_is_given(client: TestClient)
 
 
 async def test_run_workflow_with_wait_returns_the_result_and_a_second_run_is_409(
-    client: TestClient,
+    client: AppClient,
 ) -> None:
     """``?wait=true`` answers 200 once the workflow ended, with ``complete`` and a result
     holding the parameters, forecast, inventory and pricing; running the same session again
@@ -148,7 +149,7 @@ async def test_run_workflow_with_wait_returns_the_result_and_a_second_run_is_409
 
 
 async def test_run_workflow_on_a_session_that_already_has_events_is_409(
-    client: TestClient,
+    client: AppClient,
 ) -> None:
     """A session id that already carries a stream (published by another service) cannot
     start a workflow: 409, and its stream is untouched."""
@@ -177,7 +178,7 @@ NOT_JSON: dict[str, tuple[bytes, str]] = {
 
 @pytest.mark.parametrize("case", list(NOT_JSON))
 async def test_run_workflow_body_that_is_not_a_json_object_is_400(
-    client: TestClient, case: str
+    client: AppClient, case: str
 ) -> None:
     """A body that is not a JSON object gets 400 ``invalid_json``, whatever it holds."""
     data, content_type = NOT_JSON[case]
@@ -201,7 +202,7 @@ INVALID_RUNS: dict[str, dict[str, Any]] = {
 }
 
 
-async def stored_sessions(server: TestServer, settings: Settings) -> int:
+async def stored_sessions(server: BaseTestServer, settings: Settings) -> int:
     """How many sessions the broker holds (on Redis: its keys under the test's prefix)."""
     broker = hub_of(server).broker
     if isinstance(broker, MemoryBroker):
@@ -212,7 +213,7 @@ async def stored_sessions(server: TestServer, settings: Settings) -> int:
 
 @pytest.mark.parametrize("case", list(INVALID_RUNS))
 async def test_run_workflow_body_that_fails_validation_is_422(
-    client: TestClient, settings: Settings, case: str
+    client: AppClient, settings: Settings, case: str
 ) -> None:
     """A JSON object that fails validation gets 422 with a readable message naming the
     problem, and no workflow starts."""
@@ -223,7 +224,7 @@ async def test_run_workflow_body_that_fails_validation_is_422(
 
 
 async def test_run_workflow_strategy_longer_than_the_limit_is_422(
-    client: TestClient, settings: Settings
+    client: AppClient, settings: Settings
 ) -> None:
     """A strategy over ``max_strategy_length`` characters gets 422 saying so."""
     long_strategy = "x" * (settings.max_strategy_length + 1)
@@ -234,7 +235,7 @@ async def test_run_workflow_strategy_longer_than_the_limit_is_422(
 
 @pytest.mark.parametrize("path", [RUN, events_path("session-0001")])
 async def test_body_over_max_body_size_is_413(
-    client: TestClient, settings: Settings, path: str
+    client: AppClient, settings: Settings, path: str
 ) -> None:
     """A request body over ``max_body_size`` gets 413 ``payload_too_large`` as JSON."""
     oversized = {"strategy_description": "x" * (settings.max_body_size + 1)}
@@ -245,7 +246,7 @@ async def test_body_over_max_body_size_is_413(
 # --- session snapshot -------------------------------------------------------------------------
 
 
-async def test_session_snapshot_follows_the_stream(client: TestClient) -> None:
+async def test_session_snapshot_follows_the_stream(client: AppClient) -> None:
     """``GET /api/sessions/{id}`` tells the state, last id and seq, overall progress, each
     agent's latest status, and once ended the result."""
     session_id = new_session_id()
@@ -283,7 +284,7 @@ async def test_session_snapshot_follows_the_stream(client: TestClient) -> None:
     assert ended["result"] == {"units": 2579}
 
 
-async def test_snapshot_of_a_failed_session_holds_its_error(client: TestClient) -> None:
+async def test_snapshot_of_a_failed_session_holds_its_error(client: AppClient) -> None:
     """A session that ended with a final error is ``failed`` and its snapshot tells why."""
     session_id = new_session_id()
     await publish(
@@ -307,14 +308,14 @@ async def test_snapshot_of_a_failed_session_holds_its_error(client: TestClient) 
     }
 
 
-async def test_snapshot_of_an_unknown_session_is_404(client: TestClient) -> None:
+async def test_snapshot_of_an_unknown_session_is_404(client: AppClient) -> None:
     """A session that never existed (or expired) gets 404 ``session_not_found``."""
     response = await client.get(f"/api/sessions/{new_session_id()}")
     await error_of(response, 404, "session_not_found")
 
 
 @pytest.mark.parametrize("session_id", ["short", "a" * 129, "abcdefgh%2Fijkl", "abcdefgh%00"])
-async def test_snapshot_with_a_bad_session_id_is_400(client: TestClient, session_id: str) -> None:
+async def test_snapshot_with_a_bad_session_id_is_400(client: AppClient, session_id: str) -> None:
     """A malformed session id gets 400 ``invalid_session_id``."""
     async with client.session.get(http_url(client.server, f"/api/sessions/{session_id}")) as r:
         await error_of(r, 400, "invalid_session_id")
@@ -323,7 +324,7 @@ async def test_snapshot_with_a_bad_session_id_is_400(client: TestClient, session
 # --- publishing -------------------------------------------------------------------------------
 
 
-async def test_publish_answers_202_with_the_id_and_seq(client: TestClient) -> None:
+async def test_publish_answers_202_with_the_id_and_seq(client: AppClient) -> None:
     """Publishing answers 202 ``{id, seq}``; seq counts 1, 2, 3 per session, ids differ."""
     session_id, other = new_session_id(), new_session_id()
     first = await publish(client, session_id, progress(1))
@@ -334,7 +335,7 @@ async def test_publish_answers_202_with_the_id_and_seq(client: TestClient) -> No
     assert len({first["id"], second["id"], elsewhere["id"]}) == 3
 
 
-async def test_publish_after_the_final_event_is_409(client: TestClient) -> None:
+async def test_publish_after_the_final_event_is_409(client: AppClient) -> None:
     """Nothing is stored after the final event: publishing gets 409 ``session_ended``."""
     session_id = new_session_id()
     await publish(client, session_id, final())
@@ -379,7 +380,7 @@ INVALID_EVENTS: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("case", list(INVALID_EVENTS))
 async def test_publish_of_an_invalid_event_is_422_and_stores_nothing(
-    client: TestClient, case: str
+    client: AppClient, case: str
 ) -> None:
     """An event that fails validation, or sets what the server fills in (id, seq,
     session_id, timestamp), gets 422 and is not stored."""
@@ -389,7 +390,7 @@ async def test_publish_of_an_invalid_event_is_422_and_stores_nothing(
     assert (await client.get(f"/api/sessions/{session_id}")).status == 404
 
 
-async def test_publish_of_a_body_that_is_not_json_is_400(client: TestClient) -> None:
+async def test_publish_of_a_body_that_is_not_json_is_400(client: AppClient) -> None:
     """A publish body that is not JSON gets 400 ``invalid_json``."""
     response = await client.post(
         events_path(new_session_id()), data=b"type=progress", headers={"Content-Type": "text/plain"}
@@ -399,7 +400,7 @@ async def test_publish_of_a_body_that_is_not_json_is_400(client: TestClient) -> 
 
 @pytest.mark.parametrize("charset", ["bogus", "latin-1", "utf-16"])
 async def test_json_is_read_as_utf8_whatever_charset_is_declared(
-    client: TestClient, charset: str
+    client: AppClient, charset: str
 ) -> None:
     """JSON bodies are UTF-8 (RFC 8259): a wrong or unknown charset in the Content-Type
     neither breaks the request nor changes the text."""
@@ -419,7 +420,7 @@ async def test_json_is_read_as_utf8_whatever_charset_is_declared(
 
 
 @pytest.mark.parametrize("session_id", ["short", "a" * 129, "abcdefgh%2Fijkl", "s%C3%A9ssion-01"])
-async def test_publish_to_a_bad_session_id_is_400(client: TestClient, session_id: str) -> None:
+async def test_publish_to_a_bad_session_id_is_400(client: AppClient, session_id: str) -> None:
     """Publishing to a malformed session id gets 400 ``invalid_session_id``."""
     url = http_url(client.server, events_path(session_id))
     async with client.session.post(url, json=progress(1)) as response:
@@ -465,7 +466,7 @@ def non_loopback_address() -> str | None:
 
 
 async def test_without_a_token_only_loopback_clients_may_publish(
-    aiohttp_server: Callable[..., Awaitable[TestServer]], settings: Settings
+    aiohttp_server: Callable[..., Awaitable[BaseTestServer]], settings: Settings
 ) -> None:
     """With no publish token, a client connecting from another address gets 403."""
     address = non_loopback_address()
@@ -481,7 +482,7 @@ async def test_without_a_token_only_loopback_clients_may_publish(
 # --- health and metrics -----------------------------------------------------------------------
 
 
-async def test_healthz_and_readyz_answer_200(client: TestClient) -> None:
+async def test_healthz_and_readyz_answer_200(client: AppClient) -> None:
     """``/healthz`` (alive) and ``/readyz`` (the broker is reachable) answer 200."""
     health = await client.get("/healthz")
     assert health.status == 200 and (await health.json())["status"] == "ok"
@@ -498,7 +499,7 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
-async def scrape(client: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+async def scrape(client: AppClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     response = await client.get("/metrics")
     assert response.status == 200
     assert response.content_type == "text/plain"
@@ -512,7 +513,7 @@ def sample(
 
 
 async def test_metrics_count_connections_by_transport_and_events_published_and_delivered(
-    client: TestClient,
+    client: AppClient,
 ) -> None:
     """``/metrics`` is Prometheus text with open connections by transport (up while a
     client is connected, down after) and counters of events published and delivered."""
@@ -571,7 +572,7 @@ ERRORS: dict[str, tuple[str, str, Any, int]] = {
 
 @pytest.mark.parametrize("case", list(ERRORS))
 async def test_every_error_body_is_error_code_reference_and_leaks_nothing(
-    client: TestClient, case: str
+    client: AppClient, case: str
 ) -> None:
     """Every error answer is JSON with exactly ``error``, ``code`` and ``reference``, and
     holds no traceback, file path or exception name."""
@@ -581,7 +582,7 @@ async def test_every_error_body_is_error_code_reference_and_leaks_nothing(
     await error_of(response, status)
 
 
-async def test_references_differ_between_errors(client: TestClient) -> None:
+async def test_references_differ_between_errors(client: AppClient) -> None:
     """Each error gets its own reference id, to find its log line."""
     references = set()
     for _ in range(3):
@@ -590,7 +591,7 @@ async def test_references_differ_between_errors(client: TestClient) -> None:
     assert len(references) == 3
 
 
-async def test_publish_with_every_event_type_reaches_subscribers(client: TestClient) -> None:
+async def test_publish_with_every_event_type_reaches_subscribers(client: AppClient) -> None:
     """``agent_status``, ``progress``, ``complete`` and ``error`` events published by other
     services are stored and streamed like the orchestrator's own."""
     session_id = new_session_id()

@@ -127,7 +127,7 @@ async def test_seq_is_gapless_and_ids_carry_the_epoch(make_hub: HubFactory) -> N
     hub = await make_hub()
     stored = [await hub.publish(progress(i)) for i in range(1, 6)]
     assert [e.seq for e in stored] == [1, 2, 3, 4, 5]
-    epochs = {e.id.rsplit("-", 1)[0] for e in stored}
+    epochs = {str(e.id).rsplit("-", 1)[0] for e in stored}
     assert len(epochs) == 1
     assert all(e.to_dict()["id"] == e.id and e.to_dict()["seq"] == e.seq for e in stored)
 

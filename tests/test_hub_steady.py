@@ -28,7 +28,7 @@ from tests.test_hub import SID, Clock, final, progress
 from tests.timing import EVENT_TIMEOUT
 
 
-def as_line(event: StoredEvent) -> bytes:
+def as_line(event: StoredEvent | ControlEvent) -> bytes:
     return event.payload + b"\n"
 
 

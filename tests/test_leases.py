@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer
 from redis.asyncio import Redis
 
 from server.api import WORKFLOW_RUNNER
@@ -27,7 +27,7 @@ from server.config import Settings
 from server.hub import Subscription
 from server.messages import ControlEvent, ProgressEvent, StoredEvent
 from server.workflow import WorkflowRunner
-from tests.clients import new_session_id
+from tests.clients import app_of, new_session_id
 from tests.conftest import hub_of
 from tests.hardening.support import FakeAgents
 from tests.timing import EVENT_TIMEOUT, POLL_INTERVAL
@@ -35,14 +35,16 @@ from tests.timing import EVENT_TIMEOUT, POLL_INTERVAL
 LEASE_TTL = 0.3  # seconds: short, so that a lapsed lease shows within a test
 QUIET = 3600.0  # a lease check interval that never comes round: the test calls check()
 
-Start = Callable[..., Awaitable[TestServer]]
+Start = Callable[..., Awaitable[BaseTestServer]]
 
 
 @pytest.fixture
-async def start(aiohttp_server: Callable[..., Awaitable[TestServer]], settings: Settings) -> Start:
+async def start(
+    aiohttp_server: Callable[..., Awaitable[BaseTestServer]], settings: Settings
+) -> Start:
     """Start an app ("process") on the test's broker; every app of a test shares it."""
 
-    async def factory(agents: FakeAgents | None = None, **changes: Any) -> TestServer:
+    async def factory(agents: FakeAgents | None = None, **changes: Any) -> BaseTestServer:
         changes = {"lease_ttl": LEASE_TTL, "lease_check_interval": QUIET, **changes}
         app = create_app(settings.replace(**changes), agents=agents or FakeAgents())
         return await aiohttp_server(app)
@@ -59,8 +61,8 @@ async def gated() -> AsyncIterator[FakeAgents]:
     agents.gate.set()
 
 
-def runner_of(server: TestServer) -> WorkflowRunner:
-    return server.app[WORKFLOW_RUNNER]
+def runner_of(server: BaseTestServer) -> WorkflowRunner:
+    return app_of(server)[WORKFLOW_RUNNER]
 
 
 def payload(frame: StoredEvent | ControlEvent) -> dict[str, Any]:

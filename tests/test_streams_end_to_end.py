@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession, TCPConnector
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer
 
 from server.config import Settings
 from server.messages import ProgressEvent
 from tests.clients import (
     AGENTS,
     STRATEGY,
+    AppClient,
     CurlSSE,
     Event,
     EventStream,
@@ -69,7 +70,7 @@ async def subscriber_session() -> AsyncIterator[ClientSession]:
 
 def open_client(
     kind: str,
-    server: TestServer,
+    server: BaseTestServer,
     session: ClientSession,
     session_id: str,
     last_event_id: str | None = None,
@@ -87,7 +88,7 @@ def open_client(
     return open_curl_sse(url, headers)
 
 
-async def run_workflow(client: TestClient, session_id: str) -> None:
+async def run_workflow(client: AppClient, session_id: str) -> None:
     response = await client.post(
         "/api/orchestrator/run-workflow",
         json={"strategy_description": STRATEGY, "session_id": session_id},
@@ -120,7 +121,7 @@ def assert_workflow_story(events: list[Event], session_id: str) -> None:
 
 
 async def test_workflow_is_seen_identically_by_every_client_and_by_late_ones(
-    client: TestClient,
+    client: AppClient,
 ) -> None:
     """The real workflow (strategy "15% off outdoor furniture for 8 weeks") reaches two
     WebSocket and two SSE clients as the same events, same ids, same payloads, in seq order,
@@ -159,7 +160,7 @@ def demand_started(event: Event) -> bool:
     return event.get("agent") == "demand" and event["type"] == "agent_status"
 
 
-async def test_resume_mid_workflow_loses_and_repeats_nothing(client: TestClient) -> None:
+async def test_resume_mid_workflow_loses_and_repeats_nothing(client: AppClient) -> None:
     """Each client disconnects once the demand agent has started and reconnects with the
     last id it saw (``?last_event_id=`` on WebSocket, ``Last-Event-ID`` on SSE): the two
     parts together are exactly the stream a client that stayed connected saw."""
@@ -195,7 +196,7 @@ async def test_resume_mid_workflow_loses_and_repeats_nothing(client: TestClient)
 
 
 async def test_four_real_workflows_at_once_each_reach_only_their_own_subscribers(
-    client: TestClient,
+    client: AppClient,
 ) -> None:
     """Four real workflows running concurrently, each watched over both transports: every
     client gets its own session's whole workflow, identical across transports."""
@@ -224,7 +225,7 @@ async def test_four_real_workflows_at_once_each_reach_only_their_own_subscribers
 
 
 async def test_fifty_sessions_with_several_subscribers_each_get_only_their_own_stream(
-    client: TestClient,
+    client: AppClient,
 ) -> None:
     """50 sessions, each watched by WebSocket (two libraries) and SSE subscribers (and
     ``curl -N`` on some), each fed 30 events and a final one through the REST publish
@@ -263,7 +264,7 @@ async def test_fifty_sessions_with_several_subscribers_each_get_only_their_own_s
 # --- clients that drop ------------------------------------------------------------------------
 
 
-def footprint(server: TestServer) -> dict[str, float]:
+def footprint(server: BaseTestServer) -> dict[str, float]:
     """What a connection holds on the server: subscriptions, subscribed sessions, the
     connection gauges, and (server and client share the loop) every asyncio task."""
     hub = hub_of(server)
@@ -277,7 +278,7 @@ def footprint(server: TestServer) -> dict[str, float]:
 
 @pytest.mark.parametrize("kind", CLIENTS)
 async def test_client_that_drops_abruptly_leaves_nothing_behind(
-    client: TestClient, kind: str
+    client: AppClient, kind: str
 ) -> None:
     """A client whose TCP connection is dropped mid-stream, without a close frame or the
     end of the response (curl: killed), leaves no subscription, session, connection count or
@@ -307,7 +308,7 @@ async def test_client_that_drops_abruptly_leaves_nothing_behind(
         assert seqs(await read_events(sse, 2)) == [1, 2]
 
 
-async def test_many_clients_dropping_at_once_leave_nothing_behind(client: TestClient) -> None:
+async def test_many_clients_dropping_at_once_leave_nothing_behind(client: AppClient) -> None:
     """Forty clients of every kind dropping together while events flow leave the hub, the
     gauges and the task count as they were."""
     server, hub = client.server, hub_of(client.server)

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from aiohttp import WSMsgType
-from aiohttp.test_utils import TestClient
 
 from server.agents import register_agents
 from server.agents.handoff import AgentFailed, AgentHandoffManager, Reporter
@@ -23,6 +22,7 @@ from server.hub import Hub
 from server.messages import ProgressEvent, StoredEvent
 from server.metrics import Metrics
 from server.workflow import WorkflowRunner
+from tests.clients import AppClient, app_of
 from tests.timing import EVENT_TIMEOUT, WORKFLOW_TIMEOUT
 
 STRATEGY = "15% off outdoor furniture for 8 weeks"
@@ -230,11 +230,11 @@ async def test_handoff_reports_through_the_reporter_and_logs_durations() -> None
 
 
 async def test_a_running_forecast_does_not_delay_another_sessions_stream(
-    client: TestClient,
+    client: AppClient,
 ) -> None:
     """While a real forecast runs in one session, events published into another reach
     their WebSocket subscriber promptly: model fitting never stalls the event loop."""
-    hub = client.server.app[STREAM_CONTEXT].hub
+    hub = app_of(client.server)[STREAM_CONTEXT].hub
     response = await client.post(
         "/api/orchestrator/run-workflow",
         json={

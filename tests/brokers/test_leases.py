@@ -159,10 +159,14 @@ async def test_a_lease_check_held_past_its_time_out_gives_its_connection_back(
     sid = new_session_id()
     try:
         assert await a.broker.claim(sid, Lease("owner-a", 30))
-        await admin.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+        await admin.execute_command(  # type: ignore[no-untyped-call]
+            "CLIENT", "PAUSE", 60_000, "WRITE"
+        )
         with pytest.raises(ServiceUnavailable):
             await a.broker.lease_states([sid])
-        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.execute_command(  # type: ignore[no-untyped-call]
+            "CLIENT", "UNPAUSE"
+        )
         for _ in range(3):
             assert await a.broker.lease_states([sid]) == {sid: "held"}
             assert (await a.broker.info(sid)) is not None

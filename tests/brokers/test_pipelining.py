@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import hiredis
 import pytest
@@ -20,7 +21,7 @@ from server.brokers.pipelining import PipelinedConnection
 from .redis_support import eventually
 
 
-def packed(*commands: tuple[str | int, ...]) -> list[bytes]:
+def packed(*commands: tuple[Any, ...]) -> list[bytes]:
     return [hiredis.pack_command(command) for command in commands]
 
 
@@ -103,7 +104,7 @@ async def test_a_killed_connection_is_replaced(pipe: PipelinedConnection, raw_re
     """Redis drops the connection (``CLIENT KILL``, as a restart or a network fault would):
     at most one call fails with a connection error, and the next one gets a new connection."""
     before = await client_id(pipe)
-    await raw_redis.client_kill_filter(_id=before)
+    await raw_redis.client_kill_filter(_id=str(before))
     with contextlib.suppress(RedisConnectionError):
         await pipe.call(packed(("PING",)))
     assert await client_id(pipe) != before

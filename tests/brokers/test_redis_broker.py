@@ -50,6 +50,12 @@ async def append_many(
     ]
 
 
+async def stream_bodies(redis: Redis, broker: RedisBroker, session_id: str) -> list[str]:
+    """The JSON bodies of the session's stream entries, oldest first, as Redis holds them."""
+    entries: list[tuple[str, dict[str, str]]] = await redis.xrange(broker._stream_key(session_id))  # type: ignore[assignment]  # redis-py types decoded and raw replies alike
+    return [fields["b"] for _, fields in entries]
+
+
 def keys_of(broker: RedisBroker, session_id: str) -> tuple[str, str]:
     return broker._state_key(session_id), broker._stream_key(session_id)
 
@@ -135,6 +141,7 @@ async def test_events_round_trip_byte_for_byte(make_node: NodeFactory) -> None:
         assert (event.id, event.type, event.final) == (stored.id, "complete", True)
         assert event.payload == stored.payload
         assert event.to_dict()["status"] == 'a|b|c é ✓ "quoted" \\n'
+    assert stored.id is not None
     assert StreamPosition.parse(stored.id) == stored.position
 
 
@@ -323,8 +330,8 @@ async def test_overlapping_publishers_each_get_their_own_answer(
         assert [(e.session_id, e.seq, json.loads(e.payload)["n"]) for e in events] == [
             (sid, n, n) for n in range(1, 31)
         ]
-        stored = await raw_redis.xrange(node.broker._stream_key(sid))
-        assert [json.loads(fields["b"])["n"] for _, fields in stored] == list(range(1, 31))
+        stored = await stream_bodies(raw_redis, node.broker, sid)
+        assert [json.loads(b)["n"] for b in stored] == list(range(1, 31))
 
 
 async def test_a_lone_append_that_timed_out_is_stored_once(
@@ -341,15 +348,19 @@ async def test_a_lone_append_that_timed_out_is_stored_once(
     attempts = CountCalls(node.broker._run_appends)
     monkeypatch.setattr(node.broker, "_run_appends", attempts)
     try:
-        await admin.execute_command("CLIENT", "PAUSE", int(TIMEOUT * 1000), "WRITE")
+        await admin.execute_command(  # type: ignore[no-untyped-call]
+            "CLIENT", "PAUSE", int(TIMEOUT * 1000), "WRITE"
+        )
         append = asyncio.create_task(node.broker.append(sid, "progress", body(2), False))
         await eventually(lambda: attempts.calls >= 2)  # the first attempt timed out
-        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.execute_command(  # type: ignore[no-untyped-call]
+            "CLIENT", "UNPAUSE"
+        )
         second = await append
         third = await node.broker.append(sid, "progress", body(3), False)
         assert [(e.seq, json.loads(e.payload)["n"]) for e in (second, third)] == [(2, 2), (3, 3)]
-        stored = await admin.xrange(node.broker._stream_key(sid))
-        assert [json.loads(fields["b"])["n"] for _, fields in stored] == [1, 2, 3]
+        stored = await stream_bodies(admin, node.broker, sid)
+        assert [json.loads(b)["n"] for b in stored] == [1, 2, 3]
     finally:
         await admin.aclose()
 
@@ -629,7 +640,9 @@ async def test_the_readmes_acl_user_is_enough_for_every_path(
     admin = Redis.from_url(server.url, decode_responses=True)
     try:
         rules = [">pw-for-the-acl" if rule == ">PASSWORD" else rule for rule in rules]
-        await admin.execute_command("ACL", "SETUSER", "orchestrator", "reset", *rules)
+        await admin.execute_command(  # type: ignore[no-untyped-call]
+            "ACL", "SETUSER", "orchestrator", "reset", *rules
+        )
     finally:
         await admin.aclose()
     url = server.url.replace("redis://", "redis://orchestrator:pw-for-the-acl@")

@@ -6,20 +6,20 @@ import json
 from typing import Any
 
 from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer
 
 from tests.timing import EVENT_TIMEOUT
 
 
-def url(server: TestServer, path: str, scheme: str = "http") -> str:
+def url(server: BaseTestServer, path: str, scheme: str = "http") -> str:
     return f"{scheme}://{server.host}:{server.port}{path}"
 
 
-def ws_url(server: TestServer, session_id: str, query: str = "") -> str:
+def ws_url(server: BaseTestServer, session_id: str, query: str = "") -> str:
     return url(server, f"/ws/orchestrator/{session_id}{query}", "ws")
 
 
-def sse_url(server: TestServer, session_id: str, query: str = "") -> str:
+def sse_url(server: BaseTestServer, session_id: str, query: str = "") -> str:
     return url(server, f"/sse/orchestrator/{session_id}{query}")
 
 

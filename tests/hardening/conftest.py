@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer
 
 from server.app import create_app
 from server.config import Settings
 from tests.hardening.support import FakeAgents
 
-StartServer = Callable[..., Awaitable[TestServer]]
+StartServer = Callable[..., Awaitable[BaseTestServer]]
 
 
 @pytest.fixture
@@ -23,11 +23,11 @@ def agents() -> FakeAgents:
 
 @pytest.fixture
 async def start(
-    aiohttp_server: Callable[..., Awaitable[TestServer]], settings: Settings, agents: FakeAgents
+    aiohttp_server: Callable[..., Awaitable[BaseTestServer]], settings: Settings, agents: FakeAgents
 ) -> StartServer:
     """Start the real app with fake agents and ``settings`` changed by keyword arguments."""
 
-    async def factory(**changes: Any) -> TestServer:
+    async def factory(**changes: Any) -> BaseTestServer:
         changed = settings.replace(**{"shutdown_grace": 0.0, **changes})
         return await aiohttp_server(create_app(changed, agents=agents))
 

@@ -15,14 +15,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.agents.demand import DemandForecast
 from server.agents.handoff import AgentHandoffManager, Reporter
 from server.agents.parameters import ForecastParameters
 from server.context import STREAM_CONTEXT, StreamContext
+from tests.clients import app_of
 from tests.timing import EVENT_TIMEOUT
 
 POLL = 0.01  # how often a bounded wait re-checks its condition
@@ -32,8 +32,8 @@ def new_session_id() -> str:
     return str(uuid.uuid4())
 
 
-def context_of(server: TestServer) -> StreamContext:
-    app: web.Application = server.app
+def context_of(server: BaseTestServer) -> StreamContext:
+    app = app_of(server)
     return app[STREAM_CONTEXT]
 
 
@@ -164,7 +164,9 @@ class RawConnection:
         self.writer = writer
 
     @classmethod
-    async def open(cls, server: TestServer, *, receive_buffer: int | None = None) -> RawConnection:
+    async def open(
+        cls, server: BaseTestServer, *, receive_buffer: int | None = None
+    ) -> RawConnection:
         import socket
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -17,6 +17,7 @@ import pytest
 from aiohttp import ClientConnectorError, ClientSession, ClientWebSocketResponse
 
 from server.api import WORKFLOW_RUNNER
+from tests.clients import app_of
 from tests.hardening.clients import assert_error_body, next_event, read_until_final, url
 from tests.hardening.conftest import StartServer
 from tests.hardening.support import (
@@ -189,8 +190,8 @@ async def test_a_workflow_that_finishes_within_the_grace_period_completes(
         session_id = (await response.json())["session_id"]
     async with http.ws_connect(url(server, f"/ws/orchestrator/{session_id}", "ws")) as ws:
         await until_event(ws, lambda e: e.get("agent") == "demand")
-        shutdown = asyncio.create_task(server.app.shutdown())
-        await wait_until(lambda: server.app[WORKFLOW_RUNNER].closing)
+        shutdown = asyncio.create_task(app_of(server).shutdown())
+        await wait_until(lambda: app_of(server)[WORKFLOW_RUNNER].closing)
         async with http.post(
             url(server, "/api/orchestrator/run-workflow"), json={"strategy_description": "x"}
         ) as response:

@@ -9,7 +9,7 @@ import gc
 import itertools
 
 from aiohttp import ClientSession, TCPConnector, web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer
 
 from server.messages import ProgressEvent
 from tests.hardening.clients import sse_url, ws_url
@@ -33,13 +33,13 @@ RSS_GROWTH_BOUND = 5 * 1024 * 1024
 SETTLE_TIMEOUT = 30.0
 
 
-async def ws_graceful(http: ClientSession, server: TestServer, session_id: str) -> None:
+async def ws_graceful(http: ClientSession, server: BaseTestServer, session_id: str) -> None:
     async with http.ws_connect(ws_url(server, session_id)) as ws:
         message = await ws.receive(timeout=EVENT_TIMEOUT)  # the first replayed event
         assert message.json()["seq"] == 1
 
 
-async def ws_abrupt(http: ClientSession, server: TestServer, session_id: str) -> None:
+async def ws_abrupt(http: ClientSession, server: BaseTestServer, session_id: str) -> None:
     raw = await RawConnection.open(server)
     try:
         assert await raw.websocket(f"/ws/orchestrator/{session_id}") == 101
@@ -47,13 +47,13 @@ async def ws_abrupt(http: ClientSession, server: TestServer, session_id: str) ->
         raw.abort()
 
 
-async def sse_graceful(http: ClientSession, server: TestServer, session_id: str) -> None:
+async def sse_graceful(http: ClientSession, server: BaseTestServer, session_id: str) -> None:
     async with http.get(sse_url(server, session_id)) as response:
         assert await response.content.readline() == b"retry: 2000\n"
         response.close()
 
 
-async def sse_abrupt(http: ClientSession, server: TestServer, session_id: str) -> None:
+async def sse_abrupt(http: ClientSession, server: BaseTestServer, session_id: str) -> None:
     raw = await RawConnection.open(server)
     try:
         head = await raw.request_head(f"/sse/orchestrator/{session_id}")
@@ -66,7 +66,7 @@ KINDS = (ws_graceful, ws_abrupt, sse_graceful, sse_abrupt)
 
 
 async def run_cycles(
-    http: ClientSession, server: TestServer, sessions: list[str], count: int
+    http: ClientSession, server: BaseTestServer, sessions: list[str], count: int
 ) -> None:
     plan = zip(range(count), itertools.cycle(KINDS), itertools.cycle(sessions), strict=False)
     pending: set[asyncio.Task[None]] = set()
@@ -76,8 +76,8 @@ async def run_cycles(
             for task in done:
                 task.result()
         pending.add(asyncio.create_task(kind(http, server, session_id)))
-    for task in asyncio.as_completed(pending):
-        await task
+    for finished in asyncio.as_completed(pending):
+        await finished
 
 
 async def test_5000_cycles_leave_no_connection_task_or_memory_behind(start: StartServer) -> None:

@@ -19,6 +19,7 @@ from aiohttp import ClientSession
 
 from tests.clients import (
     Event,
+    EventStream,
     is_control_error,
     new_session_id,
     open_aiohttp_sse,
@@ -71,7 +72,12 @@ async def test_a_workflow_started_on_one_process_reaches_subscribers_on_the_othe
         assert sse_b.status == sse_c.status == 200
 
         await run_workflow(http, a, session_id)
-        streams = {"ws@b": ws_b, "ws@c": ws_c, "sse@b": sse_b, "curl-sse@c": sse_c}
+        streams: dict[str, EventStream] = {
+            "ws@b": ws_b,
+            "ws@c": ws_c,
+            "sse@b": sse_b,
+            "curl-sse@c": sse_c,
+        }
         seen = await asyncio.gather(*(read_to_end(stream) for stream in streams.values()))
         assert ws_b.close_code == ws_c.close_code == 1000
         async with open_aiohttp_sse(http, a.sse(session_id)) as late:

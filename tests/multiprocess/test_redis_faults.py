@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer
 
 from server.api import WORKFLOW_RUNNER
 from server.app import create_app
@@ -37,6 +37,7 @@ from server.workflow import WorkflowRunner
 from tests.clients import (
     Event,
     EventStream,
+    app_of,
     http_url,
     is_control_error,
     new_session_id,
@@ -53,7 +54,7 @@ from tests.redis_support import RedisServer, ServerFactory
 from tests.timing import EVENT_TIMEOUT
 
 # Short fault timings, so that a test sees each phase within seconds.
-BROKER_TIMEOUTS = {
+BROKER_TIMEOUTS: dict[str, Any] = {
     "op_timeout": 0.5,
     "connect_timeout": 0.5,
     "retry_budget": 0.5,
@@ -64,7 +65,7 @@ BROKER_TIMEOUTS = {
 LEASE_TTL = 1.5  # renewed every 0.5 s: the owed final event is retried as often
 RECOVERY_TIMEOUT = 15.0  # Redis is back -> the final event has reached every subscriber
 
-Start = Callable[..., Awaitable[TestServer]]
+Start = Callable[..., Awaitable[BaseTestServer]]
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ async def redis(own_redis: ServerFactory) -> RedisServer:
 
 @pytest.fixture
 async def start(
-    aiohttp_server: Callable[..., Awaitable[TestServer]], settings: Settings, redis: RedisServer
+    aiohttp_server: Callable[..., Awaitable[BaseTestServer]], settings: Settings, redis: RedisServer
 ) -> Start:
     """Start an app ("process") on the test's own Redis, with short fault timings."""
     changed = settings.replace(
@@ -84,7 +85,7 @@ async def start(
         lease_check_interval=0.1,
     )
 
-    async def factory(agents: FakeAgents | None = None) -> TestServer:
+    async def factory(agents: FakeAgents | None = None) -> BaseTestServer:
         broker = RedisBroker(
             redis.url,
             changed.buffer_size,
@@ -104,17 +105,17 @@ async def http() -> AsyncIterator[ClientSession]:
         yield session
 
 
-def runner_of(server: TestServer) -> WorkflowRunner:
-    return server.app[WORKFLOW_RUNNER]
+def runner_of(server: BaseTestServer) -> WorkflowRunner:
+    return app_of(server)[WORKFLOW_RUNNER]
 
 
-async def readyz(http: ClientSession, server: TestServer) -> tuple[int, dict[str, Any]]:
+async def readyz(http: ClientSession, server: BaseTestServer) -> tuple[int, dict[str, Any]]:
     async with http.get(http_url(server, "/readyz")) as response:
         body: dict[str, Any] = await response.json()
         return response.status, body
 
 
-async def wait_readyz(http: ClientSession, server: TestServer, status: int) -> dict[str, Any]:
+async def wait_readyz(http: ClientSession, server: BaseTestServer, status: int) -> dict[str, Any]:
     async with asyncio.timeout(RECOVERY_TIMEOUT):
         while True:
             got, body = await readyz(http, server)
@@ -122,7 +123,7 @@ async def wait_readyz(http: ClientSession, server: TestServer, status: int) -> d
                 return body
 
 
-async def run_workflow(http: ClientSession, server: TestServer, session_id: str) -> None:
+async def run_workflow(http: ClientSession, server: BaseTestServer, session_id: str) -> None:
     async with http.post(
         http_url(server, "/api/orchestrator/run-workflow"),
         json={"strategy_description": "chairs", "session_id": session_id},

@@ -10,9 +10,10 @@ from urllib.parse import quote
 
 import pytest
 from aiohttp import ClientSession
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer
 
 from tests.clients import (
+    AppClient,
     SSEStream,
     WSClient,
     http_url,
@@ -25,7 +26,7 @@ from tests.clients import (
 )
 from tests.conftest import BROKERS, hub_of
 
-WSOpener = Callable[[TestServer, str], AbstractAsyncContextManager[WSClient]]
+WSOpener = Callable[[BaseTestServer, str], AbstractAsyncContextManager[WSClient]]
 SSEOpener = Callable[..., AbstractAsyncContextManager[SSEStream]]
 
 
@@ -44,7 +45,7 @@ def _stream_path(transport: str, session_id: str, last_event_id: str | None) -> 
     return path
 
 
-async def subscribed(client: TestClient, count: int = 1) -> None:
+async def subscribed(client: AppClient, count: int = 1) -> None:
     """Wait until the hub holds ``count`` subscriptions (the clients are live)."""
     hub = hub_of(client.server)
     await wait_until(lambda: hub.subscriber_count == count, f"{count} subscription(s)")
@@ -73,7 +74,7 @@ async def open_sse(request: pytest.FixtureRequest) -> AsyncIterator[SSEOpener]:
     if request.param == "curl":
 
         def curl(
-            server: TestServer, path: str, headers: Mapping[str, str] | None = None
+            server: BaseTestServer, path: str, headers: Mapping[str, str] | None = None
         ) -> AbstractAsyncContextManager[SSEStream]:
             return open_curl_sse(http_url(server, path), headers)
 
@@ -82,7 +83,7 @@ async def open_sse(request: pytest.FixtureRequest) -> AsyncIterator[SSEOpener]:
     async with ClientSession() as session:
 
         def aiohttp(
-            server: TestServer, path: str, headers: Mapping[str, str] | None = None
+            server: BaseTestServer, path: str, headers: Mapping[str, str] | None = None
         ) -> AbstractAsyncContextManager[SSEStream]:
             return open_aiohttp_sse(session, http_url(server, path), headers)
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from server.config import Settings
 from tests.clients import (
     BAD_SESSION_IDS,
     FRONTEND_ORIGIN,
     JUNK_EVENT_IDS,
+    AppClient,
     Event,
     final,
     http_url,
@@ -34,7 +34,7 @@ from tests.timing import HEARTBEAT_INTERVAL, QUIET_HEARTBEAT_INTERVAL
 from tests.transports.conftest import SSEOpener, sse_path, subscribed
 
 
-async def assert_still_streams(client: TestClient) -> None:
+async def assert_still_streams(client: AppClient) -> None:
     """A normal SSE subscriber on a fresh session gets a published event, then the final one."""
     session_id = new_session_id()
     await publish(client, session_id, progress(1))
@@ -56,7 +56,7 @@ def assert_error_body(body: bytes, code: str) -> None:
 
 
 async def test_response_has_the_sse_headers_and_starts_with_retry(
-    client: TestClient, settings: Settings, open_sse: SSEOpener
+    client: AppClient, settings: Settings, open_sse: SSEOpener
 ) -> None:
     """The response is ``text/event-stream``, not cached nor buffered by proxies, and its
     first message is a ``retry:`` line with the configured reconnection delay."""
@@ -71,7 +71,7 @@ async def test_response_has_the_sse_headers_and_starts_with_retry(
 
 
 async def test_stored_events_are_framed_as_id_event_and_one_data_line(
-    client: TestClient, open_sse: SSEOpener
+    client: AppClient, open_sse: SSEOpener
 ) -> None:
     """Each stored event is written as ``id: <id>``, ``event: <type>`` and one ``data:`` line
     holding the event's JSON, then a blank line."""
@@ -117,7 +117,7 @@ async def test_heartbeats_have_no_id_line(
 
 
 async def test_client_may_connect_before_anything_is_published(
-    client: TestClient, open_sse: SSEOpener
+    client: AppClient, open_sse: SSEOpener
 ) -> None:
     """A subscriber to a session with no events yet waits, and sees each event as it is
     published (``curl -N`` shows the stream as it happens, not at the end)."""
@@ -130,7 +130,7 @@ async def test_client_may_connect_before_anything_is_published(
             assert event["id"] == answer["id"]
 
 
-async def test_response_ends_after_the_final_event(client: TestClient, open_sse: SSEOpener) -> None:
+async def test_response_ends_after_the_final_event(client: AppClient, open_sse: SSEOpener) -> None:
     """After the final event the server ends the response (curl exits with status 0)."""
     session_id = new_session_id()
     async with open_sse(client.server, sse_path(session_id)) as sse:
@@ -143,7 +143,7 @@ async def test_response_ends_after_the_final_event(client: TestClient, open_sse:
             assert await sse.exit_code() == 0
 
 
-async def test_http_1_0_client_gets_the_same_stream(client: TestClient) -> None:
+async def test_http_1_0_client_gets_the_same_stream(client: AppClient) -> None:
     """A client speaking HTTP/1.0 (no chunked encoding) gets the same stream, ended by the
     server closing the connection after the final event."""
     session_id = new_session_id()
@@ -160,13 +160,11 @@ async def test_http_1_0_client_gets_the_same_stream(client: TestClient) -> None:
 # --- resume -----------------------------------------------------------------------------------
 
 
-async def published_story(client: TestClient, session_id: str, count: int) -> list[Event]:
+async def published_story(client: AppClient, session_id: str, count: int) -> list[Event]:
     return [await publish(client, session_id, progress(n)) for n in range(1, count + 1)]
 
 
-async def test_resume_with_the_last_event_id_header(
-    client: TestClient, open_sse: SSEOpener
-) -> None:
+async def test_resume_with_the_last_event_id_header(client: AppClient, open_sse: SSEOpener) -> None:
     """A reconnect with ``Last-Event-ID`` (what EventSource sends) gets exactly the events
     after that id."""
     session_id = new_session_id()
@@ -178,7 +176,7 @@ async def test_resume_with_the_last_event_id_header(
 
 
 async def test_resume_with_the_last_event_id_query_parameter(
-    client: TestClient, open_sse: SSEOpener
+    client: AppClient, open_sse: SSEOpener
 ) -> None:
     """A first connection that cannot set headers resumes with ``?last_event_id=``."""
     session_id = new_session_id()
@@ -188,9 +186,7 @@ async def test_resume_with_the_last_event_id_query_parameter(
         assert seqs(await read_to_end(sse)) == [4, 5]
 
 
-async def test_header_wins_over_the_query_parameter(
-    client: TestClient, open_sse: SSEOpener
-) -> None:
+async def test_header_wins_over_the_query_parameter(client: AppClient, open_sse: SSEOpener) -> None:
     """With both, the ``Last-Event-ID`` header is the resume point (the browser moved on
     since the page built the URL)."""
     session_id = new_session_id()
@@ -201,7 +197,7 @@ async def test_header_wins_over_the_query_parameter(
         assert seqs(await read_to_end(sse)) == [4, 5]
 
 
-async def test_empty_last_event_id_means_from_the_start(client: TestClient) -> None:
+async def test_empty_last_event_id_means_from_the_start(client: AppClient) -> None:
     """An empty (or all-blank) ``Last-Event-ID`` or ``?last_event_id=`` is no resume point:
     the whole story, with no ``replay_gap``."""
     session_id = new_session_id()
@@ -222,7 +218,7 @@ JUNK_IDS = JUNK_EVENT_IDS
 
 @pytest.mark.parametrize("case", list(JUNK_IDS))
 async def test_junk_last_event_id_gets_replay_gap_then_the_whole_story(
-    client: TestClient, open_sse: SSEOpener, case: str
+    client: AppClient, open_sse: SSEOpener, case: str
 ) -> None:
     """A malformed ``Last-Event-ID`` is a position that cannot be served: a ``replay_gap``
     control event (no ``id:`` line), then every retained event, and nothing else breaks."""
@@ -242,7 +238,7 @@ async def test_junk_last_event_id_gets_replay_gap_then_the_whole_story(
 
 
 async def test_last_event_id_beyond_the_header_limit_is_refused_with_400(
-    client: TestClient,
+    client: AppClient,
 ) -> None:
     """A ``Last-Event-ID`` longer than the server's header limit (8 KiB) is refused with 400
     before any stream starts, and the server goes on serving."""
@@ -269,7 +265,7 @@ async def test_unservable_resume_points_get_replay_gap_then_the_retained_events(
             assert seqs(retained) == [4, 5, 6, 7, 8]
 
 
-async def test_resume_at_the_final_event_gets_204(client: TestClient, open_sse: SSEOpener) -> None:
+async def test_resume_at_the_final_event_gets_204(client: AppClient, open_sse: SSEOpener) -> None:
     """A reconnect whose resume point is the final event gets ``204 No Content`` (which makes
     EventSource stop), by header or by query parameter."""
     session_id = new_session_id()
@@ -290,7 +286,7 @@ async def test_resume_at_the_final_event_gets_204(client: TestClient, open_sse: 
 
 @pytest.mark.parametrize("case", list(BAD_SESSION_IDS))
 async def test_bad_session_id_gets_400_with_a_json_error(
-    client: TestClient, open_sse: SSEOpener, case: str
+    client: AppClient, open_sse: SSEOpener, case: str
 ) -> None:
     """A session id that does not match the pattern gets 400 with a JSON error body
     ``{error, code: invalid_session_id, reference}``; no stream is opened."""
@@ -302,7 +298,7 @@ async def test_bad_session_id_gets_400_with_a_json_error(
     await assert_still_streams(client)
 
 
-async def test_frontend_origin_is_allowed_by_cors(client: TestClient, open_sse: SSEOpener) -> None:
+async def test_frontend_origin_is_allowed_by_cors(client: AppClient, open_sse: SSEOpener) -> None:
     """A stream opened from the frontend's origin carries ``Access-Control-Allow-Origin``."""
     async with open_sse(
         client.server, sse_path(new_session_id()), {"Origin": FRONTEND_ORIGIN}
@@ -311,7 +307,7 @@ async def test_frontend_origin_is_allowed_by_cors(client: TestClient, open_sse: 
         assert sse.headers["Access-Control-Allow-Origin"] == FRONTEND_ORIGIN
 
 
-async def test_foreign_origin_gets_no_cors_header(client: TestClient, open_sse: SSEOpener) -> None:
+async def test_foreign_origin_gets_no_cors_header(client: AppClient, open_sse: SSEOpener) -> None:
     """A stream opened from any other origin gets no ``Access-Control-Allow-Origin``, so a
     browser will not hand it to that page."""
     headers = {"Origin": "http://evil.example"}
@@ -319,7 +315,7 @@ async def test_foreign_origin_gets_no_cors_header(client: TestClient, open_sse: 
         assert "Access-Control-Allow-Origin" not in sse.headers
 
 
-async def test_cors_preflight_allows_last_event_id_from_the_frontend(client: TestClient) -> None:
+async def test_cors_preflight_allows_last_event_id_from_the_frontend(client: AppClient) -> None:
     """A preflight from the frontend for a stream with ``Last-Event-ID`` is answered with
     that header allowed; a foreign origin's preflight is not."""
     path = sse_path(new_session_id())
@@ -341,7 +337,7 @@ async def test_cors_preflight_allows_last_event_id_from_the_frontend(client: Tes
 
 
 async def test_server_shutdown_ends_the_response_and_the_client_resumes(
-    client: TestClient, open_sse: SSEOpener
+    client: AppClient, open_sse: SSEOpener
 ) -> None:
     """When the server goes away, the response ends; reconnecting with the last id
     resumes without loss."""

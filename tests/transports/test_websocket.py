@@ -8,11 +8,11 @@ import contextlib
 import json
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from aiohttp import ClientSession, WSServerHandshakeError
-from aiohttp.test_utils import TestClient
 from websockets.exceptions import InvalidStatus
 
 import server
@@ -20,6 +20,7 @@ from server.config import Settings
 from tests.clients import (
     BAD_SESSION_IDS,
     JUNK_EVENT_IDS,
+    AppClient,
     Event,
     final,
     http_url,
@@ -53,7 +54,7 @@ NORMAL_CLOSURE, GOING_AWAY, POLICY_VIOLATION, MESSAGE_TOO_BIG, TRY_AGAIN_LATER =
 )
 
 
-async def assert_still_streams(client: TestClient, open_ws: WSOpener) -> None:
+async def assert_still_streams(client: AppClient, open_ws: WSOpener) -> None:
     """A normal subscriber on a fresh session gets a published event, then the final one."""
     session_id = new_session_id()
     async with open_ws(client.server, ws_path(session_id)) as ws:
@@ -68,7 +69,7 @@ async def assert_still_streams(client: TestClient, open_ws: WSOpener) -> None:
 
 
 async def test_each_event_is_one_text_frame_with_id_seq_and_timestamp(
-    client: TestClient, open_ws: WSOpener
+    client: AppClient, open_ws: WSOpener
 ) -> None:
     """Each published event arrives as one JSON text frame: its fields plus the session id,
     an RFC 3339 UTC timestamp, and the id and seq the publisher was given."""
@@ -104,7 +105,7 @@ async def test_each_event_is_one_text_frame_with_id_seq_and_timestamp(
 
 
 async def test_client_may_connect_before_anything_is_published(
-    client: TestClient, open_ws: WSOpener
+    client: AppClient, open_ws: WSOpener
 ) -> None:
     """A subscriber to a session with no events yet waits, then gets each event live."""
     session_id = new_session_id()
@@ -117,7 +118,7 @@ async def test_client_may_connect_before_anything_is_published(
 
 
 async def test_late_subscriber_gets_retained_events_then_live_ones(
-    client: TestClient, open_ws: WSOpener
+    client: AppClient, open_ws: WSOpener
 ) -> None:
     """A client that connects mid-stream first gets every retained event, then live ones."""
     session_id = new_session_id()
@@ -129,7 +130,7 @@ async def test_late_subscriber_gets_retained_events_then_live_ones(
         assert seqs(await read_events(ws, 1)) == [4]
 
 
-async def test_final_event_is_followed_by_close_1000(client: TestClient, open_ws: WSOpener) -> None:
+async def test_final_event_is_followed_by_close_1000(client: AppClient, open_ws: WSOpener) -> None:
     """After the final event the server closes with 1000 (do not reconnect)."""
     session_id = new_session_id()
     async with open_ws(client.server, ws_path(session_id)) as ws:
@@ -142,7 +143,7 @@ async def test_final_event_is_followed_by_close_1000(client: TestClient, open_ws
 
 
 async def test_subscriber_after_the_end_gets_the_whole_story_then_1000(
-    client: TestClient, open_ws: WSOpener
+    client: AppClient, open_ws: WSOpener
 ) -> None:
     """A client connecting after the session ended still sees every event, then 1000."""
     session_id = new_session_id()
@@ -158,7 +159,7 @@ async def test_subscriber_after_the_end_gets_the_whole_story_then_1000(
 
 
 async def test_resume_with_last_event_id_gets_exactly_the_events_after_it(
-    client: TestClient, open_ws: WSOpener
+    client: AppClient, open_ws: WSOpener
 ) -> None:
     """Reconnecting with ``?last_event_id=`` gets exactly the events after that id: none
     lost (published while away) and none repeated."""
@@ -177,7 +178,7 @@ async def test_resume_with_last_event_id_gets_exactly_the_events_after_it(
 
 
 async def test_resume_at_the_final_event_just_closes_1000(
-    client: TestClient, open_ws: WSOpener
+    client: AppClient, open_ws: WSOpener
 ) -> None:
     """A client resuming from the final event's id gets nothing more, and a 1000 close."""
     session_id = new_session_id()
@@ -188,7 +189,7 @@ async def test_resume_at_the_final_event_just_closes_1000(
         assert ws.close_code == NORMAL_CLOSURE
 
 
-UNSERVABLE = {
+UNSERVABLE: dict[str, Callable[[str, int], str]] = {
     "malformed": lambda epoch, last: "not-an-event-id",
     "trimmed from the buffer": lambda epoch, last: f"{epoch}-1",
     "from an earlier life of the stream": lambda epoch, last: f"0ldepoch-{last - 1}",
@@ -220,7 +221,7 @@ JUNK_IDS = {**JUNK_EVENT_IDS, "a NUL": "abcd1234\x00-1"}  # a query may carry a 
 
 @pytest.mark.parametrize("case", list(JUNK_IDS))
 async def test_junk_last_event_id_gets_replay_gap_then_the_whole_story(
-    client: TestClient, open_ws: WSOpener, case: str
+    client: AppClient, open_ws: WSOpener, case: str
 ) -> None:
     """A junk ``?last_event_id=`` gets ``replay_gap``, then every retained event, then live
     ones; nothing else breaks."""
@@ -237,7 +238,7 @@ async def test_junk_last_event_id_gets_replay_gap_then_the_whole_story(
 
 
 async def test_empty_last_event_id_means_from_the_start(
-    client: TestClient, open_ws: WSOpener
+    client: AppClient, open_ws: WSOpener
 ) -> None:
     """An empty ``?last_event_id=`` is no resume point: the whole story, no ``replay_gap``."""
     session_id = new_session_id()
@@ -254,15 +255,16 @@ SERVER_CODE = Path(server.__file__).parent
 def server_tasks() -> int:
     """Tasks running the server's own code now (not aiohttp's, nor a client library's):
     the server runs in this process and loop."""
+    codes = (getattr(task.get_coro(), "cr_code", None) for task in asyncio.all_tasks())
     return sum(
         1
-        for task in asyncio.all_tasks()
-        if Path(task.get_coro().cr_code.co_filename).is_relative_to(SERVER_CODE)
+        for code in codes
+        if code is not None and Path(code.co_filename).is_relative_to(SERVER_CODE)
     )
 
 
 async def test_an_idle_connection_holds_no_task_of_its_own(
-    client: TestClient, open_ws: WSOpener
+    client: AppClient, open_ws: WSOpener
 ) -> None:
     """Once its replay is out, a connection that keeps up is written to by the hub itself:
     no sending task waits for it (an idle connection costs less memory), and what is
@@ -316,7 +318,7 @@ async def test_idle_connection_gets_heartbeat_events_without_id(
         beats = await read_events(ws, 2)
         assert all(is_heartbeat(event, session_id) for event in beats), beats
         answer = await publish(client, session_id, progress(1))
-        events = []
+        events: list[Event] = []
         while not stored(events):
             events += await read_events(ws, 1)
         assert stored(events)[0]["id"] == answer["id"]
@@ -351,7 +353,7 @@ INVALID_FRAMES: dict[str, str | bytes] = {
 
 @pytest.mark.parametrize("frame", list(INVALID_FRAMES))
 async def test_invalid_frame_gets_invalid_message_and_the_stream_goes_on(
-    client: TestClient, open_ws: WSOpener, frame: str
+    client: AppClient, open_ws: WSOpener, frame: str
 ) -> None:
     """A frame that is not a known JSON command gets an ``invalid_message`` control error;
     the connection stays open, keeps streaming and still answers pings."""
@@ -372,7 +374,7 @@ async def test_invalid_frame_gets_invalid_message_and_the_stream_goes_on(
 
 
 async def test_frame_of_exactly_max_frame_size_is_still_accepted(
-    client: TestClient, settings: Settings, open_ws: WSOpener
+    client: AppClient, settings: Settings, open_ws: WSOpener
 ) -> None:
     """A frame of exactly ``max_frame_size`` bytes is read (and, not being a command,
     answered with ``invalid_message``); the connection stays open."""
@@ -383,7 +385,7 @@ async def test_frame_of_exactly_max_frame_size_is_still_accepted(
 
 
 async def test_frame_over_max_frame_size_closes_1009(
-    client: TestClient, settings: Settings, open_ws: WSOpener
+    client: AppClient, settings: Settings, open_ws: WSOpener
 ) -> None:
     """A frame larger than ``max_frame_size`` closes the connection with 1009; other
     connections are unaffected."""
@@ -399,7 +401,7 @@ async def test_frame_over_max_frame_size_closes_1009(
 
 @pytest.mark.parametrize("case", list(BAD_SESSION_IDS))
 async def test_bad_session_id_gets_one_invalid_session_id_error_then_1008(
-    client: TestClient, open_ws: WSOpener, case: str
+    client: AppClient, open_ws: WSOpener, case: str
 ) -> None:
     """A session id that does not match the pattern: the handshake succeeds, one
     ``invalid_session_id`` control error follows, then close 1008 (do not reconnect)."""
@@ -411,7 +413,7 @@ async def test_bad_session_id_gets_one_invalid_session_id_error_then_1008(
     await assert_still_streams(client, open_ws)
 
 
-async def test_session_id_with_a_slash_is_not_a_stream_at_all(client: TestClient) -> None:
+async def test_session_id_with_a_slash_is_not_a_stream_at_all(client: AppClient) -> None:
     """``/ws/orchestrator/a/b`` is no stream URL: both client libraries see the handshake
     refused with 404."""
     path = "/ws/orchestrator/abcdefgh/ijklmnop"
@@ -431,7 +433,7 @@ async def test_session_id_with_a_slash_is_not_a_stream_at_all(client: TestClient
 
 
 async def test_server_shutdown_closes_1001_and_the_client_resumes(
-    client: TestClient, open_ws: WSOpener
+    client: AppClient, open_ws: WSOpener
 ) -> None:
     """When the server goes away (every subscription closed for shutdown) clients get 1001;
     reconnecting with the last id then resumes without loss."""
@@ -487,7 +489,7 @@ async def test_slow_consumer_is_dropped_without_delaying_another_subscriber(
     assert ws.close_code == NORMAL_CLOSURE
 
 
-async def test_http_request_to_the_stream_url_is_not_a_websocket(client: TestClient) -> None:
+async def test_http_request_to_the_stream_url_is_not_a_websocket(client: AppClient) -> None:
     """A plain GET (no upgrade) on the WebSocket URL is refused, not left hanging."""
     response = await client.session.get(http_url(client.server, ws_path(new_session_id())))
     assert 400 <= response.status < 500
