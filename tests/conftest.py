@@ -120,7 +120,7 @@ ServerFactory = Callable[..., Awaitable[BaseTestServer]]
 
 @pytest.fixture
 async def make_server(aiohttp_server: Callable[..., Awaitable[BaseTestServer]]) -> ServerFactory:
-    """Start the real app on 127.0.0.1 with the given settings (aiohttp's BaseTestServer binds a
+    """Start the real app on 127.0.0.1 with the given settings (aiohttp's TestServer binds a
     real socket and cancels handlers on disconnect, like ``python -m server``)."""
 
     async def factory(settings: Settings) -> BaseTestServer:

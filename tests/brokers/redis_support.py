@@ -25,6 +25,7 @@ __all__ = [
     "ServerFactory",
     "eventually",
     "new_session_id",
+    "redis_command",
     "redis_unavailable",
 ]
 
@@ -71,6 +72,11 @@ class NodeFactory(Protocol):
     """The ``make_node`` fixture: a started broker ("process") with its recorder."""
 
     async def __call__(self, url: str | None = None, **options: Any) -> Node: ...
+
+
+async def redis_command(redis: Any, *args: Any) -> Any:
+    """A command redis-py has no typed method for (``CLIENT PAUSE``, ``ACL SETUSER``)."""
+    return await redis.execute_command(*args)
 
 
 async def eventually(check: Callable[[], Any], timeout: float = TIMEOUT) -> None:

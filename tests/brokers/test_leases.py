@@ -13,7 +13,7 @@ from server.brokers.base import Lease
 from server.brokers.memory import MemoryBroker
 from server.errors import ServiceUnavailable
 
-from .redis_support import NodeFactory, ServerFactory, eventually, new_session_id
+from .redis_support import NodeFactory, ServerFactory, eventually, new_session_id, redis_command
 
 SHORT = 0.3  # seconds: a lease that lapses within a test
 
@@ -159,14 +159,10 @@ async def test_a_lease_check_held_past_its_time_out_gives_its_connection_back(
     sid = new_session_id()
     try:
         assert await a.broker.claim(sid, Lease("owner-a", 30))
-        await admin.execute_command(  # type: ignore[no-untyped-call]
-            "CLIENT", "PAUSE", 60_000, "WRITE"
-        )
+        await redis_command(admin, "CLIENT", "PAUSE", 60_000, "WRITE")
         with pytest.raises(ServiceUnavailable):
             await a.broker.lease_states([sid])
-        await admin.execute_command(  # type: ignore[no-untyped-call]
-            "CLIENT", "UNPAUSE"
-        )
+        await redis_command(admin, "CLIENT", "UNPAUSE")
         for _ in range(3):
             assert await a.broker.lease_states([sid]) == {sid: "held"}
             assert (await a.broker.info(sid)) is not None

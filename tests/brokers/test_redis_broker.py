@@ -34,6 +34,7 @@ from .redis_support import (
     ServerFactory,
     eventually,
     new_session_id,
+    redis_command,
 )
 
 
@@ -52,8 +53,8 @@ async def append_many(
 
 async def stream_bodies(redis: Redis, broker: RedisBroker, session_id: str) -> list[str]:
     """The JSON bodies of the session's stream entries, oldest first, as Redis holds them."""
-    entries: list[tuple[str, dict[str, str]]] = await redis.xrange(broker._stream_key(session_id))  # type: ignore[assignment]  # redis-py types decoded and raw replies alike
-    return [fields["b"] for _, fields in entries]
+    entries = await redis.xrange(broker._stream_key(session_id))
+    return [str(fields["b"]) for _, fields in entries or () if fields is not None]
 
 
 def keys_of(broker: RedisBroker, session_id: str) -> tuple[str, str]:
@@ -348,14 +349,10 @@ async def test_a_lone_append_that_timed_out_is_stored_once(
     attempts = CountCalls(node.broker._run_appends)
     monkeypatch.setattr(node.broker, "_run_appends", attempts)
     try:
-        await admin.execute_command(  # type: ignore[no-untyped-call]
-            "CLIENT", "PAUSE", int(TIMEOUT * 1000), "WRITE"
-        )
+        await redis_command(admin, "CLIENT", "PAUSE", int(TIMEOUT * 1000), "WRITE")
         append = asyncio.create_task(node.broker.append(sid, "progress", body(2), False))
         await eventually(lambda: attempts.calls >= 2)  # the first attempt timed out
-        await admin.execute_command(  # type: ignore[no-untyped-call]
-            "CLIENT", "UNPAUSE"
-        )
+        await redis_command(admin, "CLIENT", "UNPAUSE")
         second = await append
         third = await node.broker.append(sid, "progress", body(3), False)
         assert [(e.seq, json.loads(e.payload)["n"]) for e in (second, third)] == [(2, 2), (3, 3)]
@@ -640,9 +637,7 @@ async def test_the_readmes_acl_user_is_enough_for_every_path(
     admin = Redis.from_url(server.url, decode_responses=True)
     try:
         rules = [">pw-for-the-acl" if rule == ">PASSWORD" else rule for rule in rules]
-        await admin.execute_command(  # type: ignore[no-untyped-call]
-            "ACL", "SETUSER", "orchestrator", "reset", *rules
-        )
+        await redis_command(admin, "ACL", "SETUSER", "orchestrator", "reset", *rules)
     finally:
         await admin.aclose()
     url = server.url.replace("redis://", "redis://orchestrator:pw-for-the-acl@")
