@@ -357,14 +357,16 @@ def _spread(phase: Phase) -> JSON:
 def _per_delivery(window: JSON, deliveries: int) -> float | None:
     if not deliveries:
         return None
-    return round(window["server_cpu_s"] * 1e6 / deliveries, 2)
+    cpu: float = window["server_cpu_s"]
+    return round(cpu * 1e6 / deliveries, 2)
 
 
 def _user_per_delivery(window: JSON, deliveries: int) -> float | None:
     """User-space CPU only (the part a server's design controls; the rest is the kernel)."""
     if not deliveries or window["server_user_s"] is None:
         return None
-    return round(window["server_user_s"] * 1e6 / deliveries, 2)
+    user: float = window["server_user_s"]
+    return round(user * 1e6 / deliveries, 2)
 
 
 def _integrity(tallies: Sequence[Tally], first_n: Sequence[int], last_n: Sequence[int]) -> JSON:

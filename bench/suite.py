@@ -218,7 +218,7 @@ def machine() -> JSON:
                 break
     except OSError:
         pass
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("aiohttp", "aiohttp-sse", "pydantic", "fastapi", "uvicorn", "websockets"):
         try:
             versions[package] = metadata.version(package)
@@ -247,7 +247,7 @@ def aggregate(runs: list[JSON]) -> JSON:
             return statistics.median(numbers)
         return values[0]
 
-    merged = merge(runs)
+    merged: JSON = merge(runs)
     merged["repeats"] = len(runs)
     return merged
 

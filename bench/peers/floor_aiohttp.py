@@ -43,12 +43,12 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     transport = request.transport
     assert transport is not None
     subscribers = request.app[WS_TRANSPORTS].setdefault(session_id, set())
-    subscribers.add(transport)  # type: ignore[arg-type]
+    subscribers.add(transport)
     try:
         async for _message in ws:
             pass
     finally:
-        subscribers.discard(transport)  # type: ignore[arg-type]
+        subscribers.discard(transport)
     return ws
 
 
@@ -63,11 +63,11 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     transport = request.transport
     assert transport is not None
     subscribers = request.app[SSE_TRANSPORTS].setdefault(session_id, set())
-    subscribers.add(transport)  # type: ignore[arg-type]
+    subscribers.add(transport)
     try:
         await asyncio.get_running_loop().create_future()
     finally:
-        subscribers.discard(transport)  # type: ignore[arg-type]
+        subscribers.discard(transport)
     return response
 
 
