@@ -628,9 +628,10 @@ class RedisBroker:
                     replies = await stream.call(packed(chunk))
                     if any(_is_noscript(reply) for reply in replies):
                         stream.send(("SCRIPT", "LOAD", script.script))
-                        replies = [await stream.read()]  # an error here is raised below
-                        if not isinstance(replies[0], ResponseError):
-                            replies = await stream.call(packed(chunk))
+                        loaded = await stream.read()
+                        if isinstance(loaded, ResponseError):
+                            raise loaded  # not retried: see _call
+                        replies = await stream.call(packed(chunk))
                     for reply in replies:
                         if isinstance(reply, ResponseError):
                             raise reply  # not retried: see _call
