@@ -265,14 +265,14 @@ class ControlEvent(_Framed):
 
     @classmethod
     def heartbeat(cls, session_id: str) -> ControlEvent:
-        return cls("heartbeat", HeartbeatEvent(session_id=session_id).model_dump_json().encode())
+        return cls.heartbeats()(session_id)
 
     @classmethod
     def heartbeats(cls) -> Callable[[str], ControlEvent]:
         """Heartbeats for one round over every session, all with this moment's timestamp.
 
-        The JSON is built once by the model and each session's id spliced in: the same
-        bytes as :meth:`heartbeat`, measured at 2 µs a heartbeat instead of 15.5 (a
+        The JSON is built once by the model and each session's id spliced in: the
+        model's own bytes, measured at 2 µs a heartbeat instead of 15.5 (a
         model, a timestamp and a JSON dump per session, in a round that writes every
         stream). Session ids need no JSON escaping (``SESSION_ID_PATTERN``)."""
         marker = "SESSIONIDMARKER"  # nothing else in a heartbeat can contain it
