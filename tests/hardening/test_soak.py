@@ -35,8 +35,11 @@ SETTLE_TIMEOUT = 30.0
 
 async def ws_graceful(http: ClientSession, server: BaseTestServer, session_id: str) -> None:
     async with http.ws_connect(ws_url(server, session_id)) as ws:
-        message = await ws.receive(timeout=EVENT_TIMEOUT)  # the first replayed event
-        assert message.json()["seq"] == 1
+        # Heartbeats may come first (PROTOCOL.md: at any time); then the first replayed event.
+        event = (await ws.receive(timeout=EVENT_TIMEOUT)).json()
+        while event["type"] == "heartbeat":
+            event = (await ws.receive(timeout=EVENT_TIMEOUT)).json()
+        assert event.get("seq") == 1, event
 
 
 async def ws_abrupt(http: ClientSession, server: BaseTestServer, session_id: str) -> None:
