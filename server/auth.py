@@ -29,6 +29,7 @@ from aiohttp import web
 
 from .config import Settings
 from .errors import Unauthorized
+from .query import query_value
 
 _MAX_EXPIRY_DIGITS = 12
 
@@ -88,7 +89,7 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
 def check_stream_access(request: web.Request, settings: Settings, session_id: str) -> None:
     """Raise :class:`Unauthorized` (401) without a valid stream token, when tokens are on."""
     if settings.stream_token_secret is not None:
-        check_stream_token(settings.stream_token_secret, session_id, request.query.get("token"))
+        check_stream_token(settings.stream_token_secret, session_id, query_value(request, "token"))
 
 
 def check_websocket_origin(request: web.Request, settings: Settings) -> None:

@@ -20,6 +20,7 @@ from ..context import STREAM_CONTEXT
 from ..errors import InvalidSessionId
 from ..hub import Frame, SubscriptionClosed
 from ..messages import SLOW_CONSUMER, is_valid_session_id
+from ..query import query_value
 from .pump import Outlet, pump, slow_consumer_notice
 
 
@@ -29,7 +30,7 @@ def _sse_chunk(frame: Frame) -> bytes:
 
 def resume_point(request: web.Request) -> str | None:
     """The ``Last-Event-ID`` header wins over ``?last_event_id=`` (PROTOCOL.md)."""
-    return request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or None
+    return request.headers.get("Last-Event-ID") or query_value(request, "last_event_id") or None
 
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import re
 import secrets
@@ -253,9 +254,12 @@ SERVER_CODE = Path(server.__file__).parent
 
 
 def server_tasks() -> int:
-    """Tasks running the server's own code now (not aiohttp's, nor a client library's):
-    the server runs in this process and loop."""
-    codes = (getattr(task.get_coro(), "cr_code", None) for task in asyncio.all_tasks())
+    """Task objects of the server's own code (not aiohttp's, nor a client library's) that
+    are still alive, running or finished: a finished task that is still referenced holds
+    its coroutine and memory too. The server runs in this process and loop."""
+    gc.collect()  # not those only a reference cycle keeps until the next collection
+    tasks = (obj for obj in gc.get_objects() if isinstance(obj, asyncio.Task))
+    codes = (getattr(task.get_coro(), "cr_code", None) for task in tasks)
     return sum(
         1
         for code in codes
