@@ -19,7 +19,7 @@ import json
 import logging
 from typing import Any
 
-from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
 
 from ..auth import check_stream_access, check_websocket_origin
 from ..context import STREAM_CONTEXT, StreamContext
@@ -98,9 +98,30 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         await _refuse(ws, session_id, refused, ctx)
         return ws
 
+    # The stream runs in this one coroutine frame, helpers are plain functions: an idle
+    # stream sits here for hours, and each coroutine frame it is nested in costs about
+    # 300 bytes per connection.
     with ticket:
         try:
-            await _stream(ws, request, ctx, session_id)
+            async with ctx.hub.subscribe(
+                session_id, query_value(request, "last_event_id")
+            ) as subscription:
+                ws.subscription = subscription
+                sender = _Sender(ws, subscription, request, ctx)
+                sender.wake()  # the replay, if any; then it parks
+                try:
+                    # receive() rather than ``async for``: its __anext__ would be one more
+                    # suspended coroutine (about 220 bytes) for every idle connection.
+                    while (message := await ws.receive()).type not in _CLOSED:
+                        _answer(message, subscription, ctx)
+                finally:
+                    subscription.detach()
+                    await sender.stop()
+                    if not ws.closed:
+                        # The client vanished and this handler was cancelled. Closing stops
+                        # aiohttp's heartbeat timer, which would otherwise hold the whole
+                        # connection in memory for up to a heartbeat interval.
+                        await _close(ws, WSCloseCode.GOING_AWAY, b"")
         except ServiceUnavailable as unavailable:
             # The event store cannot be reached (Redis down): an error event, then
             # 1013, and the client reconnects with back-off and resumes.
@@ -109,47 +130,24 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _stream(
-    ws: _EventSocket, request: web.Request, ctx: StreamContext, session_id: str
-) -> None:
-    """Subscribe, then read the client's commands here while frames go out: ``{"type":
-    "ping"}`` is answered, anything else gets ``invalid_message``. Ends on close.
-
-    The reading loop is here rather than in a helper: an idle stream sits in it for hours,
-    and each coroutine frame it is nested in costs its size per connection."""
-    async with ctx.hub.subscribe(session_id, query_value(request, "last_event_id")) as subscription:
-        ws.subscription = subscription
-        sender = _Sender(ws, subscription, request, ctx)
-        sender.wake()  # the replay, if any; then it parks
-        try:
-            while True:
-                # receive() rather than ``async for``: its __anext__ would be one more
-                # suspended coroutine (about 220 bytes) for every idle connection.
-                message = await ws.receive()
-                if message.type in _CLOSED:
-                    break
-                if message.type is WSMsgType.TEXT and _is_ping(message.data):
-                    subscription.push_control(ControlEvent.heartbeat(session_id))
-                elif message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    subscription.push_control(
-                        ControlEvent.error(
-                            session_id,
-                            INVALID_MESSAGE,
-                            'Unknown message. The only command is {"type": "ping"}.',
-                        )
-                    )
-                elif message.type is WSMsgType.ERROR and _too_big(message.data):
-                    # aiohttp has closed with 1009 already; count it now, as the handler
-                    # may be cancelled as soon as the socket is gone.
-                    ctx.metrics.refused("frame_too_large")
-        finally:
-            subscription.detach()
-            await sender.stop()
-            if not ws.closed:
-                # The client vanished and this handler was cancelled. Closing stops
-                # aiohttp's heartbeat timer, which would otherwise hold the whole
-                # connection in memory for up to a heartbeat interval.
-                await _close(ws, WSCloseCode.GOING_AWAY, b"")
+def _answer(message: WSMessage, subscription: Subscription, ctx: StreamContext) -> None:
+    """A client's frame: ``{"type": "ping"}`` is answered with a heartbeat, anything else
+    gets ``invalid_message``; a frame over ``max_frame_size`` is counted (aiohttp closes
+    with 1009 itself)."""
+    session_id = subscription.session_id
+    if message.type is WSMsgType.TEXT and _is_ping(message.data):
+        subscription.push_control(ControlEvent.heartbeat(session_id))
+    elif message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+        subscription.push_control(
+            ControlEvent.error(
+                session_id,
+                INVALID_MESSAGE,
+                'Unknown message. The only command is {"type": "ping"}.',
+            )
+        )
+    elif message.type is WSMsgType.ERROR and _too_big(message.data):
+        # Counted now, as the handler may be cancelled as soon as the socket is gone.
+        ctx.metrics.refused("frame_too_large")
 
 
 async def _refuse(
