@@ -50,6 +50,7 @@ from ..errors import ServiceUnavailable, SessionEnded
 from ..messages import StoredEvent, StreamPosition
 from .base import EventListener, Lease, LeaseState, Replay, SessionInfo
 from .batching import Batcher
+from .liveness import SilenceWatch
 from .pipelining import PipelinedConnection
 from .resp import RespStream
 
@@ -794,28 +795,32 @@ class RedisBroker:
             self._pubsub = pubsub
 
     async def _pump(self, pubsub: RespStream) -> None:
-        pinged = False
-        while True:
-            try:
-                async with asyncio.timeout(self._idle_ping):
+        loop = asyncio.get_running_loop()
+        watch = SilenceWatch(pubsub, self._idle_ping)
+        try:
+            while True:
+                try:
                     reply = await pubsub.read()
-            except TimeoutError:
-                # Silent for idle_ping: ping; silent for another one after it: dead.
-                if pinged:
-                    raise RedisConnectionError("pub/sub connection silent") from None
-                pubsub.send(("PING",))
-                pinged = True
-                continue
-            pinged = False
-            if isinstance(reply, ResponseError):
-                raise reply  # a refused SUBSCRIBE (NOPERM...): reconnect and log it
-            # RESP2 arrays: [message, channel, data], [subscribe, channel, count],
-            # [unsubscribe, channel, count], [pong, ""].
-            kind = reply[0]
-            if kind == "message":
-                self._on_message(reply[1], reply[2])
-            elif kind == "subscribe":
-                await self._on_subscribed(reply[1])
+                except RedisConnectionError:
+                    if watch.silent:
+                        raise RedisConnectionError("pub/sub connection silent") from None
+                    raise
+                watch.heard = loop.time()
+                if isinstance(reply, ResponseError):
+                    raise reply  # a refused SUBSCRIBE (NOPERM...): reconnect and log it
+                # RESP2 arrays: [message, channel, data], [subscribe, channel, count],
+                # [unsubscribe, channel, count], [pong, ""].
+                kind = reply[0]
+                if kind == "message":
+                    self._on_message(reply[1], reply[2])
+                elif kind == "subscribe":
+                    # A catch-up read may take a while: the socket is not read meanwhile.
+                    watch.busy = True
+                    await self._on_subscribed(reply[1])
+                    watch.busy = False
+                    watch.heard = loop.time()
+        finally:
+            watch.stop()
 
     async def _on_subscribed(self, channel: str) -> None:
         batches = self._inflight.get(channel)

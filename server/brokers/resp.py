@@ -104,6 +104,10 @@ class RespStream:
             reply = self._parser.gets()
         return reply
 
+    def abort(self) -> None:
+        """Drop the connection at once; a pending :meth:`read` then fails."""
+        self._writer.transport.abort()
+
     async def release(self) -> None:
         """Give the connection back to its pool open, for redis-py's next call. Only when
         every reply was read: otherwise it is closed (see :meth:`close`)."""

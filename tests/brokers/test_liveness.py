@@ -1,0 +1,91 @@
+"""The pub/sub connection's silence watch (``server/brokers/liveness.py``), against a real
+Redis: a quiet connection that answers its pings is kept, a reader busy elsewhere is not
+taken for a dead connection, and an unanswered ping ends the connection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from server.brokers.liveness import SilenceWatch
+from server.brokers.resp import RespStream
+
+from .redis_support import FreezingProxy, NodeFactory, eventually, new_session_id
+
+INTERVAL = 0.05
+# Time the scenarios let pass (not a wait for something to happen): many intervals.
+QUIET = INTERVAL * 10
+
+
+@pytest.fixture
+async def stream(redis_url: str) -> AsyncIterator[RespStream]:
+    client = Redis.from_url(redis_url, protocol=2)
+    opened = await RespStream.open(client.connection_pool)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+        await client.aclose()
+
+
+async def test_a_quiet_pubsub_connection_that_answers_its_pings_is_kept(
+    make_node: NodeFactory,
+) -> None:
+    """Nothing published for ten ``idle_ping``s: the reader pings, Redis answers, and the
+    connection is kept (not replaced over and over); live events still arrive on it."""
+    a = await make_node()
+    b = await make_node(idle_ping=INTERVAL)
+    sid = new_session_id()
+    await b.broker.watch(sid)
+    await a.broker.append(sid, "progress", json.dumps({"n": 1}), False)
+    await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1])
+    await asyncio.sleep(QUIET)
+    await a.broker.append(sid, "progress", json.dumps({"n": 2}), False)
+    await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2])
+    assert b.broker._connections == 1
+
+
+async def test_a_reader_busy_elsewhere_is_not_taken_for_a_dead_connection(
+    stream: RespStream,
+) -> None:
+    """While the reader is busy (a catch-up read), what Redis sent waits unread in the
+    socket: no ping is owed an answer then. Once it is back to reading, silence counts."""
+    watch = SilenceWatch(stream, INTERVAL)
+    try:
+        watch.busy = True
+        await asyncio.sleep(QUIET)
+        assert not watch.silent and stream.is_open
+        watch.busy = False
+        watch.heard = asyncio.get_running_loop().time()
+        # Nobody reads the answer to the ping that follows: the watch gives up.
+        await eventually(lambda: watch.silent)
+        assert not stream.is_open
+    finally:
+        watch.stop()
+
+
+async def test_an_unanswered_ping_ends_the_pending_read(redis_url: str) -> None:
+    """A half-open connection (a proxy that froze it): the watch pings, nothing comes
+    back, and the read that was waiting fails, so the reader can connect again."""
+    proxy = await FreezingProxy.start(redis_url)
+    client = Redis.from_url(proxy.url(redis_url), protocol=2)
+    opened = await RespStream.open(client.connection_pool)
+    try:
+        await proxy.freeze()
+        watch = SilenceWatch(opened, INTERVAL)
+        try:
+            with pytest.raises(RedisConnectionError):
+                async with asyncio.timeout(QUIET):
+                    await opened.read()
+            assert watch.silent
+        finally:
+            watch.stop()
+    finally:
+        await opened.close()
+        await client.aclose()
+        await proxy.close()
