@@ -2,7 +2,8 @@
 
 ``request.query`` parses the whole query into a multidict and caches it on the
 request and on its URL, which a stream keeps for hours: about 370 bytes per
-connection, and nothing at all when the query is empty, which is the usual case.
+connection. Reading the one value needed keeps nothing, and with no query at all
+(the usual case) parses nothing.
 """
 
 from __future__ import annotations
