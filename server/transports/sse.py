@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp_sse import EventSourceResponse
 
 from ..auth import check_stream_access
@@ -26,6 +26,14 @@ from .pump import Outlet, pump, slow_consumer_notice
 
 def _sse_chunk(frame: Frame) -> bytes:
     return frame.sse_chunk
+
+
+def _sse_frame(frame: Frame) -> bytes:
+    return frame.sse_frame
+
+
+def _chunk_encoded(response: web.StreamResponse) -> bool:
+    return response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"
 
 
 def resume_point(request: web.Request) -> str | None:
@@ -65,8 +73,11 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
                     ctx.metrics,
                     "sse",
                     ctx.settings.heartbeat_interval,
-                    # A chunked response (HTTP/1.1) takes the cached chunk as is.
-                    prebuilt=_sse_chunk if response.chunked else None,
+                    # What goes on the wire: an HTTP/1.1 response is chunk-encoded and
+                    # takes the cached chunk as is; an HTTP/1.0 one (nginx's default to
+                    # its upstreams) the bare frame. Not ``response.chunked``: aiohttp-sse
+                    # sets that after prepare(), whatever the protocol version.
+                    prebuilt=_sse_chunk if _chunk_encoded(response) else _sse_frame,
                     send=send,
                 )
                 await pump(outlet)

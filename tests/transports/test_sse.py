@@ -144,17 +144,22 @@ async def test_response_ends_after_the_final_event(client: AppClient, open_sse: 
 
 
 async def test_http_1_0_client_gets_the_same_stream(client: AppClient) -> None:
-    """A client speaking HTTP/1.0 (no chunked encoding) gets the same stream, ended by the
-    server closing the connection after the final event."""
+    """A client speaking HTTP/1.0 (no chunked encoding) gets the same stream, replayed and
+    live events alike, with no chunk framing in it, ended by the server closing the
+    connection after the final event. (nginx speaks HTTP/1.0 to its upstreams unless told
+    otherwise.)"""
     session_id = new_session_id()
     await publish(client, session_id, progress(1))
     url = http_url(client.server, sse_path(session_id))
     async with open_curl_sse(url, extra_args=("--http1.0",)) as sse:
         assert sse.status == 200
+        assert "Transfer-Encoding" not in sse.headers
         await read_events(sse, 1)
+        await publish(client, session_id, progress(2))  # written live, to a caught-up stream
         await publish(client, session_id, final())
-        assert seqs(await read_to_end(sse)) == [2]
+        assert seqs(await read_to_end(sse)) == [2, 3]
         assert await sse.exit_code() == 0
+    assert [m.names for m in sse.messages] == [("retry",)] + [("id", "event", "data")] * 3
 
 
 # --- resume -----------------------------------------------------------------------------------
