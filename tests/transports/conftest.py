@@ -68,15 +68,18 @@ async def open_ws(request: pytest.FixtureRequest) -> AsyncIterator[WSOpener]:
         yield lambda server, path: open_aiohttp_ws(session, ws_url(server, path))
 
 
-@pytest.fixture(params=["aiohttp", "curl"])
+@pytest.fixture(params=["aiohttp", "curl", "curl-http1.0"])
 async def open_sse(request: pytest.FixtureRequest) -> AsyncIterator[SSEOpener]:
-    """``open_sse(server, path, headers=None)``: an SSE response read by aiohttp or curl -N."""
-    if request.param == "curl":
+    """``open_sse(server, path, headers=None)``: an SSE response read by aiohttp, by curl -N,
+    or by curl -N speaking HTTP/1.0 (no chunked encoding: what nginx sends upstream unless
+    told otherwise)."""
+    if request.param.startswith("curl"):
+        extra_args = ("--http1.0",) if request.param == "curl-http1.0" else ()
 
         def curl(
             server: BaseTestServer, path: str, headers: Mapping[str, str] | None = None
         ) -> AbstractAsyncContextManager[SSEStream]:
-            return open_curl_sse(http_url(server, path), headers)
+            return open_curl_sse(http_url(server, path), headers, extra_args=extra_args)
 
         yield curl
         return
