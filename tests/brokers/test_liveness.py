@@ -5,6 +5,7 @@ taken for a dead connection, and an unanswered ping ends the connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -22,15 +23,22 @@ INTERVAL = 0.05
 QUIET = INTERVAL * 10
 
 
-@pytest.fixture
-async def stream(redis_url: str) -> AsyncIterator[RespStream]:
-    client = Redis.from_url(redis_url, protocol=2)
+@contextlib.asynccontextmanager
+async def open_stream(url: str) -> AsyncIterator[RespStream]:
+    """A connection to ``url`` read directly, as the broker's pub/sub reader reads it."""
+    client = Redis.from_url(url, protocol=2)
     opened = await RespStream.open(client.connection_pool)
     try:
         yield opened
     finally:
         await opened.close()
         await client.aclose()
+
+
+@pytest.fixture
+async def stream(redis_url: str) -> AsyncIterator[RespStream]:
+    async with open_stream(redis_url) as opened:
+        yield opened
 
 
 async def test_a_quiet_pubsub_connection_that_answers_its_pings_is_kept(
@@ -73,19 +81,16 @@ async def test_an_unanswered_ping_ends_the_pending_read(redis_url: str) -> None:
     """A half-open connection (a proxy that froze it): the watch pings, nothing comes
     back, and the read that was waiting fails, so the reader can connect again."""
     proxy = await FreezingProxy.start(redis_url)
-    client = Redis.from_url(proxy.url(redis_url), protocol=2)
-    opened = await RespStream.open(client.connection_pool)
     try:
-        await proxy.freeze()
-        watch = SilenceWatch(opened, INTERVAL)
-        try:
-            with pytest.raises(RedisConnectionError):
-                async with asyncio.timeout(QUIET):
-                    await opened.read()
-            assert watch.silent
-        finally:
-            watch.stop()
+        async with open_stream(proxy.url(redis_url)) as opened:
+            await proxy.freeze()
+            watch = SilenceWatch(opened, INTERVAL)
+            try:
+                with pytest.raises(RedisConnectionError):
+                    async with asyncio.timeout(QUIET):
+                        await opened.read()
+                assert watch.silent
+            finally:
+                watch.stop()
     finally:
-        await opened.close()
-        await client.aclose()
         await proxy.close()
