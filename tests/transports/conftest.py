@@ -4,14 +4,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from urllib.parse import quote
 
+import aiohttp_sse
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import BaseTestServer
 
+import server
 from tests.clients import (
     AppClient,
     SSEStream,
@@ -43,6 +48,24 @@ def _stream_path(transport: str, session_id: str, last_event_id: str | None) -> 
     if last_event_id is not None:
         path += "?last_event_id=" + quote(last_event_id, safe="")
     return path
+
+
+SERVER_CODE = Path(server.__file__).parent
+AIOHTTP_SSE_CODE = Path(aiohttp_sse.__file__).parent
+
+
+def live_tasks(*roots: Path) -> int:
+    """Task objects whose coroutine is code under one of ``roots`` that are still alive,
+    running or finished: a finished task that is still referenced holds its coroutine and
+    memory too. The server runs in this process and loop."""
+    gc.collect()  # not those only a reference cycle keeps until the next collection
+    tasks = (obj for obj in gc.get_objects() if isinstance(obj, asyncio.Task))
+    codes = (getattr(task.get_coro(), "cr_code", None) for task in tasks)
+    return sum(
+        1
+        for code in codes
+        if code is not None and any(Path(code.co_filename).is_relative_to(r) for r in roots)
+    )
 
 
 async def subscribed(client: AppClient, count: int = 1) -> None:

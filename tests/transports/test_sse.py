@@ -3,6 +3,7 @@ each test run with a raw parse of the stream read by aiohttp and with ``curl -N`
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -28,10 +29,18 @@ from tests.clients import (
     seqs,
     slow_session,
     stored,
+    wait_until,
 )
 from tests.conftest import ClientFactory, hub_of
 from tests.timing import HEARTBEAT_INTERVAL, QUIET_HEARTBEAT_INTERVAL
-from tests.transports.conftest import SSEOpener, sse_path, subscribed
+from tests.transports.conftest import (
+    AIOHTTP_SSE_CODE,
+    SERVER_CODE,
+    SSEOpener,
+    live_tasks,
+    sse_path,
+    subscribed,
+)
 
 
 async def assert_still_streams(client: AppClient) -> None:
@@ -114,6 +123,34 @@ async def test_heartbeats_have_no_id_line(
         heartbeat_messages = [m for m in sse.messages if m.event == "heartbeat"]
         assert len(heartbeat_messages) == 2
         assert all(m.names == ("event", "data") for m in heartbeat_messages)
+
+
+async def test_an_idle_stream_holds_no_task(client: AppClient, open_sse: SSEOpener) -> None:
+    """Once caught up, a stream is written to by the hub itself: no task is kept for it,
+    neither one of ours nor aiohttp-sse's pinger (the hub's heartbeat events do its job),
+    so an idle stream costs less memory; what is published next still arrives, in order,
+    and the streams end cleanly when their clients leave."""
+    session_id = new_session_id()
+    await publish(client, session_id, progress(1))
+    before = live_tasks(SERVER_CODE, AIOHTTP_SSE_CODE)
+
+    def no_task_left() -> bool:
+        return live_tasks(SERVER_CODE, AIOHTTP_SSE_CODE) == before
+
+    async with contextlib.AsyncExitStack() as stack:
+        streams = [
+            await stack.enter_async_context(open_sse(client.server, sse_path(session_id)))
+            for _ in range(5)
+        ]
+        for sse in streams:
+            assert seqs(await read_events(sse, 1)) == [1]  # the replay, sent by a task
+        await wait_until(no_task_left, "no task left for the streams")
+        await publish(client, session_id, progress(2))
+        for sse in streams:
+            assert seqs(await read_events(sse, 1)) == [2]
+        await wait_until(no_task_left, "no task left for the streams")
+    await subscribed(client, 0)
+    await assert_still_streams(client)
 
 
 async def test_client_may_connect_before_anything_is_published(

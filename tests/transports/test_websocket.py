@@ -3,20 +3,16 @@ two independent client libraries: aiohttp's client and ``websockets``."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import gc
 import json
 import re
 import secrets
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from aiohttp import ClientSession, WSServerHandshakeError
 from websockets.exceptions import InvalidStatus
 
-import server
 from server.config import Settings
 from tests.clients import (
     BAD_SESSION_IDS,
@@ -42,7 +38,7 @@ from tests.clients import (
 )
 from tests.conftest import ClientFactory, hub_of
 from tests.timing import HEARTBEAT_INTERVAL, QUIET_HEARTBEAT_INTERVAL
-from tests.transports.conftest import WSOpener, subscribed, ws_path
+from tests.transports.conftest import SERVER_CODE, WSOpener, live_tasks, subscribed, ws_path
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -250,23 +246,6 @@ async def test_empty_last_event_id_means_from_the_start(
     assert events == stored(events) and seqs(events) == [1, 2]
 
 
-SERVER_CODE = Path(server.__file__).parent
-
-
-def server_tasks() -> int:
-    """Task objects of the server's own code (not aiohttp's, nor a client library's) that
-    are still alive, running or finished: a finished task that is still referenced holds
-    its coroutine and memory too. The server runs in this process and loop."""
-    gc.collect()  # not those only a reference cycle keeps until the next collection
-    tasks = (obj for obj in gc.get_objects() if isinstance(obj, asyncio.Task))
-    codes = (getattr(task.get_coro(), "cr_code", None) for task in tasks)
-    return sum(
-        1
-        for code in codes
-        if code is not None and Path(code.co_filename).is_relative_to(SERVER_CODE)
-    )
-
-
 async def test_an_idle_connection_holds_no_task_of_its_own(
     client: AppClient, open_ws: WSOpener
 ) -> None:
@@ -275,7 +254,7 @@ async def test_an_idle_connection_holds_no_task_of_its_own(
     published next still reaches every subscriber, in order."""
     session_id = new_session_id()
     await publish(client, session_id, progress(1))
-    before = server_tasks()
+    before = live_tasks(SERVER_CODE)
     async with contextlib.AsyncExitStack() as stack:
         sockets = [
             await stack.enter_async_context(open_ws(client.server, ws_path(session_id)))
@@ -283,7 +262,9 @@ async def test_an_idle_connection_holds_no_task_of_its_own(
         ]
         for ws in sockets:
             assert seqs(await read_events(ws, 1)) == [1]  # the replay, sent by a task
-        await wait_until(lambda: server_tasks() == before, "no task left for the connections")
+        await wait_until(
+            lambda: live_tasks(SERVER_CODE) == before, "no task left for the connections"
+        )
         await publish(client, session_id, progress(2))
         pinging = sockets[0]
         await pinging.send_text(json.dumps({"type": "ping"}))  # its answer goes via a task
@@ -293,7 +274,9 @@ async def test_an_idle_connection_holds_no_task_of_its_own(
         assert seqs(await read_events(pinging, 1)) == [3]
         for ws in sockets[1:]:
             assert seqs(await read_events(ws, 2)) == [2, 3]
-        await wait_until(lambda: server_tasks() == before, "no task left for the connections")
+        await wait_until(
+            lambda: live_tasks(SERVER_CODE) == before, "no task left for the connections"
+        )
 
 
 # --- heartbeats and commands ------------------------------------------------------------------
