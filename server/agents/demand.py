@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -35,6 +36,7 @@ from multiprocessing import get_context
 from typing import Any
 
 import numpy as np
+import numpy.ma  # np.quantile imports it on first use, in the event loop: 10+ ms
 from pydantic import BaseModel, ConfigDict, Field
 
 from .forecasting import (
@@ -171,26 +173,44 @@ class ForecastExecutor:
 
     Workers are started with ``spawn`` (no ``fork`` of a process running an event loop and
     threads) and lower their own priority, so the event loop wins the CPU when both want it.
+    The pool is created, and its workers started, in a thread: in the event loop that held
+    every stream for 13 to 23 ms at the first forecast (pipes, semaphores, fork and exec;
+    docs/BENCHMARKS.md).
     """
 
     def __init__(self, max_workers: int | None = None) -> None:
         self.max_workers = max_workers or default_workers()
         self._pool: ProcessPoolExecutor | None = None
         self._closed = False
+        # Held while the pool is created or taken away, by a thread or the loop.
+        self._lock = threading.Lock()
 
-    def _get(self) -> ProcessPoolExecutor:
-        if self._closed:
-            raise RuntimeError("the forecast executor is closed")
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.max_workers,
-                mp_context=get_context("spawn"),
-                initializer=init_worker,
-            )
-        return self._pool
+    def _start_pool(self) -> ProcessPoolExecutor:
+        """The pool, created with its workers running if there is none. Runs in a thread;
+        it keeps the pool itself, so a caller cancelled meanwhile loses nothing."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the forecast executor is closed")
+            if self._pool is None:
+                pool = ProcessPoolExecutor(
+                    max_workers=self.max_workers,
+                    mp_context=get_context("spawn"),
+                    initializer=init_worker,
+                )
+                try:
+                    # With "spawn" a submit starts a worker when none is idle: start them all.
+                    for _ in range(self.max_workers):
+                        pool.submit(os.getpid)
+                except BaseException:  # a worker could not be started (out of processes...)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+                self._pool = pool
+            return self._pool
 
     async def fit(self, job: FitJob) -> FitOutcome:
-        pool = self._get()
+        pool = self._pool
+        if pool is None:
+            pool = await asyncio.to_thread(self._start_pool)
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, fit_product, job)
         except BrokenProcessPool:
@@ -207,8 +227,9 @@ class ForecastExecutor:
         were interrupted: nothing waits for a running fit's result any more, and a fit can
         take longer than the few seconds a shutdown has.
         """
-        self._closed = True
-        pool, self._pool = self._pool, None
+        with self._lock:  # waits while a pool is being started: tens of ms, at shutdown
+            self._closed = True
+            pool, self._pool = self._pool, None
         if pool is None:
             return
         # No public way to stop busy workers before Python 3.14 (terminate_workers()).
@@ -398,8 +419,9 @@ class DemandAgent:
                 task.cancel()
 
         ordered = [outcomes[p.job.key] for p in prepared]
-        forecast_result = self._assemble(
-            params, history, prepared, ordered, points, paths, backtests
+        # Summing every product's simulated paths: 5 to 6 ms of CPU, off the event loop.
+        forecast_result = await asyncio.to_thread(
+            self._assemble, params, history, prepared, ordered, points, paths, backtests
         )
         total = forecast_result.total
         await report(

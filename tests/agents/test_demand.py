@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import time
 
@@ -195,3 +196,21 @@ async def test_fits_run_in_worker_processes(forecast_executor: ForecastExecutor)
     pids = {outcome.pid for outcome in outcomes}
     assert os.getpid() not in pids
     assert 1 <= len(pids) <= forecast_executor.max_workers
+
+
+async def test_fits_arriving_at_once_share_one_pool_and_close_stops_its_workers() -> None:
+    """A fresh executor given many fits at once (a forecast's products) starts one pool, in
+    a thread, with its workers, and every fit runs there; close() leaves no worker
+    process behind."""
+    before = set(multiprocessing.active_children())
+    executor = ForecastExecutor(max_workers=2)
+    try:
+        y = load_history().products[0].units("all")
+        jobs = [FitJob(str(i), y, y[:-8], 4, 8, 100, i) for i in range(6)]
+        outcomes = await asyncio.gather(*(executor.fit(job) for job in jobs))
+        workers = set(multiprocessing.active_children()) - before
+        assert len(workers) == executor.max_workers  # one pool's worth, not one per fit
+        assert {outcome.pid for outcome in outcomes} <= {worker.pid for worker in workers}
+    finally:
+        await executor.close()
+    assert set(multiprocessing.active_children()) <= before
