@@ -174,7 +174,7 @@ class ForecastExecutor:
     Workers are started with ``spawn`` (no ``fork`` of a process running an event loop and
     threads) and lower their own priority, so the event loop wins the CPU when both want it.
     The pool is created, and its workers started, in a thread: in the event loop that held
-    every stream for 13 to 23 ms at the first forecast (pipes, semaphores, fork and exec;
+    every stream for 12 to 23 ms at the first forecast (pipes, semaphores, fork and exec;
     docs/BENCHMARKS.md).
     """
 
