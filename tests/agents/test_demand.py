@@ -214,3 +214,21 @@ async def test_fits_arriving_at_once_share_one_pool_and_close_stops_its_workers(
     finally:
         await executor.close()
     assert set(multiprocessing.active_children()) <= before
+
+
+async def test_closing_while_the_pool_starts_leaves_no_worker() -> None:
+    """A shutdown that comes while the first fits are starting the pool (in a thread) ends
+    those fits (refused, or cancelled as queued fits are at shutdown), not a hang, and
+    leaves no worker process behind."""
+    before = set(multiprocessing.active_children())
+    executor = ForecastExecutor(max_workers=2)
+    y = load_history().products[0].units("all")
+    fits = [
+        asyncio.ensure_future(executor.fit(FitJob(str(i), y, y[:-8], 4, 8, 100, i)))
+        for i in range(4)
+    ]
+    await asyncio.sleep(0)  # one turn of the loop: the fits ask for the pool
+    await executor.close()
+    outcomes = await asyncio.gather(*fits, return_exceptions=True)
+    assert all(isinstance(outcome, BaseException) for outcome in outcomes), outcomes
+    assert set(multiprocessing.active_children()) <= before
