@@ -179,6 +179,12 @@ async def test_the_event_loop_keeps_ticking_while_models_are_fitted(
     assert max(gaps) < MAX_LOOP_GAP, f"loop stalled {max(gaps):.3f}s during a {elapsed:.2f}s run"
 
 
+def small_jobs(count: int) -> list[FitJob]:
+    """``count`` quick fits of the first product (4 weeks ahead, 100 simulated paths)."""
+    y = load_history().products[0].units("all")
+    return [FitJob(str(i), y, y[:-8], 4, 8, 100, i) for i in range(count)]
+
+
 async def test_a_closed_executor_refuses_work() -> None:
     """After close() the executor takes no more fits (and closing twice is harmless)."""
     executor = ForecastExecutor(max_workers=1)
@@ -190,9 +196,7 @@ async def test_a_closed_executor_refuses_work() -> None:
 
 async def test_fits_run_in_worker_processes(forecast_executor: ForecastExecutor) -> None:
     """The executor fits in other processes than the event loop's, at most max_workers."""
-    y = load_history().products[0].units("all")
-    jobs = [FitJob(str(i), y, y[:-8], 4, 8, 100, i) for i in range(4)]
-    outcomes = await asyncio.gather(*(forecast_executor.fit(job) for job in jobs))
+    outcomes = await asyncio.gather(*(forecast_executor.fit(job) for job in small_jobs(4)))
     pids = {outcome.pid for outcome in outcomes}
     assert os.getpid() not in pids
     assert 1 <= len(pids) <= forecast_executor.max_workers
@@ -205,9 +209,7 @@ async def test_fits_arriving_at_once_share_one_pool_and_close_stops_its_workers(
     before = set(multiprocessing.active_children())
     executor = ForecastExecutor(max_workers=2)
     try:
-        y = load_history().products[0].units("all")
-        jobs = [FitJob(str(i), y, y[:-8], 4, 8, 100, i) for i in range(6)]
-        outcomes = await asyncio.gather(*(executor.fit(job) for job in jobs))
+        outcomes = await asyncio.gather(*(executor.fit(job) for job in small_jobs(6)))
         workers = set(multiprocessing.active_children()) - before
         assert len(workers) == executor.max_workers  # one pool's worth, not one per fit
         assert {outcome.pid for outcome in outcomes} <= {worker.pid for worker in workers}
@@ -222,11 +224,7 @@ async def test_closing_while_the_pool_starts_leaves_no_worker() -> None:
     leaves no worker process behind."""
     before = set(multiprocessing.active_children())
     executor = ForecastExecutor(max_workers=2)
-    y = load_history().products[0].units("all")
-    fits = [
-        asyncio.ensure_future(executor.fit(FitJob(str(i), y, y[:-8], 4, 8, 100, i)))
-        for i in range(4)
-    ]
+    fits = [asyncio.ensure_future(executor.fit(job)) for job in small_jobs(4)]
     await asyncio.sleep(0)  # one turn of the loop: the fits ask for the pool
     await executor.close()
     outcomes = await asyncio.gather(*fits, return_exceptions=True)
