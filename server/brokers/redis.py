@@ -16,13 +16,9 @@ whichever process appends. When the state hash is gone (expired, or a Redis
 without persistence restarted empty) the next append starts a new epoch, so
 an id from the earlier life of the stream is answered with a gap.
 
-Live delivery uses one pub/sub connection per process, and the appending
-process hands its own events to its hub as soon as Redis has stored them. :meth:`RedisBroker.watch`
-subscribes to the session's channel and returns once Redis has confirmed the
-subscription, so an event stored after ``watch`` returns is delivered live; the
-hub reads its replay after that. The reader passes each message to the hub's
-listener in order, drops duplicates, and after a reconnect re-subscribes and
-catches up from the stream what it may have missed while it was away.
+The scripts are in :mod:`.redis_scripts`. Live delivery uses one pub/sub
+connection per process (:mod:`.redis_live`), and the appending process hands its
+own events to its hub as soon as Redis has stored them.
 """
 
 from __future__ import annotations
@@ -33,7 +29,6 @@ import logging
 import math
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -42,185 +37,32 @@ import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import ServiceUnavailable, SessionEnded
 from ..messages import StoredEvent, StreamPosition
 from .base import EventListener, Lease, LeaseState, Replay, SessionInfo
 from .batching import Batcher
-from .liveness import SilenceWatch
 from .pipelining import PipelinedConnection
-from .resp import RespStream
+from .redis_live import LiveChannels
+from .redis_scripts import (
+    APPEND_LUA,
+    CLAIM_LUA,
+    DEDUP_WINDOW,
+    LEASE_STATE_LUA,
+    LEASE_STATES,
+    READ_LUA,
+    RELEASE_LUA,
+    RENEW_LUA,
+)
+from .resp import FAILURES, TRANSIENT, UNAVAILABLE_MESSAGE, RespStream
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-UNAVAILABLE_MESSAGE = "The event store is unavailable; try again shortly."
-
-# Errors after which the same call may succeed on another attempt.
-_TRANSIENT: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    OSError,
-    TimeoutError,
-)
-# Everything a Redis call may raise that is the store's fault, not ours.
-_FAILURES: tuple[type[BaseException], ...] = (*_TRANSIENT, RedisError)
-
-# What ends one life of the pub/sub connection (a catch-up read may raise ServiceUnavailable).
-_LOST: tuple[type[BaseException], ...] = (*_FAILURES, ServiceUnavailable)
-
-# How many of the newest entries a retried append searches for its own nonce.
-_DEDUP_WINDOW = 64
-
 # Sessions whose lease scripts go in one round trip (see RedisBroker._per_session).
 _SESSIONS_PER_ROUND_TRIP = 100
-
-# KEYS: state, stream. ARGV: type, final (0|1), body, maxlen, ttl_ms, fresh epoch,
-# channel, nonce, retry (0|1), dedup window. Returns {1, epoch, seq}, or {0, final_id} once ended.
-_APPEND_LUA = """
-local state, stream = KEYS[1], KEYS[2]
-local epoch = redis.call('HGET', state, 'epoch')
-if epoch and ARGV[9] == '1' then
-  -- A retry: the first attempt may have been stored and its answer lost.
-  local recent = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', ARGV[10])
-  for _, entry in ipairs(recent) do
-    local fields = entry[2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'n' and fields[i + 1] == ARGV[8] then
-        return {1, epoch, tonumber(string.match(entry[1], '^(%d+)'))}
-      end
-    end
-  end
-end
-if not epoch then
-  -- A new life of the stream: drop any orphan entries of an earlier one.
-  redis.call('DEL', stream)
-  epoch = ARGV[6]
-  redis.call('HSET', state, 'epoch', epoch, 'seq', 0)
-else
-  local final = redis.call('HGET', state, 'final')
-  if final then
-    return {0, final}
-  end
-end
-local seq = redis.call('HINCRBY', state, 'seq', 1)
-redis.call('XADD', stream, 'MAXLEN', '=', ARGV[4], seq .. '-0',
-           't', ARGV[1], 'f', ARGV[2], 'n', ARGV[8], 'b', ARGV[3])
-if ARGV[2] == '1' then
-  redis.call('HSET', state, 'final', epoch .. '-' .. seq)
-end
-redis.call('PEXPIRE', state, ARGV[5])
-redis.call('PEXPIRE', stream, ARGV[5])
-redis.call('PUBLISH', ARGV[7],
-           seq .. '|' .. epoch .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3])
-return {1, epoch, seq}
-"""
-
-# KEYS: state, stream. ARGV: after epoch ('' for none), after seq.
-# Returns {} when there is no stream, else {epoch, last_seq, final_id or '', gap, entries}.
-_READ_LUA = """
-local st = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'final')
-local epoch = st[1]
-if not epoch then
-  return {}
-end
-local last = tonumber(st[2])
-local final = st[3] or ''
-if ARGV[1] == '' then
-  return {epoch, last, final, 0, redis.call('XRANGE', KEYS[2], '-', '+')}
-end
-local after = tonumber(ARGV[2])
-if ARGV[1] == epoch and after <= last then
-  local entries = redis.call('XRANGE', KEYS[2], ARGV[2] .. '-0', '+')
-  local first = entries[1]
-  if not first then
-    if after == last then
-      return {epoch, last, final, 0, entries}
-    end
-  else
-    local first_seq = tonumber(string.match(first[1], '^(%d+)'))
-    if first_seq == after then
-      table.remove(entries, 1)
-      return {epoch, last, final, 0, entries}
-    elseif first_seq == after + 1 then
-      -- 'after' itself was trimmed, but nothing after it was: nothing is missed.
-      return {epoch, last, final, 0, entries}
-    end
-  end
-end
-return {epoch, last, final, 1, redis.call('XRANGE', KEYS[2], '-', '+')}
-"""
-
-# KEYS: state, stream, lease. ARGV: fresh epoch, ttl_ms, nonce, lease owner ('' for no
-# lease), lease ttl_ms. Returns 1 for the first caller.
-_CLAIM_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HGET', KEYS[1], 'claimed') == ARGV[3] then
-    return 1  -- our own earlier attempt, whose answer was lost (it took the lease too)
-  end
-  return 0
-end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0, 'claimed', ARGV[3])
-if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[1], 'leased', 1)
-  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-
-# KEYS: state, lease. ARGV: owner, lease ttl_ms. Returns 1 when the lease is held now.
-# An expired lease is taken again (its workflow still runs); an ended session's is not,
-# nor one another owner holds. 'leased' is set again on a stream that was recreated.
-_RENEW_LUA = """
-if redis.call('HGET', KEYS[1], 'final') then
-  return 0
-end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then
-  return 0
-end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'leased', 1)
-end
-return 1
-"""
-
-# KEYS: lease. ARGV: owner. Deletes the lease only if the owner holds it.
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-# KEYS: state, lease. Returns the LeaseState (see server.brokers.base).
-_LEASE_STATE_LUA = """
-local st = redis.call('HMGET', KEYS[1], 'epoch', 'final', 'leased')
-local held = redis.call('EXISTS', KEYS[2]) == 1
-if not st[1] then
-  if held then return 'held' end
-  return 'gone'
-end
-if st[2] then return 'ended' end
-if held then return 'held' end
-if st[3] then return 'lost' end
-return 'none'
-"""
-
-_LEASE_STATES: dict[str, LeaseState] = {
-    "held": "held",
-    "lost": "lost",
-    "ended": "ended",
-    "none": "none",
-    "gone": "gone",
-}
 
 
 def _is_noscript(answer: Any) -> bool:
@@ -238,7 +80,7 @@ def _error_code(error: BaseException) -> str:
 @dataclass(slots=True)
 class _Append:
     """One append waiting for its batch, with the script's keys and arguments (see
-    _APPEND_LUA)."""
+    APPEND_LUA)."""
 
     session_id: str
     type: str
@@ -249,7 +91,7 @@ class _Append:
 
     def arguments(self, retry: bool) -> list[Any]:
         final = "1" if self.final else "0"
-        return [self.type, final, self.body, *self.settings, "1" if retry else "0", _DEDUP_WINDOW]
+        return [self.type, final, self.body, *self.settings, "1" if retry else "0", DEDUP_WINDOW]
 
     def stored(self, epoch: str, seq: int) -> StoredEvent:
         return StoredEvent(self.session_id, epoch, seq, self.type, self.final, self.body)
@@ -327,20 +169,17 @@ class RedisBroker:
         self._renew_script: Any = None
         self._release_script: Any = None
         self._lease_state_script: Any = None
-        self._on_event: EventListener | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._closed = False
-
-        # Live delivery state (all touched from the event loop only).
-        self._control_channel = f"{key_prefix}:broker:{secrets.token_hex(8)}"
-        self._watched: set[str] = set()
-        self._pubsub: RespStream | None = None  # set while the reader is connected
-        self._sub_lock = asyncio.Lock()  # orders SUBSCRIBE/UNSUBSCRIBE on the wire
-        # Per channel, one entry per SUBSCRIBE sent, holding the watchers it satisfies.
-        self._inflight: dict[str, deque[list[asyncio.Future[None]]]] = {}
-        self._delivered: dict[str, tuple[str, int]] = {}  # session -> (epoch, seq) delivered
-        self._catch_up: set[str] = set()  # sessions that may have missed messages
-        self._connections = 0  # pub/sub connections made so far (for logs and tests)
+        self._live = LiveChannels(
+            channel=self.channel,
+            session_of=self._session_of,
+            read=self._read,
+            control_channel=f"{key_prefix}:broker:{secrets.token_hex(8)}",
+            connect_timeout=connect_timeout,
+            op_timeout=op_timeout,
+            watch_timeout=watch_timeout,
+            idle_ping=idle_ping,
+        )
 
     def __repr__(self) -> str:  # never show the URL: it may hold a password
         return f"RedisBroker(prefix={self._prefix!r}, buffer_size={self._buffer_size})"
@@ -378,7 +217,7 @@ class RedisBroker:
             protocol=2,
             # No socket_timeout: with one, redis-py sends through asyncio.wait_for, which on
             # Python 3.11 can swallow a cancellation. Each call is bounded with
-            # asyncio.timeout instead (see _call and _open_pubsub).
+            # asyncio.timeout instead (see _call, and LiveChannels in redis_live.py).
             socket_timeout=None,
             socket_connect_timeout=self._connect_timeout,
             socket_keepalive=True,
@@ -392,50 +231,35 @@ class RedisBroker:
         calls fail with ``ServiceUnavailable`` and the reader keeps reconnecting."""
         if self._client is not None:
             raise RuntimeError("RedisBroker.start() called twice")
-        self._on_event = on_event
         self._client = self._make_client(self._max_connections)
         self._sub_client = self._make_client(1)
-        self._append_script = self._client.register_script(_APPEND_LUA)
+        self._append_script = self._client.register_script(APPEND_LUA)
         self._append_connection = PipelinedConnection(self._client.connection_pool)
         self._appends = Batcher(
             self._store_batch,
             # A retried batch finds each of its appends among the newest entries.
-            max_batch=_DEDUP_WINDOW,
+            max_batch=DEDUP_WINDOW,
             closed=lambda: ServiceUnavailable(UNAVAILABLE_MESSAGE),
         )
-        self._read_script = self._client.register_script(_READ_LUA)
-        self._claim_script = self._client.register_script(_CLAIM_LUA)
-        self._renew_script = self._client.register_script(_RENEW_LUA)
-        self._release_script = self._client.register_script(_RELEASE_LUA)
-        self._lease_state_script = self._client.register_script(_LEASE_STATE_LUA)
-        self._reader = asyncio.create_task(self._read_forever(), name="redis-broker-reader")
+        self._read_script = self._client.register_script(READ_LUA)
+        self._claim_script = self._client.register_script(CLAIM_LUA)
+        self._renew_script = self._client.register_script(RENEW_LUA)
+        self._release_script = self._client.register_script(RELEASE_LUA)
+        self._lease_state_script = self._client.register_script(LEASE_STATE_LUA)
+        self._live.start(self._sub_client, on_event)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            # Cancel until it is done: a cancellation can be lost inside a library
-            # call, and our own cancellation must still propagate (asyncio.wait).
-            while not reader.done():
-                reader.cancel()
-                await asyncio.wait({reader}, timeout=1.0)
-            if not reader.cancelled() and reader.exception() is not None:
-                log.error("redis pub/sub reader had failed", exc_info=reader.exception())
+        await self._live.close()
         if self._appends is not None:
             await self._appends.close()
         if self._append_connection is not None:
             await self._append_connection.close()
-        for batches in self._inflight.values():
-            for batch in batches:
-                for future in batch:
-                    if not future.done():  # a watch still waiting: it fails, not "cancelled"
-                        future.set_exception(ServiceUnavailable(UNAVAILABLE_MESSAGE))
-        self._inflight.clear()
         for client in (self._sub_client, self._client):
             if client is not None:
-                with contextlib.suppress(*_FAILURES):
+                with contextlib.suppress(*FAILURES):
                     await client.aclose()
         self._client = self._sub_client = None
 
@@ -456,7 +280,7 @@ class RedisBroker:
             try:
                 async with asyncio.timeout(self._op_timeout):
                     return await attempt(tries)
-            except _TRANSIENT as exc:
+            except TRANSIENT as exc:
                 tries += 1
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -511,7 +335,7 @@ class RedisBroker:
                 # half of what Redis added to p99. Whichever of the two comes first delivers
                 # it; the other is dropped as a duplicate. An event another process stored in
                 # between reaches the hub out of order, which it resyncs from the stream.
-                self._deliver(stored)
+                self._live.deliver(stored)
                 results.append(stored)
         return results
 
@@ -522,7 +346,7 @@ class RedisBroker:
         assert self._append_connection is not None
         answers = await self._append_connection.call(self._packed_appends(batch, retry))
         if any(_is_noscript(answer) for answer in answers):
-            await client.script_load(_APPEND_LUA)
+            await client.script_load(APPEND_LUA)
             # Some appends of the batch may have run before the flush: they run as retries.
             answers = await self._append_connection.call(self._packed_appends(batch, True))
         return answers
@@ -535,7 +359,7 @@ class RedisBroker:
         ]
 
     async def read(self, session_id: str, after: StreamPosition | None) -> Replay:
-        await self._settle_subscription(session_id)
+        await self._live.settled(session_id)
         return await self._read(session_id, after)
 
     async def _read(self, session_id: str, after: StreamPosition | None) -> Replay:
@@ -664,7 +488,7 @@ class RedisBroker:
         answers = await self._per_session("lease states", self._lease_state_script, ids, [])
         states: dict[str, LeaseState] = {}
         for session_id, answer in zip(ids, answers, strict=True):
-            state = _LEASE_STATES.get(str(answer))
+            state = LEASE_STATES.get(str(answer))
             if state is None:  # never: the script answers one of them
                 raise ServiceUnavailable(UNAVAILABLE_MESSAGE)
             states[session_id] = state
@@ -677,197 +501,13 @@ class RedisBroker:
         try:
             async with asyncio.timeout(self._ping_timeout):
                 return bool(await client.ping())
-        except _FAILURES:
+        except FAILURES:
             return False
 
-    # --- live delivery ----------------------------------------------------------------
+    # --- live delivery (redis_live.py) ------------------------------------------------
 
     async def watch(self, session_id: str) -> None:
-        """Subscribe this process to the session's live channel; return once Redis has
-        confirmed it (so nothing stored afterwards is missed). Raises
-        ``ServiceUnavailable`` if that does not happen within ``watch_timeout``."""
-        if self._closed:
-            return
-        self._watched.add(session_id)
-        channel = self.channel(session_id)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        async with self._sub_lock:
-            # Registered before sending: the confirmation may be read while we await.
-            self._inflight.setdefault(channel, deque()).append([future])
-            pubsub = self._pubsub
-            if pubsub is not None:
-                try:
-                    pubsub.send(("SUBSCRIBE", channel))
-                    await pubsub.drain()
-                except _FAILURES:
-                    # The reader sees the broken connection too; on reconnect it
-                    # subscribes every watched session and resolves this future.
-                    log.debug("subscribe failed; waiting for the reader to reconnect")
-        try:
-            async with asyncio.timeout(self._watch_timeout):  # not wait_for: see _make_client
-                await future
-        except TimeoutError:
-            raise ServiceUnavailable(UNAVAILABLE_MESSAGE) from None
+        await self._live.watch(session_id)
 
     async def unwatch(self, session_id: str) -> None:
-        """Unsubscribe; never raises (the next reconnect only subscribes watched sessions)."""
-        self._watched.discard(session_id)
-        self._delivered.pop(session_id, None)
-        self._catch_up.discard(session_id)
-        async with self._sub_lock:
-            pubsub = self._pubsub
-            if session_id in self._watched or pubsub is None:
-                return  # watched again meanwhile, or nothing to undo on the wire
-            with contextlib.suppress(*_FAILURES):
-                pubsub.send(("UNSUBSCRIBE", self.channel(session_id)))
-                await pubsub.drain()
-
-    async def _settle_subscription(self, session_id: str) -> None:
-        """Wait (bounded) until a subscription in flight for this session is confirmed.
-
-        A second local subscriber does not call ``watch``: without this its replay
-        could be read before the first subscriber's SUBSCRIBE took effect."""
-        batches = self._inflight.get(self.channel(session_id))
-        pending = [f for batch in batches or () for f in batch if not f.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=self._watch_timeout)
-
-    async def _open_pubsub(self) -> RespStream:
-        """Connect the pub/sub connection (a seam for tests that hold a reconnect back)."""
-        assert self._sub_client is not None
-        async with asyncio.timeout(self._connect_timeout + self._op_timeout):
-            pubsub = await RespStream.open(self._sub_client.connection_pool)
-        pubsub.send(("SUBSCRIBE", self._control_channel))  # keeps it in subscribed mode
-        return pubsub
-
-    async def _read_forever(self) -> None:
-        delay = 0.05
-        failing = False  # log the first failure of a run of them, not every retry
-        while not self._closed:
-            pubsub: RespStream | None = None
-            try:
-                pubsub = await self._open_pubsub()
-                await self._resubscribe(pubsub)
-                self._connections += 1
-                if failing:
-                    log.info("redis pub/sub connection restored")
-                failing, delay = False, 0.05
-                await self._pump(pubsub)
-            except asyncio.CancelledError:
-                raise
-            except _LOST as exc:
-                level = logging.DEBUG if failing else logging.WARNING
-                log.log(level, "redis pub/sub connection lost: %s", type(exc).__name__)
-                failing = True
-            except Exception:
-                log.exception("redis pub/sub reader failed; reconnecting")
-                failing = True
-            finally:
-                if self._pubsub is not None:
-                    # Whatever was subscribed may have missed messages meanwhile.
-                    self._catch_up.update(self._watched)
-                self._pubsub = None
-                if pubsub is not None:
-                    with contextlib.suppress(*_FAILURES):
-                        await pubsub.close()
-            await asyncio.sleep(delay)  # reconnect back-off
-            delay = min(delay * 2, 2.0)
-
-    async def _resubscribe(self, pubsub: RespStream) -> None:
-        """Subscribe every watched session; each watcher still waiting is satisfied by
-        its channel's confirmation on this connection."""
-        async with self._sub_lock:
-            old, self._inflight = self._inflight, {}
-            for channel, batches in old.items():
-                waiting = [f for batch in batches for f in batch if not f.done()]
-                session_id = self._session_of(channel)
-                if session_id not in self._watched:
-                    for future in waiting:
-                        future.set_result(None)  # unwatched meanwhile: nothing to wait for
-                elif waiting:
-                    self._inflight[channel] = deque([waiting])
-            channels = [self.channel(s) for s in sorted(self._watched)]
-            for channel in channels:
-                self._inflight.setdefault(channel, deque([[]]))
-            if channels:
-                pubsub.send(("SUBSCRIBE", *channels))
-                await pubsub.drain()
-            self._pubsub = pubsub
-
-    async def _pump(self, pubsub: RespStream) -> None:
-        loop = asyncio.get_running_loop()
-        watch = SilenceWatch(pubsub, self._idle_ping)
-        try:
-            while True:
-                try:
-                    reply = await pubsub.read()
-                except RedisConnectionError:
-                    if watch.silent:
-                        raise RedisConnectionError("pub/sub connection silent") from None
-                    raise
-                watch.heard = loop.time()
-                if isinstance(reply, ResponseError):
-                    raise reply  # a refused SUBSCRIBE (NOPERM...): reconnect and log it
-                # RESP2 arrays: [message, channel, data], [subscribe, channel, count],
-                # [unsubscribe, channel, count], [pong, ""].
-                kind = reply[0]
-                if kind == "message":
-                    self._on_message(reply[1], reply[2])
-                elif kind == "subscribe":
-                    # A catch-up read may take a while: the socket is not read meanwhile.
-                    watch.busy = True
-                    await self._on_subscribed(reply[1])
-                    watch.busy = False
-                    watch.heard = loop.time()
-        finally:
-            watch.stop()
-
-    async def _on_subscribed(self, channel: str) -> None:
-        batches = self._inflight.get(channel)
-        if batches:
-            for future in batches.popleft():
-                if not future.done():
-                    future.set_result(None)
-            if not batches:
-                del self._inflight[channel]
-        session_id = self._session_of(channel)
-        if session_id is not None and session_id in self._catch_up:
-            self._catch_up.discard(session_id)
-            await self._catch_up_session(session_id)
-
-    async def _catch_up_session(self, session_id: str) -> None:
-        """After a reconnect: deliver what was stored while the reader was away.
-
-        Runs on the reader task after the channel is subscribed again, so
-        messages that arrive meanwhile wait in the socket and are deduplicated
-        by ``seq`` when they are read.
-        """
-        delivered = self._delivered.get(session_id)
-        after = None if delivered is None else StreamPosition(*delivered)
-        replay = await self._read(session_id, after)
-        for event in replay.events:
-            self._deliver(event)
-
-    def _on_message(self, channel: str, data: str) -> None:
-        session_id = self._session_of(channel)
-        if session_id is None:
-            return
-        try:
-            seq_text, epoch, type_, final_flag, body = data.split("|", 4)
-            event = StoredEvent(session_id, epoch, int(seq_text), type_, final_flag == "1", body)
-        except ValueError:
-            log.warning("ignored a malformed live message on %s", channel)
-            return
-        self._deliver(event)
-
-    def _deliver(self, event: StoredEvent) -> None:
-        if event.session_id not in self._watched or self._on_event is None:
-            return
-        last = self._delivered.get(event.session_id)
-        if last is not None and last[0] == event.epoch and event.seq <= last[1]:
-            return  # already delivered (live and catch-up overlap)
-        self._delivered[event.session_id] = (event.epoch, event.seq)
-        try:
-            self._on_event(event)
-        except Exception:
-            log.exception("event listener failed for a session's event")
+        await self._live.unwatch(session_id)

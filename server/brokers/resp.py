@@ -24,7 +24,21 @@ from typing import Any
 
 import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# Errors after which the same call may succeed on another attempt.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    TimeoutError,
+)
+# Everything a Redis call may raise that is the store's fault, not ours.
+FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, RedisError)
+
+# What a caller is told while Redis cannot be reached or refuses (why goes to the log).
+UNAVAILABLE_MESSAGE = "The event store is unavailable; try again shortly."
 
 _MORE = object()  # hiredis's answer when no whole reply is buffered yet
 

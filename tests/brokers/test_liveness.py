@@ -55,7 +55,7 @@ async def test_a_quiet_pubsub_connection_that_answers_its_pings_is_kept(
     await asyncio.sleep(QUIET)
     await a.broker.append(sid, "progress", json.dumps({"n": 2}), False)
     await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2])
-    assert b.broker._connections == 1
+    assert b.broker._live.connections == 1
 
 
 async def test_a_reader_busy_elsewhere_is_not_taken_for_a_dead_connection(

@@ -548,14 +548,14 @@ async def test_missed_live_events_are_caught_up_after_a_pubsub_reconnect(
     await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2])
 
     reconnecting, release = asyncio.Event(), asyncio.Event()
-    open_pubsub = b.broker._open_pubsub
+    open_pubsub = b.broker._live._open_pubsub
 
     async def held_back() -> Any:
         reconnecting.set()
         await release.wait()
         return await open_pubsub()
 
-    monkeypatch.setattr(b.broker, "_open_pubsub", held_back)
+    monkeypatch.setattr(b.broker._live, "_open_pubsub", held_back)
     killer = Redis.from_url(server.url)
     try:
         await killer.client_kill_filter(_type="pubsub")
@@ -727,6 +727,7 @@ async def test_errors_are_sanitized(
     assert await node.broker.ping()
     server.stop()
     caplog.set_level(logging.DEBUG, logger="server.brokers.redis")
+    caplog.set_level(logging.DEBUG, logger="server.brokers.redis_live")
     errors: list[ServiceUnavailable] = []
     for call in (
         lambda: node.broker.append(new_session_id(), "progress", body(1), False),

@@ -1,0 +1,158 @@
+"""The Lua scripts of the Redis broker: each is one atomic step on one session's keys.
+
+Every write the broker makes is one of these scripts, so the next ``seq`` is
+assigned, the entry stored, the stream trimmed, the expiry refreshed and the live
+message published as one step, whichever process runs it. The keys they touch are
+listed in :mod:`.redis`; each script names its ``KEYS`` and ``ARGV`` above it.
+"""
+
+from __future__ import annotations
+
+from .base import LeaseState
+
+# How many of the newest entries a retried append searches for its own nonce.
+DEDUP_WINDOW = 64
+
+# KEYS: state, stream. ARGV: type, final (0|1), body, maxlen, ttl_ms, fresh epoch,
+# channel, nonce, retry (0|1), dedup window. Returns {1, epoch, seq}, or {0, final_id} once ended.
+APPEND_LUA = """
+local state, stream = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', state, 'epoch')
+if epoch and ARGV[9] == '1' then
+  -- A retry: the first attempt may have been stored and its answer lost.
+  local recent = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', ARGV[10])
+  for _, entry in ipairs(recent) do
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'n' and fields[i + 1] == ARGV[8] then
+        return {1, epoch, tonumber(string.match(entry[1], '^(%d+)'))}
+      end
+    end
+  end
+end
+if not epoch then
+  -- A new life of the stream: drop any orphan entries of an earlier one.
+  redis.call('DEL', stream)
+  epoch = ARGV[6]
+  redis.call('HSET', state, 'epoch', epoch, 'seq', 0)
+else
+  local final = redis.call('HGET', state, 'final')
+  if final then
+    return {0, final}
+  end
+end
+local seq = redis.call('HINCRBY', state, 'seq', 1)
+redis.call('XADD', stream, 'MAXLEN', '=', ARGV[4], seq .. '-0',
+           't', ARGV[1], 'f', ARGV[2], 'n', ARGV[8], 'b', ARGV[3])
+if ARGV[2] == '1' then
+  redis.call('HSET', state, 'final', epoch .. '-' .. seq)
+end
+redis.call('PEXPIRE', state, ARGV[5])
+redis.call('PEXPIRE', stream, ARGV[5])
+redis.call('PUBLISH', ARGV[7],
+           seq .. '|' .. epoch .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3])
+return {1, epoch, seq}
+"""
+
+# KEYS: state, stream. ARGV: after epoch ('' for none), after seq.
+# Returns {} when there is no stream, else {epoch, last_seq, final_id or '', gap, entries}.
+READ_LUA = """
+local st = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'final')
+local epoch = st[1]
+if not epoch then
+  return {}
+end
+local last = tonumber(st[2])
+local final = st[3] or ''
+if ARGV[1] == '' then
+  return {epoch, last, final, 0, redis.call('XRANGE', KEYS[2], '-', '+')}
+end
+local after = tonumber(ARGV[2])
+if ARGV[1] == epoch and after <= last then
+  local entries = redis.call('XRANGE', KEYS[2], ARGV[2] .. '-0', '+')
+  local first = entries[1]
+  if not first then
+    if after == last then
+      return {epoch, last, final, 0, entries}
+    end
+  else
+    local first_seq = tonumber(string.match(first[1], '^(%d+)'))
+    if first_seq == after then
+      table.remove(entries, 1)
+      return {epoch, last, final, 0, entries}
+    elseif first_seq == after + 1 then
+      -- 'after' itself was trimmed, but nothing after it was: nothing is missed.
+      return {epoch, last, final, 0, entries}
+    end
+  end
+end
+return {epoch, last, final, 1, redis.call('XRANGE', KEYS[2], '-', '+')}
+"""
+
+# KEYS: state, stream, lease. ARGV: fresh epoch, ttl_ms, nonce, lease owner ('' for no
+# lease), lease ttl_ms. Returns 1 for the first caller.
+CLAIM_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'claimed') == ARGV[3] then
+    return 1  -- our own earlier attempt, whose answer was lost (it took the lease too)
+  end
+  return 0
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0, 'claimed', ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'leased', 1)
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: state, lease. ARGV: owner, lease ttl_ms. Returns 1 when the lease is held now.
+# An expired lease is taken again (its workflow still runs); an ended session's is not,
+# nor one another owner holds. 'leased' is set again on a stream that was recreated.
+RENEW_LUA = """
+if redis.call('HGET', KEYS[1], 'final') then
+  return 0
+end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'leased', 1)
+end
+return 1
+"""
+
+# KEYS: lease. ARGV: owner. Deletes the lease only if the owner holds it.
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: state, lease. Returns the LeaseState (see server.brokers.base).
+LEASE_STATE_LUA = """
+local st = redis.call('HMGET', KEYS[1], 'epoch', 'final', 'leased')
+local held = redis.call('EXISTS', KEYS[2]) == 1
+if not st[1] then
+  if held then return 'held' end
+  return 'gone'
+end
+if st[2] then return 'ended' end
+if held then return 'held' end
+if st[3] then return 'lost' end
+return 'none'
+"""
+
+# LEASE_STATE_LUA's answers, as the broker returns them.
+LEASE_STATES: dict[str, LeaseState] = {
+    "held": "held",
+    "lost": "lost",
+    "ended": "ended",
+    "none": "none",
+    "gone": "gone",
+}
