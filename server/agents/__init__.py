@@ -19,7 +19,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .demand import DemandForecast, ForecastExecutor
+    from .demand import DemandForecast
+    from .fit_pool import ForecastExecutor
     from .handoff import AgentHandoffManager
     from .inventory import InventoryPlan, InventoryRequest
     from .llm import LLMSettings
@@ -82,8 +83,9 @@ def register_agents(
     ``llm`` of None, or one without credentials, means rule-based extraction (announced in
     the stream). ``forecast_workers`` sizes the process pool (default: one per CPU).
     """
-    from .demand import DemandAgent, ForecastExecutor
+    from .demand import DemandAgent
     from .extraction import ExtractionAgent
+    from .fit_pool import ForecastExecutor
     from .inventory import inventory_agent
     from .pricing import pricing_agent
 

@@ -14,38 +14,28 @@ For each product of ``params.product_category`` (sold through ``params.channel``
    (with the prices and promotions those weeks really had); the MAPE against what was
    sold, next to the seasonal-naive model's MAPE, per product and for the total.
 
-The fits run in a :class:`ForecastExecutor` (a process pool): fitting is mostly
-Python code holding the GIL, so in a thread it would take turns with the event
-loop for the one interpreter, and several sessions forecasting at once would
-slow every stream's events and heartbeats. In worker processes the fits use
-every core and the loop's interpreter stays free. The agent reports each
-product as it finishes, with its numbers.
+The fits run in worker processes (:mod:`server.agents.fit_pool`), so the event
+loop stays free. The agent reports each product as it finishes, with its numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from datetime import date, timedelta
-from multiprocessing import get_context
 from typing import Any
 
 import numpy as np
 import numpy.ma  # np.quantile imports it on first use, in the event loop: 10+ ms
 from pydantic import BaseModel, ConfigDict, Field
 
+from .fit_pool import ForecastExecutor
 from .forecasting import (
     FitJob,
     FitOutcome,
     FloatArray,
     Method,
-    fit_product,
-    init_worker,
     mape,
     rmse,
 )
@@ -67,15 +57,6 @@ MODEL_NAME = (
 def holdout_weeks(horizon: int) -> int:
     """Backtest holdout: the horizon, but at least 8 and at most 26 weeks."""
     return min(max(horizon, 8), 26)
-
-
-def default_workers() -> int:
-    """One worker per CPU this process may use."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, cpus)
 
 
 # --- the result -----------------------------------------------------------------------------
@@ -159,91 +140,6 @@ class DemandForecast(BaseModel):
                 {"product": p.product.name, "units": round(p.series.total_units)} for p in top
             ],
         }
-
-
-# --- the process pool -----------------------------------------------------------------------
-
-
-# How long close() lets running fits finish before it stops their worker processes.
-_STOP_WAIT = 0.5
-
-
-class ForecastExecutor:
-    """A process pool for model fits, created on first use and shut down by :meth:`close`.
-
-    Workers are started with ``spawn`` (no ``fork`` of a process running an event loop and
-    threads) and lower their own priority, so the event loop wins the CPU when both want it.
-    The pool is created, and its workers started, in a thread: in the event loop that held
-    every stream for 12 to 23 ms at the first forecast (pipes, semaphores, fork and exec;
-    docs/BENCHMARKS.md).
-    """
-
-    def __init__(self, max_workers: int | None = None) -> None:
-        self.max_workers = max_workers or default_workers()
-        self._pool: ProcessPoolExecutor | None = None
-        self._closed = False
-        # Held while the pool is created or taken away, by a thread or the loop.
-        self._lock = threading.Lock()
-
-    def _start_pool(self) -> ProcessPoolExecutor:
-        """The pool, created with its workers running if there is none. Runs in a thread;
-        it keeps the pool itself, so a caller cancelled meanwhile loses nothing."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the forecast executor is closed")
-            if self._pool is None:
-                pool = ProcessPoolExecutor(
-                    max_workers=self.max_workers,
-                    mp_context=get_context("spawn"),
-                    initializer=init_worker,
-                )
-                try:
-                    # With "spawn" a submit starts a worker when none is idle: start them all.
-                    for _ in range(self.max_workers):
-                        pool.submit(os.getpid)
-                except BaseException:  # a worker could not be started (out of processes...)
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
-                self._pool = pool
-            return self._pool
-
-    async def fit(self, job: FitJob) -> FitOutcome:
-        pool = self._pool
-        if pool is None:
-            pool = await asyncio.to_thread(self._start_pool)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(pool, fit_product, job)
-        except BrokenProcessPool:
-            # A worker died (killed, out of memory): start a new pool next time.
-            if self._pool is pool:
-                self._pool = None
-                pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-    async def close(self) -> None:
-        """Cancel queued fits, give running ones ``_STOP_WAIT``, then stop the workers.
-
-        ``close`` comes at shutdown, once the workflows have had their grace period and
-        were interrupted: nothing waits for a running fit's result any more, and a fit can
-        take longer than the few seconds a shutdown has.
-        """
-        with self._lock:  # waits while a pool is being started: tens of ms, at shutdown
-            self._closed = True
-            pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        # No public way to stop busy workers before Python 3.14 (terminate_workers()).
-        workers = list((pool._processes or {}).values())
-        stopped = asyncio.ensure_future(
-            asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
-        )
-        # The short wait lets the pool's manager thread cancel the queued fits first: on
-        # Python 3.11 it crashes if a worker dies while a cancelled fit is still queued.
-        done, _ = await asyncio.wait({stopped}, timeout=_STOP_WAIT)
-        if not done:
-            for worker in workers:
-                worker.terminate()
-        await stopped
 
 
 # --- the agent ------------------------------------------------------------------------------

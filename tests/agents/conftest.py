@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from server.agents.demand import ForecastExecutor
+from server.agents.fit_pool import ForecastExecutor
 
 
 @dataclass
