@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import resource
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -34,9 +35,38 @@ async def tune_garbage_collection(app: web.Application) -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+# Descriptors beyond the streams: REST requests, Redis connections, the fit workers' pipes.
+FILE_HEADROOM = 1024
+
+
+def raise_open_files_limit(max_connections: int) -> None:
+    """Every stream holds a socket. Raise this process's soft limit on open files to
+    ``max_connections`` plus headroom, up to the hard limit (which an unprivileged
+    process may do), and warn when even that is too low. With the soft limit most
+    shells start with (1,024), the kernel would otherwise refuse connections long
+    before ``max_connections`` and its clean 503 / 1013 are reached."""
+    wanted = max_connections + FILE_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if raised > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    if raised < wanted:
+        logging.getLogger("server").warning(
+            "the open-file limit is %d: below max_connections (%d) plus %d for requests "
+            "and Redis; raise it (ulimit -n, systemd LimitNOFILE=) or lower "
+            "--max-connections",
+            raised,
+            max_connections,
+            FILE_HEADROOM,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings.from_args(argv)
     setup_logging(settings.log_level, settings.log_format)
+    raise_open_files_limit(settings.max_connections)
     app = create_app(settings)
     app.on_startup.append(tune_garbage_collection)  # after the app's own start-up
     web.run_app(

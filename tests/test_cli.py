@@ -7,13 +7,14 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import resource
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
-from aiohttp import ClientConnectionError, ClientSession
+from aiohttp import ClientConnectionError, ClientSession, TCPConnector
 
 from server.config import ENV_PREFIX, Settings
 from tests.clients import (
@@ -23,7 +24,12 @@ from tests.clients import (
     read_events,
     read_to_end,
 )
-from tests.timing import POLL_INTERVAL, SERVER_START_TIMEOUT, SERVER_STOP_TIMEOUT
+from tests.timing import (
+    EVENT_TIMEOUT,
+    POLL_INTERVAL,
+    SERVER_START_TIMEOUT,
+    SERVER_STOP_TIMEOUT,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_FLAGS = (
@@ -166,14 +172,18 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def serving(
-    *args: str, environ: Mapping[str, str], log: Path
+    *args: str,
+    environ: Mapping[str, str],
+    log: Path,
+    before_exec: Callable[[], None] | None = None,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """``python -m server <args>`` as a subprocess (output to ``log``); killed if the test
-    leaves it running."""
+    leaves it running. ``before_exec`` runs in the child before the server starts."""
     with log.open("wb") as output:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server", *args,
             cwd=ROOT, env=dict(environ), stdout=output, stderr=output,
+            preexec_fn=before_exec,
         )  # fmt: skip
     try:
         yield process
@@ -254,3 +264,89 @@ async def test_idle_server_process_exits_0_on_ctrl_c(tmp_path: Path) -> None:
             status = await server.wait()
     assert status == 0, log.read_text()
     assert "Traceback" not in log.read_text()
+
+
+# --- the open-file limit ----------------------------------------------------------------------
+
+
+def open_files_limit(soft: int, hard: int) -> Callable[[], None]:
+    """A ``before_exec``: the limits on open files a shell or a service manager might set."""
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    return apply
+
+
+def open_files_limits_of(pid: int) -> tuple[int, int]:
+    """The soft and hard limit on open files of a running process (``/proc``)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open-files line in /proc/{pid}/limits")
+
+
+async def test_a_low_soft_limit_on_open_files_is_raised_to_hold_max_connections(
+    tmp_path: Path,
+) -> None:
+    """Started with a soft limit of 64 open files (hard 4,096), the server raises its own
+    to ``max_connections`` plus headroom, and holds more streams than it started with
+    descriptors for: each gets its stream, none is refused by the kernel."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    base = f"http://127.0.0.1:{port}"
+    streams = 150
+    async with (
+        serving(
+            "--port",
+            str(port),
+            "--max-connections",
+            "200",
+            environ=clean_environ(),
+            log=log,
+            before_exec=open_files_limit(64, 4096),
+        ) as server,  # fmt: skip
+        ClientSession(connector=TCPConnector(limit=0)) as http,
+    ):
+        await wait_healthy(http, base, server, log)
+        assert open_files_limits_of(server.pid) == (200 + 1024, 4096)
+        async with contextlib.AsyncExitStack() as opened:
+            for _ in range(streams):
+                url = f"{base}/sse/orchestrator/{new_session_id()}"
+                async with asyncio.timeout(EVENT_TIMEOUT):  # not accepted: fail, not hang
+                    sse = await opened.enter_async_context(open_aiohttp_sse(http, url))
+                    first = await sse.next_message()
+                assert first is not None and first.retry is not None
+            async with http.get(base + "/metrics") as response:
+                assert f'orchestrator_connections{{transport="sse"}} {streams}.0' in (
+                    await response.text()
+                )
+    assert "open-file limit" not in log.read_text()
+
+
+async def test_a_hard_limit_on_open_files_below_max_connections_is_named_in_a_warning(
+    tmp_path: Path,
+) -> None:
+    """Where the hard limit is too low for ``max_connections``, the server raises its soft
+    limit as far as it may, serves, and says at start-up what to change."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    async with (
+        serving(
+            "--port",
+            str(port),
+            "--max-connections",
+            "200",
+            environ=clean_environ(),
+            log=log,
+            before_exec=open_files_limit(64, 512),
+        ) as server,  # fmt: skip
+        ClientSession() as http,
+    ):
+        await wait_healthy(http, f"http://127.0.0.1:{port}", server, log)
+        assert open_files_limits_of(server.pid) == (512, 512)
+    warning = [line for line in log.read_text().splitlines() if "open-file limit" in line]
+    assert len(warning) == 1, log.read_text()
+    assert "is 512" in warning[0] and "max_connections (200)" in warning[0]
+    assert "ulimit -n" in warning[0] and "--max-connections" in warning[0]
