@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import resource
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -45,18 +44,24 @@ def raise_open_files_limit(max_connections: int) -> None:
     process may do), and warn when even that is too low. With the soft limit most
     shells start with (1,024), the kernel would otherwise refuse connections long
     before ``max_connections`` and its clean 503 / 1013 are reached."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: nothing to raise
+        return
     wanted = max_connections + FILE_HEADROOM
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= wanted:
         return
     raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if raised > soft:
+    try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    except (ValueError, OSError):  # refused (a sandbox): keep what we have
+        raised = soft
     if raised < wanted:
         logging.getLogger("server").warning(
             "the open-file limit is %d: below max_connections (%d) plus %d for requests "
-            "and Redis; raise it (ulimit -n, systemd LimitNOFILE=) or lower "
-            "--max-connections",
+            "and Redis; raise the hard limit (systemd LimitNOFILE=, docker --ulimit "
+            "nofile=, ulimit -Hn) or lower --max-connections",
             raised,
             max_connections,
             FILE_HEADROOM,

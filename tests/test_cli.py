@@ -349,4 +349,4 @@ async def test_a_hard_limit_on_open_files_below_max_connections_is_named_in_a_wa
     warning = [line for line in log.read_text().splitlines() if "open-file limit" in line]
     assert len(warning) == 1, log.read_text()
     assert "is 512" in warning[0] and "max_connections (200)" in warning[0]
-    assert "ulimit -n" in warning[0] and "--max-connections" in warning[0]
+    assert "hard limit" in warning[0] and "--max-connections" in warning[0]
