@@ -6,7 +6,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -30,6 +37,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_open_fds and process_max_fds (every stream is a socket), resident memory
+        # and CPU seconds: read from /proc at each scrape, nothing on the hot path.
+        ProcessCollector(registry=r)
         self.connections = Gauge(
             "orchestrator_connections",
             "Open streaming connections, by transport",

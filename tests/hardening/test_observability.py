@@ -4,9 +4,11 @@ JSON log lines with the session id and reference id."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
+import resource
 from collections.abc import Iterator
 
 import pytest
@@ -71,6 +73,29 @@ async def test_metrics_lists_every_family_in_prometheus_text(
         text = await response.text()
     for name in METRICS:
         assert f"\n{name}" in text, name
+
+
+async def test_process_metrics_show_the_open_files_every_stream_holds(
+    start: StartServer, http: ClientSession
+) -> None:
+    """``process_open_fds`` grows with the open streams (each is a socket) and
+    ``process_max_fds`` is the process's limit on open files: what an operator watches
+    to raise the limit before the kernel refuses connections."""
+    server = await start()
+    ctx = context_of(server)
+    assert metric(ctx, "process_max_fds") == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    before = metric(ctx, "process_open_fds")
+    assert before > 0
+    streams = 20
+    async with contextlib.AsyncExitStack() as opened:
+        for _ in range(streams):
+            await opened.enter_async_context(http.ws_connect(ws_url(server, new_session_id())))
+        await wait_until(
+            lambda: metric(ctx, "orchestrator_connections", transport="websocket") == streams
+        )
+        # The test's clients live in this process too: at least one socket per stream.
+        assert metric(ctx, "process_open_fds") >= before + streams
+    assert metric(ctx, "process_resident_memory_bytes") > 0
 
 
 async def test_sessions_gauge_counts_subscribed_running_and_live(
