@@ -278,6 +278,17 @@ def open_files_limit(soft: int, hard: int) -> Callable[[], None]:
     return apply
 
 
+def serving_under_limit(
+    port: int, log: Path, *, hard: int
+) -> contextlib.AbstractAsyncContextManager[asyncio.subprocess.Process]:
+    """A server with ``max_connections`` 200, started with a soft limit of 64 open files
+    and the ``hard`` limit given."""
+    return serving(
+        "--port", str(port), "--max-connections", "200",
+        environ=clean_environ(), log=log, before_exec=open_files_limit(64, hard),
+    )  # fmt: skip
+
+
 def open_files_limits_of(pid: int) -> tuple[int, int]:
     """The soft and hard limit on open files of a running process (``/proc``)."""
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
@@ -298,15 +309,7 @@ async def test_a_low_soft_limit_on_open_files_is_raised_to_hold_max_connections(
     base = f"http://127.0.0.1:{port}"
     streams = 150
     async with (
-        serving(
-            "--port",
-            str(port),
-            "--max-connections",
-            "200",
-            environ=clean_environ(),
-            log=log,
-            before_exec=open_files_limit(64, 4096),
-        ) as server,  # fmt: skip
+        serving_under_limit(port, log, hard=4096) as server,
         ClientSession(connector=TCPConnector(limit=0)) as http,
     ):
         await wait_healthy(http, base, server, log)
@@ -333,15 +336,7 @@ async def test_a_hard_limit_on_open_files_below_max_connections_is_named_in_a_wa
     port = free_port()
     log = tmp_path / "server.log"
     async with (
-        serving(
-            "--port",
-            str(port),
-            "--max-connections",
-            "200",
-            environ=clean_environ(),
-            log=log,
-            before_exec=open_files_limit(64, 512),
-        ) as server,  # fmt: skip
+        serving_under_limit(port, log, hard=512) as server,
         ClientSession() as http,
     ):
         await wait_healthy(http, f"http://127.0.0.1:{port}", server, log)
