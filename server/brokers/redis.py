@@ -155,8 +155,6 @@ class RedisBroker:
         self._connect_timeout = connect_timeout
         self._retry_budget = retry_budget
         self._ping_timeout = ping_timeout
-        self._watch_timeout = watch_timeout
-        self._idle_ping = idle_ping
         self._max_connections = max_connections
 
         self._client: Redis | None = None
