@@ -47,3 +47,24 @@ def test_quick_fanout_against_ours_delivers_everything_once(tmp_path: Path) -> N
     assert row["fixed"]["deliveries"] == row["fixed"]["expected_deliveries"] > 0
     assert row["saturation"]["deliveries"] > 0
     assert row["server_survived"]
+
+
+def test_the_broker_benchmark_runs_and_every_append_is_delivered(redis_url: str) -> None:
+    """`python -m bench.broker` at smoke scale: it exits with an error if any append was
+    not delivered back to its process, and prints one row per server."""
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.broker",
+            *("--servers", "ours", "--repeat", "1", "--url", redis_url),
+            *("--sessions", "5", "--events", "100", "--rate", "2000"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "| ours | " in completed.stdout
