@@ -1,9 +1,9 @@
-"""Half-open connection detection for a connection that is only read: one timer per
-connection, not one per read.
+"""Half-open connection detection for a connection read by one reader task: one timer
+per connection, not one per read.
 
-A pub/sub connection that stays open but carries nothing more (a half-open TCP
+A live connection that stays open but carries nothing more (a half-open TCP
 connection, which no error announces) looks the same as a quiet one. After
-``interval`` of silence the connection is sent a ``PING``; if nothing at all comes
+``interval`` of silence the connection is pinged; if nothing at all comes
 back within another ``interval``, it is aborted, which ends its pending read.
 
 The reader only records when it last heard something (:attr:`SilenceWatch.heard`), a
@@ -16,12 +16,14 @@ for every live event that arrives.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from .resp import RespStream
 
 
 class SilenceWatch:
-    """Watches ``stream``'s silence from now until :meth:`stop`. The reader sets
+    """Watches ``stream``'s silence from now until :meth:`stop`; ``ping`` writes a ``PING``
+    on it (the owner of the stream knows what else is owed a reply). The reader sets
     ``heard = loop.time()`` whenever it reads something, and ``busy`` while it does other
     work between reads; :attr:`silent` tells, after a read failed, whether it was this
     watch that aborted the connection."""
@@ -29,6 +31,7 @@ class SilenceWatch:
     __slots__ = (
         "_interval",
         "_loop",
+        "_ping",
         "_pinged_at",
         "_stream",
         "_timer",
@@ -37,8 +40,9 @@ class SilenceWatch:
         "silent",
     )
 
-    def __init__(self, stream: RespStream, interval: float) -> None:
+    def __init__(self, stream: RespStream, interval: float, ping: Callable[[], None]) -> None:
         self._stream = stream
+        self._ping = ping
         self._interval = interval
         self._loop = asyncio.get_running_loop()
         self.heard = self._loop.time()
@@ -66,6 +70,6 @@ class SilenceWatch:
         if now < due:  # heard from since the timer was set: look again when due
             self._timer = self._loop.call_at(due, self._check)
             return
-        self._stream.send(("PING",))
+        self._ping()
         self._pinged_at = now
         self._timer = self._loop.call_at(now + self._interval, self._check)

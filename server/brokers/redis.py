@@ -16,9 +16,11 @@ whichever process appends. When the state hash is gone (expired, or a Redis
 without persistence restarted empty) the next append starts a new epoch, so
 an id from the earlier life of the stream is answered with a gap.
 
-The scripts are in :mod:`.redis_scripts`. Live delivery uses one pub/sub
-connection per process (:mod:`.redis_live`), and the appending process hands its
-own events to its hub as soon as Redis has stored them.
+The scripts are in :mod:`.redis_scripts`. Each process keeps one connection
+(:mod:`.redis_live`) that carries both its appends and the live events of the
+sessions it watches, and the appending process hands its own events to its hub as
+soon as Redis has stored them. Replays, claims and leases use a pool of ordinary
+connections.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from ..errors import ServiceUnavailable, SessionEnded
 from ..messages import StoredEvent, StreamPosition
 from .base import EventListener, Lease, LeaseState, Replay, SessionInfo
 from .batching import Batcher
-from .pipelining import PipelinedConnection
 from .redis_live import LiveChannels
 from .redis_scripts import (
     APPEND_LUA,
@@ -55,7 +56,7 @@ from .redis_scripts import (
     RELEASE_LUA,
     RENEW_LUA,
 )
-from .resp import FAILURES, TRANSIENT, UNAVAILABLE_MESSAGE, RespStream
+from .resp import FAILURES, TRANSIENT, UNAVAILABLE_MESSAGE, RespStream, error_code
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,6 @@ _SESSIONS_PER_ROUND_TRIP = 100
 def _is_noscript(answer: Any) -> bool:
     """Redis no longer has the script (``SCRIPT FLUSH``, or a restart)."""
     return isinstance(answer, ResponseError) and str(answer).startswith("NOSCRIPT")
-
-
-def _error_code(error: BaseException) -> str:
-    """The error's class and Redis's error code ("ResponseError OOM"): never its text,
-    which may name keys."""
-    code = str(error).split(" ", 1)[0][:32] if isinstance(error, ResponseError) else ""
-    return f"{type(error).__name__} {code}".rstrip()
 
 
 @dataclass(slots=True)
@@ -107,7 +101,7 @@ def new_epoch() -> str:
 
 
 class RedisBroker:
-    """Redis Streams storage with one pub/sub reader per process.
+    """Redis Streams storage with one live connection per process.
 
     ``url`` is a ``redis://`` or ``rediss://`` URL (it may hold a password; it is
     never logged or shown). Timeouts are in seconds:
@@ -121,7 +115,7 @@ class RedisBroker:
     * ``ping_timeout``: the readiness probe;
     * ``watch_timeout``: how long :meth:`watch` waits for Redis to confirm a
       subscription;
-    * ``idle_ping``: the pub/sub reader pings when it has heard nothing for
+    * ``idle_ping``: the live connection's reader pings when it has heard nothing for
       this long, and reconnects when the ping goes unanswered as long again
       (a half-open TCP connection would otherwise stop live delivery silently).
     """
@@ -145,8 +139,8 @@ class RedisBroker:
             raise ValueError("buffer_size must be at least 1")
         if session_ttl <= 0:
             raise ValueError("session_ttl must be positive")
-        if max_connections < 2:
-            raise ValueError("max_connections must be at least 2: one is kept for appends")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         self._url = url
         self._buffer_size = buffer_size
         self._ttl_ms = max(1, math.ceil(session_ttl * 1000))
@@ -158,9 +152,8 @@ class RedisBroker:
         self._max_connections = max_connections
 
         self._client: Redis | None = None
-        self._sub_client: Redis | None = None
+        self._live_client: Redis | None = None
         self._append_script: Any = None
-        self._append_connection: PipelinedConnection | None = None
         self._appends: Batcher[_Append, StoredEvent] | None = None
         self._read_script: Any = None
         self._claim_script: Any = None
@@ -172,7 +165,6 @@ class RedisBroker:
             channel=self.channel,
             session_of=self._session_of,
             read=self._read,
-            control_channel=f"{key_prefix}:broker:{secrets.token_hex(8)}",
             connect_timeout=connect_timeout,
             op_timeout=op_timeout,
             watch_timeout=watch_timeout,
@@ -204,15 +196,15 @@ class RedisBroker:
 
     # --- lifetime ---------------------------------------------------------------------
 
-    def _make_client(self, max_connections: int) -> Redis:
+    def _make_client(self, max_connections: int, protocol: int) -> Redis:
         pool = BlockingConnectionPool.from_url(
             self._url,
             max_connections=max_connections,
             timeout=self._op_timeout,  # waiting for a free pooled connection
             decode_responses=True,
-            # RESP2: the append and pub/sub connections are read with hiredis directly
-            # (resp.py), where pub/sub messages are then plain arrays, not push replies.
-            protocol=2,
+            # RESP3 for the live connection, which takes commands while subscribed
+            # (redis_live.py); RESP2 for the pool, whose replies redis-py parses.
+            protocol=protocol,
             # No socket_timeout: with one, redis-py sends through asyncio.wait_for, which on
             # Python 3.11 can swallow a cancellation. Each call is bounded with
             # asyncio.timeout instead (see _call, and LiveChannels in redis_live.py).
@@ -225,14 +217,13 @@ class RedisBroker:
         return Redis.from_pool(pool)
 
     async def start(self, on_event: EventListener) -> None:
-        """Create the clients and start the pub/sub reader. Redis need not be up yet:
+        """Create the clients and start the live connection's reader. Redis need not be up yet:
         calls fail with ``ServiceUnavailable`` and the reader keeps reconnecting."""
         if self._client is not None:
             raise RuntimeError("RedisBroker.start() called twice")
-        self._client = self._make_client(self._max_connections)
-        self._sub_client = self._make_client(1)
+        self._client = self._make_client(self._max_connections, protocol=2)
+        self._live_client = self._make_client(1, protocol=3)
         self._append_script = self._client.register_script(APPEND_LUA)
-        self._append_connection = PipelinedConnection(self._client.connection_pool)
         self._appends = Batcher(
             self._store_batch,
             # A retried batch finds each of its appends among the newest entries.
@@ -244,7 +235,7 @@ class RedisBroker:
         self._renew_script = self._client.register_script(RENEW_LUA)
         self._release_script = self._client.register_script(RELEASE_LUA)
         self._lease_state_script = self._client.register_script(LEASE_STATE_LUA)
-        self._live.start(self._sub_client, on_event)
+        self._live.start(self._live_client, on_event)
 
     async def close(self) -> None:
         if self._closed:
@@ -253,13 +244,11 @@ class RedisBroker:
         await self._live.close()
         if self._appends is not None:
             await self._appends.close()
-        if self._append_connection is not None:
-            await self._append_connection.close()
-        for client in (self._sub_client, self._client):
+        for client in (self._live_client, self._client):
             if client is not None:
                 with contextlib.suppress(*FAILURES):
                     await client.aclose()
-        self._client = self._sub_client = None
+        self._client = self._live_client = None
 
     # --- commands ---------------------------------------------------------------------
 
@@ -293,7 +282,7 @@ class RedisBroker:
                 delay = min(delay * 2, 1.0)
             except RedisError as exc:
                 # Redis answered with an error (OOM, READONLY, NOPERM...): no retry.
-                log.warning("redis %s refused: %s", what, _error_code(exc))
+                log.warning("redis %s refused: %s", what, error_code(exc))
                 raise ServiceUnavailable(UNAVAILABLE_MESSAGE) from None
 
     async def append(self, session_id: str, type: str, body: str, final: bool) -> StoredEvent:
@@ -322,31 +311,31 @@ class RedisBroker:
         for request, answer in zip(batch, answers, strict=True):
             if isinstance(answer, Exception):
                 # Redis refused this one script (OOM, READONLY...): no retry.
-                log.warning("redis append refused: %s", _error_code(answer))
+                log.warning("redis append refused: %s", error_code(answer))
                 results.append(ServiceUnavailable(UNAVAILABLE_MESSAGE))
             elif answer[0] == 0:
                 results.append(SessionEnded(request.session_id))
             else:
                 stored = request.stored(str(answer[1]), int(answer[2]))
-                # This process's subscribers get it now, in the order stored, rather than
-                # when Redis echoes it back through pub/sub: one hop less, measured as about
-                # half of what Redis added to p99. Whichever of the two comes first delivers
-                # it; the other is dropped as a duplicate. An event another process stored in
-                # between reaches the hub out of order, which it resyncs from the stream.
+                # This process's subscribers have it by now: Redis sends the event's pub/sub
+                # message on the same connection, before this reply, and should a Redis send
+                # them the other way round, it is delivered here. Whichever of the two comes
+                # first delivers it; the other is dropped as a duplicate. An event another
+                # process stored in between reaches the hub out of order, which it resyncs
+                # from the stream.
                 self._live.deliver(stored)
                 results.append(stored)
         return results
 
     async def _run_appends(self, client: Redis, batch: list[_Append], retry: bool) -> list[Any]:
-        """Write the batch's EVALSHA calls together on the append connection and return
+        """Write the batch's EVALSHA calls together on the live connection and return
         one answer per call. After a ``SCRIPT FLUSH`` or a restart of Redis the script
         is loaded again and the whole batch retried (see :meth:`_store_batch`)."""
-        assert self._append_connection is not None
-        answers = await self._append_connection.call(self._packed_appends(batch, retry))
+        answers = await self._live.call(self._packed_appends(batch, retry))
         if any(_is_noscript(answer) for answer in answers):
             await client.script_load(APPEND_LUA)
             # Some appends of the batch may have run before the flush: they run as retries.
-            answers = await self._append_connection.call(self._packed_appends(batch, True))
+            answers = await self._live.call(self._packed_appends(batch, True))
         return answers
 
     def _packed_appends(self, batch: list[_Append], retry: bool) -> list[bytes]:

@@ -1,4 +1,5 @@
-"""Live delivery for the Redis broker: this process's one pub/sub connection.
+"""The Redis broker's live connection: this process's one connection that carries both
+the live events of the sessions it watches and its appends.
 
 :meth:`LiveChannels.watch` subscribes to a session's channel and returns once Redis
 has confirmed the subscription, so an event stored after it returns is delivered
@@ -8,6 +9,19 @@ again and catches up from the stream what it may have missed while it was away.
 The appending process hands its own events over too (:meth:`LiveChannels.deliver`),
 as soon as Redis has stored them: whichever of the two comes first delivers an
 event, and the other is dropped as a duplicate.
+
+Why one connection for both: the connection speaks RESP3, where a subscribed
+connection still takes commands and live messages arrive as push replies, told
+apart from the commands' own replies by their type. An append's script publishes
+the event, so its live message and the script's reply come back on the same
+socket, in one read: the server wakes once per event instead of once per
+connection. Measured (at a fixed rate of 1,000 events/s, one process), that is
+about 45 µs of CPU less per event than with two connections.
+
+Redis answers a connection's commands in the order they were written, so calls
+need not wait for each other: each write records what Redis owes it (one reply, or
+one confirmation push per channel of a SUBSCRIBE or UNSUBSCRIBE), and the reader
+settles those in order. Live messages owe nothing and may arrive between them.
 """
 
 from __future__ import annotations
@@ -16,8 +30,10 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeAlias
 
+import hiredis
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -26,16 +42,87 @@ from ..errors import ServiceUnavailable
 from ..messages import StoredEvent, StreamPosition
 from .base import EventListener, Replay
 from .liveness import SilenceWatch
-from .resp import FAILURES, UNAVAILABLE_MESSAGE, RespStream
+from .resp import FAILURES, UNAVAILABLE_MESSAGE, RespStream, error_code
 
 log = logging.getLogger(__name__)
 
-# What ends one life of the pub/sub connection (a catch-up read may raise ServiceUnavailable).
+# What ends one life of the connection (a catch-up read may raise ServiceUnavailable).
 _LOST: tuple[type[BaseException], ...] = (*FAILURES, ServiceUnavailable)
 
 
+class _Confirmations:
+    """What a SUBSCRIBE or UNSUBSCRIBE is owed: one push per channel, or one error."""
+
+    __slots__ = ("channels", "command", "left")
+
+    def __init__(self, command: str, channels: list[str]) -> None:
+        self.command = command
+        self.channels = channels
+        self.left = len(channels)
+
+
+# What Redis owes for one command written on the connection: the future of the call
+# waiting for its reply, ``None`` for a reply nobody waits for (a PING), or the
+# confirmations of a SUBSCRIBE or UNSUBSCRIBE.
+_Owed: TypeAlias = "asyncio.Future[Any] | _Confirmations | None"
+
+
+class _Life:
+    """One connection, its silence watch, and what Redis still owes it, oldest first."""
+
+    __slots__ = ("owed", "stream", "watch")
+
+    def __init__(self, stream: RespStream, idle_ping: float) -> None:
+        self.stream = stream
+        self.owed: deque[_Owed] = deque()
+        self.watch = SilenceWatch(stream, idle_ping, self.ping)
+
+    def write(self, packed: list[bytes], owed: Iterable[_Owed]) -> None:
+        # Nothing awaited between the two: the order owed is the order on the wire.
+        self.owed.extend(owed)
+        self.stream.write(packed)
+
+    def subscription(self, command: str, channels: list[str]) -> None:
+        """Write a SUBSCRIBE or UNSUBSCRIBE of ``channels``."""
+        self.write(_packed(command, *channels), [_Confirmations(command, channels)])
+
+    def ping(self) -> None:
+        self.write(_packed("PING"), [None])
+
+    def answer(self, reply: Any) -> _Confirmations | None:
+        """A command's reply (an error reply included) goes to the oldest command owed.
+        Returns the SUBSCRIBE or UNSUBSCRIBE that ``reply`` refused, if it did."""
+        if not self.owed:
+            raise RedisConnectionError("a reply nothing was waiting for: out of step")
+        head = self.owed.popleft()
+        if isinstance(head, _Confirmations):
+            if isinstance(reply, ResponseError) and head.left == len(head.channels):
+                return head  # refused as a whole (NOPERM...): the stream is still in step
+            raise RedisConnectionError("a reply where a confirmation was due: out of step")
+        if head is not None and not head.done():  # its caller may have been cancelled
+            head.set_result(reply)
+        return None
+
+    def confirm(self) -> None:
+        """One channel of the oldest SUBSCRIBE or UNSUBSCRIBE owed is confirmed."""
+        head = self.owed[0] if self.owed else None
+        if not isinstance(head, _Confirmations):
+            raise RedisConnectionError("a confirmation nothing was waiting for: out of step")
+        head.left -= 1
+        if not head.left:
+            self.owed.popleft()
+
+    def fail(self, error: BaseException) -> None:
+        """The connection is gone: every call still waiting on it fails with ``error``."""
+        while self.owed:
+            owed = self.owed.popleft()
+            if isinstance(owed, asyncio.Future) and not owed.done():
+                owed.set_exception(error)
+
+
 class LiveChannels:
-    """The sessions this process watches, and the reader of their channels.
+    """The sessions this process watches, the connection their channels and the appends
+    share, and its reader.
 
     ``channel`` and ``session_of`` name a session's channel and back; ``read`` reads a
     session's stream after a position (for the catch-up). Timeouts are the broker's
@@ -48,7 +135,6 @@ class LiveChannels:
         channel: Callable[[str], str],
         session_of: Callable[[str], str | None],
         read: Callable[[str, StreamPosition | None], Awaitable[Replay]],
-        control_channel: str,
         connect_timeout: float,
         op_timeout: float,
         watch_timeout: float,
@@ -57,7 +143,6 @@ class LiveChannels:
         self._channel = channel
         self._session_of = session_of
         self._read = read
-        self._control_channel = control_channel
         self._connect_timeout = connect_timeout
         self._op_timeout = op_timeout
         self._watch_timeout = watch_timeout
@@ -69,23 +154,26 @@ class LiveChannels:
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
         self._watched: set[str] = set()
-        self._pubsub: RespStream | None = None  # set while the reader is connected
+        self._life: _Life | None = None  # set while the reader is connected
+        self._connected = asyncio.Event()  # set while _life is (or once closed)
+        self._wanted = asyncio.Event()  # a call is waiting: reconnect without back-off
         self._sub_lock = asyncio.Lock()  # orders SUBSCRIBE/UNSUBSCRIBE on the wire
         # Per channel, one entry per SUBSCRIBE sent, holding the watchers it satisfies.
         self._inflight: dict[str, deque[list[asyncio.Future[None]]]] = {}
         self._delivered: dict[str, tuple[str, int]] = {}  # session -> (epoch, seq) delivered
         self._catch_up: set[str] = set()  # sessions that may have missed messages
-        self.connections = 0  # pub/sub connections made so far (for logs and tests)
+        self.connections = 0  # connections made so far (for logs and tests)
 
     def start(self, client: Redis, on_event: EventListener) -> None:
-        """Start the reader on a connection from ``client``'s pool; Redis need not be up
-        yet: the reader keeps reconnecting."""
+        """Start the reader on a connection from ``client``'s pool, which must speak RESP3;
+        Redis need not be up yet: the reader keeps reconnecting."""
         self._client = client
         self._on_event = on_event
         self._reader = asyncio.create_task(self._read_forever(), name="redis-broker-reader")
 
     async def close(self) -> None:
         self._closed = True
+        self._connected.set()  # calls waiting for a connection fail
         reader, self._reader = self._reader, None
         if reader is not None:
             # Cancel until it is done: a cancellation can be lost inside a library
@@ -94,7 +182,7 @@ class LiveChannels:
                 reader.cancel()
                 await asyncio.wait({reader}, timeout=1.0)
             if not reader.cancelled() and reader.exception() is not None:
-                log.error("redis pub/sub reader had failed", exc_info=reader.exception())
+                log.error("redis live reader had failed", exc_info=reader.exception())
         for batches in self._inflight.values():
             for batch in batches:
                 for future in batch:
@@ -102,7 +190,40 @@ class LiveChannels:
                         future.set_exception(ServiceUnavailable(UNAVAILABLE_MESSAGE))
         self._inflight.clear()
 
-    # --- watching -----------------------------------------------------------------------
+    # --- calls ------------------------------------------------------------------------
+
+    async def call(self, packed: list[bytes]) -> list[Any]:
+        """Write the packed commands and return their replies, in order; an error reply
+        is returned as its ``ResponseError``, not raised. While the connection is down
+        this waits for the next one: the caller bounds the wait. Raises
+        ``RedisConnectionError`` when the connection is lost before every reply came."""
+        life = await self._connection()
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in packed]
+        life.write(packed, futures)
+        written = loop.time()
+        try:
+            await life.stream.drain()
+            return [await future for future in futures]
+        except asyncio.CancelledError:
+            # Given up on (the caller's time limit) after half of ``op_timeout`` with
+            # nothing at all heard on the connection since: it is most likely half-open,
+            # and the retry should not wait on it for the silence watch's ping.
+            if life.watch.heard < written and loop.time() - written >= self._op_timeout / 2:
+                life.stream.abort()
+            raise
+
+    async def _connection(self) -> _Life:
+        while True:
+            if self._closed:
+                raise RedisConnectionError("the Redis broker is closed")
+            life = self._life
+            if life is not None:
+                return life
+            self._wanted.set()
+            await self._connected.wait()
+
+    # --- watching ---------------------------------------------------------------------
 
     async def watch(self, session_id: str) -> None:
         """Subscribe this process to the session's live channel; return once Redis has
@@ -116,15 +237,17 @@ class LiveChannels:
         async with self._sub_lock:
             # Registered before sending: the confirmation may be read while we await.
             self._inflight.setdefault(channel, deque()).append([future])
-            pubsub = self._pubsub
-            if pubsub is not None:
+            life = self._life
+            if life is not None:
                 try:
-                    pubsub.send(("SUBSCRIBE", channel))
-                    await pubsub.drain()
+                    life.subscription("SUBSCRIBE", [channel])
+                    await life.stream.drain()
                 except FAILURES:
                     # The reader sees the broken connection too; on reconnect it
                     # subscribes every watched session and resolves this future.
                     log.debug("subscribe failed; waiting for the reader to reconnect")
+            else:
+                self._wanted.set()
         try:
             # Not wait_for, which can swallow a cancellation (see RedisBroker._make_client).
             async with asyncio.timeout(self._watch_timeout):
@@ -138,12 +261,12 @@ class LiveChannels:
         self._delivered.pop(session_id, None)
         self._catch_up.discard(session_id)
         async with self._sub_lock:
-            pubsub = self._pubsub
-            if session_id in self._watched or pubsub is None:
+            life = self._life
+            if session_id in self._watched or life is None:
                 return  # watched again meanwhile, or nothing to undo on the wire
             with contextlib.suppress(*FAILURES):
-                pubsub.send(("UNSUBSCRIBE", self._channel(session_id)))
-                await pubsub.drain()
+                life.subscription("UNSUBSCRIBE", [self._channel(session_id)])
+                await life.stream.drain()
 
     async def settled(self, session_id: str) -> None:
         """Wait (bounded) until a subscription in flight for this session is confirmed.
@@ -155,52 +278,64 @@ class LiveChannels:
         if pending:
             await asyncio.wait(pending, timeout=self._watch_timeout)
 
-    # --- the reader ---------------------------------------------------------------------
+    # --- the reader -------------------------------------------------------------------
 
-    async def _open_pubsub(self) -> RespStream:
-        """Connect the pub/sub connection (a seam for tests that hold a reconnect back)."""
+    async def _connect(self) -> RespStream:
+        """Open the connection (a seam for tests that hold a reconnect back)."""
         assert self._client is not None
         async with asyncio.timeout(self._connect_timeout + self._op_timeout):
-            pubsub = await RespStream.open(self._client.connection_pool)
-        pubsub.send(("SUBSCRIBE", self._control_channel))  # keeps it in subscribed mode
-        return pubsub
+            return await RespStream.open(self._client.connection_pool)
 
     async def _read_forever(self) -> None:
         delay = 0.05
         failing = False  # log the first failure of a run of them, not every retry
         while not self._closed:
-            pubsub: RespStream | None = None
+            life: _Life | None = None
             try:
-                pubsub = await self._open_pubsub()
-                await self._resubscribe(pubsub)
+                life = _Life(await self._connect(), self._idle_ping)
+                await self._resubscribe(life)
                 self.connections += 1
                 if failing:
-                    log.info("redis pub/sub connection restored")
+                    log.info("redis live connection restored")
                 failing, delay = False, 0.05
-                await self._pump(pubsub)
+                await self._pump(life)
             except asyncio.CancelledError:
                 raise
             except _LOST as exc:
                 level = logging.DEBUG if failing else logging.WARNING
-                log.log(level, "redis pub/sub connection lost: %s", type(exc).__name__)
+                log.log(level, "redis live connection lost: %s", type(exc).__name__)
                 failing = True
             except Exception:
-                log.exception("redis pub/sub reader failed; reconnecting")
+                log.exception("redis live reader failed; reconnecting")
                 failing = True
             finally:
-                if self._pubsub is not None:
+                if self._life is not None:
                     # Whatever was subscribed may have missed messages meanwhile.
                     self._catch_up.update(self._watched)
-                self._pubsub = None
-                if pubsub is not None:
+                self._life = None
+                if not self._closed:
+                    self._connected.clear()
+                if life is not None:
+                    life.watch.stop()
+                    # Retried by the broker: each append carries a nonce (see redis.py).
+                    life.fail(RedisConnectionError("the live connection was lost"))
                     with contextlib.suppress(*FAILURES):
-                        await pubsub.close()
-            await asyncio.sleep(delay)  # reconnect back-off
+                        await life.stream.close()
+            await self._back_off(delay)
             delay = min(delay * 2, 2.0)
 
-    async def _resubscribe(self, pubsub: RespStream) -> None:
-        """Subscribe every watched session; each watcher still waiting is satisfied by
-        its channel's confirmation on this connection."""
+    async def _back_off(self, delay: float) -> None:
+        """Wait ``delay`` before connecting again, or less once a call is waiting (the
+        calls back off themselves)."""
+        self._wanted.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._wanted.wait()
+
+    async def _resubscribe(self, life: _Life) -> None:
+        """Subscribe every watched session, and make the connection the one calls are
+        written on. Each watcher still waiting is satisfied by its channel's
+        confirmation on this connection."""
         async with self._sub_lock:
             old, self._inflight = self._inflight, {}
             for channel, batches in old.items():
@@ -215,37 +350,57 @@ class LiveChannels:
             for channel in channels:
                 self._inflight.setdefault(channel, deque([[]]))
             if channels:
-                pubsub.send(("SUBSCRIBE", *channels))
-                await pubsub.drain()
-            self._pubsub = pubsub
+                life.subscription("SUBSCRIBE", channels)
+                await life.stream.drain()
+            self._life = life
+            self._connected.set()
 
-    async def _pump(self, pubsub: RespStream) -> None:
+    async def _pump(self, life: _Life) -> None:
         loop = asyncio.get_running_loop()
-        watch = SilenceWatch(pubsub, self._idle_ping)
-        try:
-            while True:
-                try:
-                    reply = await pubsub.read()
-                except RedisConnectionError:
-                    if watch.silent:
-                        raise RedisConnectionError("pub/sub connection silent") from None
-                    raise
+        watch = life.watch
+        while True:
+            try:
+                reply = await life.stream.read()
+            except RedisConnectionError:
+                if watch.silent:
+                    raise RedisConnectionError("live connection silent") from None
+                raise
+            watch.heard = loop.time()
+            if not isinstance(reply, hiredis.PushNotification):
+                refused = life.answer(reply)
+                if refused is not None:
+                    self._on_refused(refused, reply)
+                continue
+            # RESP3 pushes: [message, channel, data], [subscribe, channel, count],
+            # [unsubscribe, channel, count].
+            kind = reply[0]
+            if kind == "message":
+                self._on_message(reply[1], reply[2])
+            elif kind == "unsubscribe":
+                life.confirm()
+            elif kind == "subscribe":
+                life.confirm()
+                # A catch-up read may take a while: the socket is not read meanwhile.
+                watch.busy = True
+                await self._on_subscribed(reply[1])
+                watch.busy = False
                 watch.heard = loop.time()
-                if isinstance(reply, ResponseError):
-                    raise reply  # a refused SUBSCRIBE (NOPERM...): reconnect and log it
-                # RESP2 arrays: [message, channel, data], [subscribe, channel, count],
-                # [unsubscribe, channel, count], [pong, ""].
-                kind = reply[0]
-                if kind == "message":
-                    self._on_message(reply[1], reply[2])
-                elif kind == "subscribe":
-                    # A catch-up read may take a while: the socket is not read meanwhile.
-                    watch.busy = True
-                    await self._on_subscribed(reply[1])
-                    watch.busy = False
-                    watch.heard = loop.time()
-        finally:
-            watch.stop()
+
+    def _on_refused(self, refused: _Confirmations, error: ResponseError) -> None:
+        """Redis refused a SUBSCRIBE (an ACL without the channel, say): its watchers fail.
+        The connection is kept: it carries the other sessions and the appends."""
+        log.warning("redis refused %s: %s", refused.command, error_code(error))
+        if refused.command != "SUBSCRIBE":
+            return
+        for channel in refused.channels:
+            batches = self._inflight.get(channel)
+            if not batches:
+                continue
+            for future in batches.popleft():
+                if not future.done():
+                    future.set_exception(ServiceUnavailable(UNAVAILABLE_MESSAGE))
+            if not batches:
+                del self._inflight[channel]
 
     async def _on_subscribed(self, channel: str) -> None:
         batches = self._inflight.get(channel)
@@ -297,3 +452,7 @@ class LiveChannels:
             self._on_event(event)
         except Exception:
             log.exception("event listener failed for a session's event")
+
+
+def _packed(*command: Any) -> list[bytes]:
+    return [hiredis.pack_command(command)]

@@ -40,6 +40,14 @@ FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, RedisError)
 # What a caller is told while Redis cannot be reached or refuses (why goes to the log).
 UNAVAILABLE_MESSAGE = "The event store is unavailable; try again shortly."
 
+
+def error_code(error: BaseException) -> str:
+    """The error's class and Redis's error code ("ResponseError OOM"): never its text,
+    which may name keys."""
+    code = str(error).split(" ", 1)[0][:32] if isinstance(error, ResponseError) else ""
+    return f"{type(error).__name__} {code}".rstrip()
+
+
 _MORE = object()  # hiredis's answer when no whole reply is buffered yet
 
 # One command and its arguments. (hiredis's stub types pack_command's argument as a

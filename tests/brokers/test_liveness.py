@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from redis.asyncio import Redis
@@ -33,6 +33,10 @@ async def open_stream(url: str) -> AsyncIterator[RespStream]:
     finally:
         await opened.close()
         await client.aclose()
+
+
+def ping(stream: RespStream) -> Callable[[], None]:
+    return lambda: stream.send(("PING",))
 
 
 @pytest.fixture
@@ -63,7 +67,7 @@ async def test_a_reader_busy_elsewhere_is_not_taken_for_a_dead_connection(
 ) -> None:
     """While the reader is busy (a catch-up read), what Redis sent waits unread in the
     socket: no ping is owed an answer then. Once it is back to reading, silence counts."""
-    watch = SilenceWatch(stream, INTERVAL)
+    watch = SilenceWatch(stream, INTERVAL, ping(stream))
     try:
         watch.busy = True
         await asyncio.sleep(QUIET)
@@ -84,7 +88,7 @@ async def test_an_unanswered_ping_ends_the_pending_read(redis_url: str) -> None:
     try:
         async with open_stream(proxy.url(redis_url)) as opened:
             await proxy.freeze()
-            watch = SilenceWatch(opened, INTERVAL)
+            watch = SilenceWatch(opened, INTERVAL, ping(opened))
             try:
                 with pytest.raises(RedisConnectionError):
                     async with asyncio.timeout(QUIET):

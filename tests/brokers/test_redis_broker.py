@@ -384,15 +384,15 @@ async def test_an_append_redis_refuses_fails_alone(
     assert await raw_redis.xlen(node.broker._stream_key(good)) == 3
 
 
-def test_a_broker_needs_a_connection_beside_the_one_kept_for_appends(redis_url: str) -> None:
+def test_a_broker_needs_a_pooled_connection(redis_url: str) -> None:
     with pytest.raises(ValueError, match="max_connections"):
-        RedisBroker(redis_url, 10, 60.0, max_connections=1)
+        RedisBroker(redis_url, 10, 60.0, max_connections=0)
 
 
 async def test_appends_do_not_starve_other_calls_of_connections(make_node: NodeFactory) -> None:
-    """With two connections, one kept for appends, replays and claims still get the other
-    while appends flow."""
-    node = await make_node(max_connections=2)
+    """Appends go on the live connection, not the pool: with a pool of one, replays and
+    claims still get it while appends flow."""
+    node = await make_node(max_connections=1)
     sid = new_session_id()
     appends = asyncio.gather(
         *(node.broker.append(sid, "progress", body(n), False) for n in range(50))
@@ -548,14 +548,14 @@ async def test_missed_live_events_are_caught_up_after_a_pubsub_reconnect(
     await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2])
 
     reconnecting, release = asyncio.Event(), asyncio.Event()
-    open_pubsub = b.broker._live._open_pubsub
+    connect = b.broker._live._connect
 
     async def held_back() -> Any:
         reconnecting.set()
         await release.wait()
-        return await open_pubsub()
+        return await connect()
 
-    monkeypatch.setattr(b.broker._live, "_open_pubsub", held_back)
+    monkeypatch.setattr(b.broker._live, "_connect", held_back)
     killer = Redis.from_url(server.url)
     try:
         await killer.client_kill_filter(_type="pubsub")
