@@ -205,7 +205,14 @@ class LiveChannels:
         try:
             await life.stream.drain()
             return [await future for future in futures]
-        except asyncio.CancelledError:
+        except BaseException as failure:
+            for future in futures:
+                # Pending: its reply is dropped when it comes. Failed: one error is
+                # raised for the call, and asyncio need not log the others as unread.
+                if not future.cancel() and not future.cancelled():
+                    future.exception()
+            if not isinstance(failure, asyncio.CancelledError):
+                raise
             # Given up on (the caller's time limit) after half of ``op_timeout`` with
             # nothing at all heard on the connection since: it is most likely half-open,
             # and the retry should not wait on it for the silence watch's ping.

@@ -120,7 +120,7 @@ async def test_a_killed_connection_fails_the_calls_waiting_and_the_next_call_get
     node = await make_node()
     before = await client_id(node)
     key = f"test-live-{secrets.token_hex(4)}"
-    blocked = asyncio.create_task(call(node, ("BLPOP", key, 0)))
+    blocked = asyncio.create_task(call(node, ("BLPOP", key, 0), ("ECHO", "x"), ("PING",)))
     await eventually(lambda: blocked_clients(raw_redis))
     await raw_redis.client_kill_filter(_id=str(before))
     with pytest.raises(RedisConnectionError):
