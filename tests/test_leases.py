@@ -11,8 +11,9 @@ The real thing, a ``python -m server`` killed with SIGKILL, is in tests/multipro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import pytest
@@ -21,11 +22,12 @@ from redis.asyncio import Redis
 
 from server.api import WORKFLOW_RUNNER
 from server.app import create_app
-from server.brokers.base import Lease
+from server.brokers.base import Lease, LeaseState
 from server.brokers.redis import RedisBroker
 from server.config import Settings
 from server.hub import Subscription
-from server.messages import ControlEvent, ProgressEvent, StoredEvent
+from server.leases import QUIET_ROUNDS
+from server.messages import CompleteEvent, ControlEvent, ProgressEvent, StoredEvent
 from server.workflow import WorkflowRunner
 from tests.clients import app_of, new_session_id
 from tests.conftest import hub_of
@@ -225,6 +227,74 @@ async def test_a_session_the_store_lost_under_a_running_workflow_is_ended_after_
     assert "id" not in frames[0]
     assert is_interrupted_by_a_monitor(frames[-1]) and frames[-1]["seq"] == 1
     assert frames[-1]["id"].rpartition("-")[0] != first.epoch
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+async def test_quiet_sessions_are_asked_about_every_tenth_round(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session only services publish into (``none``) and an ended one are asked about
+    every ``QUIET_ROUNDS`` rounds; a session with a running workflow and one that
+    nobody has started yet, every round."""
+    a, b = await start(), await start()
+    published, ended, running, waiting = (new_session_id() for _ in range(4))
+    for session_id in (published, ended):
+        await hub_of(a).publish(
+            ProgressEvent(session_id=session_id, agent="demand", status="step", progress=1)
+        )
+    await hub_of(a).publish(CompleteEvent(session_id=ended, agent="orchestrator", final=True))
+    assert await hub_of(a).broker.claim(running, Lease("a-live-process", 30))
+    broker = hub_of(b).broker
+    asked: list[set[str]] = []
+    lease_states = broker.lease_states
+
+    async def recorded(session_ids: Collection[str]) -> dict[str, LeaseState]:
+        asked.append(set(session_ids))
+        return await lease_states(session_ids)
+
+    monkeypatch.setattr(broker, "lease_states", recorded)
+    async with contextlib.AsyncExitStack() as stack:
+        for session_id in (published, ended, running, waiting):
+            await stack.enter_async_context(hub_of(b).subscribe(session_id))
+        for _ in range(2 * QUIET_ROUNDS):
+            assert await runner_of(b).monitor.check() == []
+    rounds = {
+        session_id: [n + 1 for n, ids in enumerate(asked) if session_id in ids]
+        for session_id in (published, ended, running, waiting)
+    }
+    assert rounds[published] == rounds[ended] == [1, QUIET_ROUNDS, 2 * QUIET_ROUNDS]
+    assert rounds[running] == rounds[waiting] == list(range(1, 2 * QUIET_ROUNDS + 1))
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])
+async def test_a_quiet_session_claimed_again_after_the_store_lost_it_is_still_ended(
+    start: Start, settings: Settings
+) -> None:
+    """The rare case quiet sessions pay for: a session only services published into is
+    lost by the store (it expired), a workflow claims its id again and its process dies.
+    A monitor that had found it quiet still ends it, within ``QUIET_ROUNDS`` rounds."""
+    a, b = await start(), await start()
+    session_id = new_session_id()
+    await hub_of(a).publish(
+        ProgressEvent(session_id=session_id, agent="demand", status="step", progress=1)
+    )
+    async with hub_of(b).subscribe(session_id) as sub:
+        assert (await sub.get(EVENT_TIMEOUT)) is not None
+        assert await runner_of(b).monitor.check() == []  # found quiet ("none")
+        async with Redis.from_url(settings.redis_url) as redis:
+            await redis.delete(*await redis.keys(f"{settings.redis_key_prefix}:{{{session_id}}}:*"))
+        assert await hub_of(a).broker.claim(session_id, Lease("a-dead-process", LEASE_TTL))
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            while await hub_of(a).broker.lease_states([session_id]) != {session_id: "lost"}:
+                await asyncio.sleep(POLL_INTERVAL)
+        rounds = 0
+        while rounds < QUIET_ROUNDS:
+            rounds += 1
+            if await runner_of(b).monitor.check() == [session_id]:
+                break
+        assert rounds < QUIET_ROUNDS  # the round that asks every session ended it
+        frames = await until_final(sub)
+    assert is_interrupted_by_a_monitor(frames[-1])
 
 
 # --- in memory ---------------------------------------------------------------------------------
