@@ -1,14 +1,15 @@
 """A Redis connection spoken to directly: commands packed and replies parsed by hiredis.
 
-The broker's two busiest connections, the one its appends are written on and the
-pub/sub connection every live event arrives on, are read this way, and so are the
-lease calls that cover every session the process streams. redis-py opens the
-connection (so the URL's TLS, user, password and database are honoured) and we then
-write and read its socket ourselves. Measured per reply on the pub/sub connection:
-``PubSub.get_message`` about 25 µs and ``Connection.read_response`` about 15 µs, for
-the checks, timeouts, retry wrappers and push-message hooks redis-py runs on every
-call; hiredis parses one in about 1 µs. The connection speaks RESP2 (see
-``RedisBroker._make_client``), so pub/sub messages are plain arrays.
+The broker's busiest connection, the live connection its appends are written on
+and every live event arrives on, is read this way, and so are the lease calls that
+cover every session the process streams. redis-py opens the connection (so the
+URL's TLS, user, password and database are honoured) and we then write and read its
+socket ourselves. Measured per reply on a pub/sub connection: ``PubSub.get_message``
+about 25 µs and ``Connection.read_response`` about 15 µs, for the checks, timeouts,
+retry wrappers and push-message hooks redis-py runs on every call; hiredis parses
+one in about 1 µs. The live connection speaks RESP3 and the pool RESP2 (see
+``RedisBroker._make_client``); hiredis reads either, and returns RESP3's push
+replies as ``hiredis.PushNotification``.
 
 This reaches into a redis-py connection for its ``asyncio`` streams, which redis-py
 keeps in private attributes; :class:`RespStream` checks for them and fails at once,
