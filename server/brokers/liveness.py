@@ -6,11 +6,10 @@ connection, which no error announces) looks the same as a quiet one. After
 ``interval`` of silence the connection is pinged; if nothing at all comes
 back within another ``interval``, it is aborted, which ends its pending read.
 
-The reader only records when it last heard something (:attr:`SilenceWatch.heard`), a
-float assignment, and says when it is busy elsewhere rather than reading
-(:attr:`SilenceWatch.busy`): what waits unread in the socket meanwhile is not
-silence. A timeout around every read would cost a timer each (about 6.6 µs here),
-for every live event that arrives.
+The reader, which never stops reading to do other work, only records when it last
+heard something (:attr:`SilenceWatch.heard`), a float assignment. A timeout around
+every read would cost a timer each (about 6.6 µs here), for every live event that
+arrives.
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ from .resp import RespStream
 class SilenceWatch:
     """Watches ``stream``'s silence from now until :meth:`stop`; ``ping`` writes a ``PING``
     on it (the owner of the stream knows what else is owed a reply). The reader sets
-    ``heard = loop.time()`` whenever it reads something, and ``busy`` while it does other
-    work between reads; :attr:`silent` tells, after a read failed, whether it was this
-    watch that aborted the connection."""
+    ``heard = loop.time()`` whenever it reads something; :attr:`silent` tells, after a
+    read failed, whether it was this watch that aborted the connection."""
 
     __slots__ = (
         "_interval",
@@ -35,7 +33,6 @@ class SilenceWatch:
         "_pinged_at",
         "_stream",
         "_timer",
-        "busy",
         "heard",
         "silent",
     )
@@ -46,7 +43,6 @@ class SilenceWatch:
         self._interval = interval
         self._loop = asyncio.get_running_loop()
         self.heard = self._loop.time()
-        self.busy = False
         self.silent = False
         self._pinged_at: float | None = None
         self._timer = self._loop.call_at(self.heard + interval, self._check)
@@ -56,10 +52,6 @@ class SilenceWatch:
 
     def _check(self) -> None:
         now = self._loop.time()
-        if self.busy:  # not reading: whatever came meanwhile is still unread
-            self._pinged_at = None
-            self._timer = self._loop.call_at(now + self._interval, self._check)
-            return
         if self._pinged_at is not None and self.heard < self._pinged_at:
             # Pinged a whole interval ago and nothing came back since: dead.
             self.silent = True

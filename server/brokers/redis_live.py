@@ -162,6 +162,10 @@ class LiveChannels:
         self._inflight: dict[str, deque[list[asyncio.Future[None]]]] = {}
         self._delivered: dict[str, tuple[str, int]] = {}  # session -> (epoch, seq) delivered
         self._catch_up: set[str] = set()  # sessions that may have missed messages
+        # Sessions being caught up, with the live events that came meanwhile, held back
+        # so that they reach the listener after the ones caught up.
+        self._held_back: dict[str, list[StoredEvent]] = {}
+        self._catch_ups: set[asyncio.Task[None]] = set()
         self.connections = 0  # connections made so far (for logs and tests)
 
     def start(self, client: Redis, on_event: EventListener) -> None:
@@ -183,6 +187,8 @@ class LiveChannels:
                 await asyncio.wait({reader}, timeout=1.0)
             if not reader.cancelled() and reader.exception() is not None:
                 log.error("redis live reader had failed", exc_info=reader.exception())
+        if self._catch_ups:  # cancelled when the reader ended
+            await asyncio.wait(set(self._catch_ups))
         for batches in self._inflight.values():
             for batch in batches:
                 for future in batch:
@@ -267,6 +273,7 @@ class LiveChannels:
         self._watched.discard(session_id)
         self._delivered.pop(session_id, None)
         self._catch_up.discard(session_id)
+        self._held_back.pop(session_id, None)
         async with self._sub_lock:
             life = self._life
             if session_id in self._watched or life is None:
@@ -320,6 +327,8 @@ class LiveChannels:
                     # Whatever was subscribed may have missed messages meanwhile.
                     self._catch_up.update(self._watched)
                 self._life = None
+                for task in self._catch_ups:  # they start again on the next connection
+                    task.cancel()
                 if not self._closed:
                     self._connected.clear()
                 if life is not None:
@@ -387,11 +396,7 @@ class LiveChannels:
                 life.confirm()
             elif kind == "subscribe":
                 life.confirm()
-                # A catch-up read may take a while: the socket is not read meanwhile.
-                watch.busy = True
-                await self._on_subscribed(reply[1])
-                watch.busy = False
-                watch.heard = loop.time()
+                self._on_subscribed(reply[1], life)
 
     def _on_refused(self, refused: _Confirmations, error: ResponseError) -> None:
         """Redis refused a SUBSCRIBE (an ACL without the channel, say): its watchers fail.
@@ -409,7 +414,7 @@ class LiveChannels:
             if not batches:
                 del self._inflight[channel]
 
-    async def _on_subscribed(self, channel: str) -> None:
+    def _on_subscribed(self, channel: str, life: _Life) -> None:
         batches = self._inflight.get(channel)
         if batches:
             for future in batches.popleft():
@@ -420,20 +425,34 @@ class LiveChannels:
         session_id = self._session_of(channel)
         if session_id is not None and session_id in self._catch_up:
             self._catch_up.discard(session_id)
-            await self._catch_up_session(session_id)
+            held: list[StoredEvent] = []
+            self._held_back[session_id] = held
+            task = asyncio.create_task(self._catch_up_session(session_id, held, life))
+            self._catch_ups.add(task)
+            task.add_done_callback(self._catch_ups.discard)
 
-    async def _catch_up_session(self, session_id: str) -> None:
-        """After a reconnect: deliver what was stored while the reader was away.
+    async def _catch_up_session(
+        self, session_id: str, held: list[StoredEvent], life: _Life
+    ) -> None:
+        """After a reconnect: deliver what was stored while the reader was away, then
+        the live events held back meanwhile (duplicates dropped by ``seq``).
 
-        Runs on the reader task after the channel is subscribed again, so
-        messages that arrive meanwhile wait in the socket and are deduplicated
-        by ``seq`` when they are read.
+        Runs beside the reader, which goes on reading the connection: the appends'
+        replies and the other sessions' events do not wait for it. If the read fails,
+        the connection is dropped, and the next one catches every session up again.
         """
-        delivered = self._delivered.get(session_id)
-        after = None if delivered is None else StreamPosition(*delivered)
-        replay = await self._read(session_id, after)
-        for event in replay.events:
-            self.deliver(event)
+        try:
+            delivered = self._delivered.get(session_id)
+            after = None if delivered is None else StreamPosition(*delivered)
+            replay = await self._read(session_id, after)
+        except _LOST:
+            life.stream.abort()
+            return
+        finally:
+            if self._held_back.get(session_id) is held:
+                del self._held_back[session_id]
+        for event in (*replay.events, *held):
+            self._deliver_now(event)
 
     def _on_message(self, channel: str, data: str) -> None:
         session_id = self._session_of(channel)
@@ -448,7 +467,15 @@ class LiveChannels:
         self.deliver(event)
 
     def deliver(self, event: StoredEvent) -> None:
-        """Hand a watched session's event to the listener, unless it already had it."""
+        """Hand a watched session's event to the listener, unless it already had it; held
+        back while the session is being caught up."""
+        held = self._held_back.get(event.session_id)
+        if held is not None:
+            held.append(event)
+        else:
+            self._deliver_now(event)
+
+    def _deliver_now(self, event: StoredEvent) -> None:
         if event.session_id not in self._watched or self._on_event is None:
             return
         last = self._delivered.get(event.session_id)

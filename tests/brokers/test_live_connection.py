@@ -201,3 +201,52 @@ async def test_a_refused_subscribe_is_never_taken_for_an_appends_reply(
     await node.recorder.wait_until(lambda: len(node.recorder.of(allowed)) >= 40)
     assert node.recorder.seqs(allowed) == list(range(1, 41))
     assert [e.seq for e in (await node.broker.read(allowed, None)).events] == list(range(1, 41))
+
+
+async def test_appends_go_on_while_a_session_is_caught_up_after_a_reconnect(
+    make_node: NodeFactory, raw_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection comes back after events were stored without it: the session's
+    catch-up read runs beside the reader, so this process's appends are answered while it
+    is held; the live events that arrive meanwhile are held back, and the listener gets
+    every event once, in order."""
+    a, b = await make_node(), await make_node()
+    sid, other = new_session_id(), new_session_id()
+    await b.broker.watch(sid)
+    for n in (1, 2):
+        await a.broker.append(sid, "progress", body(n), False)
+    await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2])
+
+    live = b.broker._live
+    connect, read = live._connect, live._read
+    reconnecting, reading = asyncio.Event(), asyncio.Event()
+    release_connect, release_read = asyncio.Event(), asyncio.Event()
+
+    async def held_connect() -> Any:
+        reconnecting.set()
+        await release_connect.wait()
+        return await connect()
+
+    async def held_read(session_id: str, after: Any) -> Any:
+        reading.set()
+        await release_read.wait()
+        return await read(session_id, after)
+
+    monkeypatch.setattr(live, "_connect", held_connect)
+    monkeypatch.setattr(live, "_read", held_read)
+    await raw_redis.client_kill_filter(_id=str(await client_id(b)))
+    async with asyncio.timeout(5):
+        await reconnecting.wait()
+    for n in (3, 4):  # stored while b is away: caught up
+        await a.broker.append(sid, "progress", body(n), False)
+    release_connect.set()
+    async with asyncio.timeout(5):
+        await reading.wait()
+    for n in (5, 6):  # live while the catch-up is held: held back
+        await a.broker.append(sid, "progress", body(n), False)
+    stored = await b.broker.append(other, "progress", body(1), False)  # answered meanwhile
+    assert stored.seq == 1
+    assert b.recorder.seqs(sid) == [1, 2]
+    release_read.set()
+    await b.recorder.wait_until(lambda: len(b.recorder.of(sid)) >= 6)
+    assert b.recorder.seqs(sid) == [1, 2, 3, 4, 5, 6]

@@ -1,6 +1,6 @@
-"""The pub/sub connection's silence watch (``server/brokers/liveness.py``), against a real
-Redis: a quiet connection that answers its pings is kept, a reader busy elsewhere is not
-taken for a dead connection, and an unanswered ping ends the connection."""
+"""The live connection's silence watch (``server/brokers/liveness.py``), against a real
+Redis: a quiet connection that answers its pings is kept, and an unanswered ping ends
+the connection."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from server.brokers.liveness import SilenceWatch
 from server.brokers.resp import RespStream
 
-from .redis_support import FreezingProxy, NodeFactory, eventually, new_session_id
+from .redis_support import FreezingProxy, NodeFactory, new_session_id
 
 INTERVAL = 0.05
 # Time the scenarios let pass (not a wait for something to happen): many intervals.
@@ -60,25 +60,6 @@ async def test_a_quiet_pubsub_connection_that_answers_its_pings_is_kept(
     await a.broker.append(sid, "progress", json.dumps({"n": 2}), False)
     await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2])
     assert b.broker._live.connections == 1
-
-
-async def test_a_reader_busy_elsewhere_is_not_taken_for_a_dead_connection(
-    stream: RespStream,
-) -> None:
-    """While the reader is busy (a catch-up read), what Redis sent waits unread in the
-    socket: no ping is owed an answer then. Once it is back to reading, silence counts."""
-    watch = SilenceWatch(stream, INTERVAL, ping(stream))
-    try:
-        watch.busy = True
-        await asyncio.sleep(QUIET)
-        assert not watch.silent and stream.is_open
-        watch.busy = False
-        watch.heard = asyncio.get_running_loop().time()
-        # Nobody reads the answer to the ping that follows: the watch gives up.
-        await eventually(lambda: watch.silent)
-        assert not stream.is_open
-    finally:
-        watch.stop()
 
 
 async def test_an_unanswered_ping_ends_the_pending_read(redis_url: str) -> None:
