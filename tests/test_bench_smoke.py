@@ -10,27 +10,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_quick_fanout_against_ours_delivers_everything_once(tmp_path: Path) -> None:
-    """`python -m bench --quick --scenario fanout --servers ours` reports no loss or duplicate."""
-    output = tmp_path / "bench.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--scenario",
-            "fanout",
-            "--servers",
-            "ours",
-            "--output",
-            str(output),
-        ],
+def run_bench(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m <module> <args>`` from the checkout, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=110,
         check=False,
+    )
+
+
+def test_quick_fanout_against_ours_delivers_everything_once(tmp_path: Path) -> None:
+    """`python -m bench --quick --scenario fanout --servers ours` reports no loss or duplicate."""
+    output = tmp_path / "bench.json"
+    completed = run_bench(
+        "bench", "--quick", "--scenario", "fanout", "--servers", "ours", "--output", str(output)
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "| fanout | ours |" in completed.stdout
@@ -52,19 +48,10 @@ def test_quick_fanout_against_ours_delivers_everything_once(tmp_path: Path) -> N
 def test_the_broker_benchmark_runs_and_every_append_is_delivered(redis_url: str) -> None:
     """`python -m bench.broker` at smoke scale: it exits with an error if any append was
     not delivered back to its process, and prints one row per server."""
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.broker",
-            *("--servers", "ours", "--repeat", "1", "--url", redis_url),
-            *("--sessions", "5", "--events", "100", "--rate", "2000"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
+    completed = run_bench(
+        "bench.broker",
+        *("--servers", "ours", "--repeat", "1", "--url", redis_url),
+        *("--sessions", "5", "--events", "100", "--rate", "2000"),
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "| ours | " in completed.stdout

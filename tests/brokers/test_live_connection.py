@@ -48,6 +48,17 @@ async def blocked_clients(raw_redis: Redis) -> bool:
     return int((await raw_redis.info("clients"))["blocked_clients"]) > 0
 
 
+async def blocked_call(
+    node: Node, raw_redis: Redis, *behind: tuple[Any, ...]
+) -> tuple[asyncio.Task[Any], str]:
+    """A call of a ``BLPOP`` on an empty list (then of ``behind``), returned once Redis
+    blocks on it, with the list's key: its reply stays owed until something is pushed."""
+    key = f"test-live-{secrets.token_hex(4)}"
+    blocked = asyncio.create_task(call(node, ("BLPOP", key, 0), *behind))
+    await eventually(lambda: blocked_clients(raw_redis))
+    return blocked, key
+
+
 async def test_calls_from_many_tasks_get_their_own_replies_while_live_messages_arrive(
     make_node: NodeFactory,
 ) -> None:
@@ -97,9 +108,7 @@ async def test_a_cancelled_call_costs_its_reply_and_nothing_else(
     comes, and the call behind it gets its own."""
     node = await make_node()
     before = await client_id(node)
-    key = f"test-live-{secrets.token_hex(4)}"
-    blocked = asyncio.create_task(call(node, ("BLPOP", key, 0)))
-    await eventually(lambda: blocked_clients(raw_redis))
+    blocked, key = await blocked_call(node, raw_redis)
     behind = asyncio.create_task(call(node, ("ECHO", "behind")))
     blocked.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -119,9 +128,7 @@ async def test_a_killed_connection_fails_the_calls_waiting_and_the_next_call_get
     the next call is answered on a new connection."""
     node = await make_node()
     before = await client_id(node)
-    key = f"test-live-{secrets.token_hex(4)}"
-    blocked = asyncio.create_task(call(node, ("BLPOP", key, 0), ("ECHO", "x"), ("PING",)))
-    await eventually(lambda: blocked_clients(raw_redis))
+    blocked, _ = await blocked_call(node, raw_redis, ("ECHO", "x"), ("PING",))
     await raw_redis.client_kill_filter(_id=str(before))
     with pytest.raises(RedisConnectionError):
         await blocked
@@ -133,9 +140,7 @@ async def test_close_fails_calls_still_waiting_and_refuses_new_ones(
     make_node: NodeFactory, raw_redis: Redis
 ) -> None:
     node = await make_node()
-    key = f"test-live-{secrets.token_hex(4)}"
-    blocked = asyncio.create_task(call(node, ("BLPOP", key, 0)))
-    await eventually(lambda: blocked_clients(raw_redis))
+    blocked, _ = await blocked_call(node, raw_redis)
     await node.broker.close()
     with pytest.raises(RedisConnectionError):
         await blocked
