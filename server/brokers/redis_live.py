@@ -385,7 +385,7 @@ class LiveChannels:
             if not isinstance(reply, hiredis.PushNotification):
                 refused = life.answer(reply)
                 if refused is not None:
-                    self._on_refused(refused, reply)
+                    self._on_refused(refused, reply, life)
                 continue
             # RESP3 pushes: [message, channel, data], [subscribe, channel, count],
             # [unsubscribe, channel, count].
@@ -398,11 +398,21 @@ class LiveChannels:
                 life.confirm()
                 self._on_subscribed(reply[1], life)
 
-    def _on_refused(self, refused: _Confirmations, error: ResponseError) -> None:
+    def _on_refused(self, refused: _Confirmations, error: ResponseError, life: _Life) -> None:
         """Redis refused a SUBSCRIBE (an ACL without the channel, say): its watchers fail.
-        The connection is kept: it carries the other sessions and the appends."""
+        The connection is kept: it carries the other sessions and the appends. A SUBSCRIBE
+        of several channels (after a reconnect) is refused whole for one forbidden
+        channel, so each still watched is sent again on its own, and only those refused
+        then fail."""
         log.warning("redis refused %s: %s", refused.command, error_code(error))
         if refused.command != "SUBSCRIBE":
+            return
+        if len(refused.channels) > 1:
+            for channel in refused.channels:
+                if self._session_of(channel) in self._watched:
+                    life.subscription("SUBSCRIBE", [channel])
+                else:
+                    self._settle(channel)  # unwatched meanwhile: nothing to wait for
             return
         for channel in refused.channels:
             batches = self._inflight.get(channel)
@@ -414,7 +424,8 @@ class LiveChannels:
             if not batches:
                 del self._inflight[channel]
 
-    def _on_subscribed(self, channel: str, life: _Life) -> None:
+    def _settle(self, channel: str) -> None:
+        """The oldest SUBSCRIBE of ``channel`` in flight is done: its watchers return."""
         batches = self._inflight.get(channel)
         if batches:
             for future in batches.popleft():
@@ -422,6 +433,9 @@ class LiveChannels:
                     future.set_result(None)
             if not batches:
                 del self._inflight[channel]
+
+    def _on_subscribed(self, channel: str, life: _Life) -> None:
+        self._settle(channel)
         session_id = self._session_of(channel)
         if session_id is not None and session_id in self._catch_up:
             self._catch_up.discard(session_id)

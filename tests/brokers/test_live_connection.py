@@ -8,6 +8,7 @@ call. Against a real ``redis-server``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 from typing import Any
@@ -255,3 +256,33 @@ async def test_appends_go_on_while_a_session_is_caught_up_after_a_reconnect(
     release_read.set()
     await b.recorder.wait_until(lambda: len(b.recorder.of(sid)) >= 6)
     assert b.recorder.seqs(sid) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_one_forbidden_channel_does_not_cost_the_others_their_subscription(
+    make_node: NodeFactory, own_redis: ServerFactory
+) -> None:
+    """An operator narrows the ACL user's channels while the process watches two
+    sessions: Redis drops the connection, and the reader's SUBSCRIBE of both channels
+    is refused whole. Each channel is then subscribed on its own, so the session still
+    allowed gets its live events again."""
+    server = own_redis()
+    prefix = f"test-{secrets.token_hex(4)}"
+    allowed, narrowed = new_session_id(), new_session_id()
+    admin = Redis.from_url(server.url, decode_responses=True)
+    try:
+        user = ("ACL", "SETUSER", "narrow", "on", ">pw", f"~{prefix}:*", "+@all")
+        await redis_command(admin, *user, f"&{prefix}:*")
+        a = await make_node(server.url, key_prefix=prefix)  # the default user: every channel
+        b = await make_node(server.url.replace("redis://", "redis://narrow:pw@"), key_prefix=prefix)
+        for session_id in (allowed, narrowed):
+            await b.broker.watch(session_id)
+            await a.broker.append(session_id, "progress", body(1), False)
+        await b.recorder.wait_until(lambda: len(b.recorder.events) == 2)
+        await redis_command(admin, *user, "resetchannels", f"&{prefix}:{{{allowed}}}:live")
+        with contextlib.suppress(ResponseError):  # Redis may have dropped it already
+            await redis_command(admin, "CLIENT", "KILL", "USER", "narrow")
+        await eventually(lambda: b.broker._live.connections >= 2)
+        await a.broker.append(allowed, "progress", body(2), False)
+        await b.recorder.wait_until(lambda: b.recorder.seqs(allowed) == [1, 2])
+    finally:
+        await admin.aclose()
