@@ -157,6 +157,7 @@ class LiveChannels:
         self._life: _Life | None = None  # set while the reader is connected
         self._connected = asyncio.Event()  # set while _life is (or once closed)
         self._wanted = asyncio.Event()  # a call is waiting: reconnect without back-off
+        self._unreachable = False  # the reader's last attempt to connect failed
         self._sub_lock = asyncio.Lock()  # orders SUBSCRIBE/UNSUBSCRIBE on the wire
         # Per channel, one entry per SUBSCRIBE sent, holding the watchers it satisfies.
         self._inflight: dict[str, deque[list[asyncio.Future[None]]]] = {}
@@ -234,6 +235,11 @@ class LiveChannels:
             if life is not None:
                 return life
             self._wanted.set()
+            if self._unreachable:
+                # Fail now rather than wait out the caller's time limit: the caller
+                # backs off and retries (within its retry budget), and each retry wakes
+                # the reader to try again.
+                raise RedisConnectionError("Redis cannot be reached")
             await self._connected.wait()
 
     # --- watching ---------------------------------------------------------------------
@@ -326,6 +332,12 @@ class LiveChannels:
                 if self._life is not None:
                     # Whatever was subscribed may have missed messages meanwhile.
                     self._catch_up.update(self._watched)
+                elif not self._closed:
+                    # This attempt never got connected: the calls waiting for it fail now
+                    # (see _connection), woken by a pulse of the event they wait on.
+                    self._unreachable = True
+                    self._connected.set()
+                    self._connected.clear()
                 self._life = None
                 for task in self._catch_ups:  # they start again on the next connection
                     task.cancel()
@@ -369,6 +381,7 @@ class LiveChannels:
                 life.subscription("SUBSCRIBE", channels)
                 await life.stream.drain()
             self._life = life
+            self._unreachable = False
             self._connected.set()
 
     async def _pump(self, life: _Life) -> None:

@@ -286,3 +286,32 @@ async def test_one_forbidden_channel_does_not_cost_the_others_their_subscription
         await b.recorder.wait_until(lambda: b.recorder.seqs(allowed) == [1, 2])
     finally:
         await admin.aclose()
+
+
+async def test_while_redis_is_down_an_append_fails_within_its_retry_budget(
+    make_node: NodeFactory, own_redis: ServerFactory
+) -> None:
+    """Redis stops: an append answers ``ServiceUnavailable`` once its retry budget is
+    spent, without waiting out ``op_timeout`` for a connection that cannot come; once
+    Redis is back, appends are stored again."""
+    server = own_redis()
+    op_timeout = 5.0
+    node = await make_node(server.url, retry_budget=0.3, op_timeout=op_timeout)
+    sid = new_session_id()
+    await node.broker.append(sid, "progress", body(1), False)
+    server.stop()
+    loop = asyncio.get_running_loop()
+    for _ in range(2):  # the first may meet the dropped connection, the second the refusal
+        started = loop.time()
+        with pytest.raises(ServiceUnavailable):
+            await node.broker.append(sid, "progress", body(2), False)
+        assert loop.time() - started < op_timeout
+    server.start()
+
+    async def stored() -> bool:
+        with contextlib.suppress(ServiceUnavailable):
+            await node.broker.append(sid, "progress", body(3), False)
+            return True
+        return False
+
+    await eventually(stored, timeout=10)
