@@ -3,7 +3,10 @@ the live events of the sessions it watches, in RESP3. Calls from many tasks each
 their own replies, in order, while live messages arrive between them; an error reply is
 an answer; a cancelled call costs its reply and nothing else; a lost connection fails
 the calls waiting on it (the broker retries them) and never hands a reply to the wrong
-call. Against a real ``redis-server``."""
+call; a half-open one is dropped by the append that waited on it; a refused SUBSCRIBE
+costs only its own channels; a catch-up after a reconnect does not hold up the appends;
+and while Redis is down an append gives up within its retry budget. Against a real
+``redis-server``."""
 
 from __future__ import annotations
 
