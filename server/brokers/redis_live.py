@@ -334,10 +334,10 @@ class LiveChannels:
                     self._catch_up.update(self._watched)
                 elif not self._closed:
                     # This attempt never got connected: the calls waiting for it fail now
-                    # (see _connection), woken by a pulse of the event they wait on.
+                    # (see _connection), woken by setting the event they wait on, which
+                    # is cleared again below.
                     self._unreachable = True
                     self._connected.set()
-                    self._connected.clear()
                 self._life = None
                 for task in self._catch_ups:  # they start again on the next connection
                     task.cancel()
@@ -427,23 +427,21 @@ class LiveChannels:
                 else:
                     self._settle(channel)  # unwatched meanwhile: nothing to wait for
             return
-        for channel in refused.channels:
-            batches = self._inflight.get(channel)
-            if not batches:
-                continue
-            for future in batches.popleft():
-                if not future.done():
-                    future.set_exception(ServiceUnavailable(UNAVAILABLE_MESSAGE))
-            if not batches:
-                del self._inflight[channel]
+        (channel,) = refused.channels
+        self._settle(channel, ServiceUnavailable(UNAVAILABLE_MESSAGE))
 
-    def _settle(self, channel: str) -> None:
-        """The oldest SUBSCRIBE of ``channel`` in flight is done: its watchers return."""
+    def _settle(self, channel: str, error: BaseException | None = None) -> None:
+        """The oldest SUBSCRIBE of ``channel`` in flight is done: its watchers return, or
+        raise ``error`` if Redis refused it."""
         batches = self._inflight.get(channel)
         if batches:
             for future in batches.popleft():
-                if not future.done():
+                if future.done():
+                    continue
+                if error is None:
                     future.set_result(None)
+                else:
+                    future.set_exception(error)
             if not batches:
                 del self._inflight[channel]
 
