@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ __all__ = [
     "Recorder",
     "RedisServer",
     "ServerFactory",
+    "body",
     "eventually",
     "new_session_id",
     "redis_command",
@@ -30,6 +32,11 @@ __all__ = [
 ]
 
 TIMEOUT = 5.0  # seconds any awaited condition may take before the test fails
+
+
+def body(n: int, **extra: Any) -> str:
+    """A progress event's JSON body, numbered ``n``."""
+    return json.dumps({"type": "progress", "n": n, **extra}, separators=(",", ":"))
 
 
 def new_session_id() -> str:

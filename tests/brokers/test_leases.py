@@ -4,8 +4,6 @@ instances ("processes"), and the trivial in-memory version."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from redis.asyncio import Redis
 
@@ -13,13 +11,16 @@ from server.brokers.base import Lease
 from server.brokers.memory import MemoryBroker
 from server.errors import ServiceUnavailable
 
-from .redis_support import NodeFactory, ServerFactory, eventually, new_session_id, redis_command
+from .redis_support import (
+    NodeFactory,
+    ServerFactory,
+    body,
+    eventually,
+    new_session_id,
+    redis_command,
+)
 
 SHORT = 0.3  # seconds: a lease that lapses within a test
-
-
-def body(n: int) -> str:
-    return json.dumps({"type": "progress", "n": n})
 
 
 async def test_a_lease_is_taken_with_the_claim_and_held_by_one_owner(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 from typing import Any
 
@@ -29,14 +28,11 @@ from .redis_support import (
     Node,
     NodeFactory,
     ServerFactory,
+    body,
     eventually,
     new_session_id,
     redis_command,
 )
-
-
-def body(n: int) -> str:
-    return json.dumps({"type": "progress", "n": n})
 
 
 async def call(node: Node, *commands: tuple[Any, ...]) -> list[Any]:

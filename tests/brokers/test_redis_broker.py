@@ -32,14 +32,11 @@ from .redis_support import (
     Node,
     NodeFactory,
     ServerFactory,
+    body,
     eventually,
     new_session_id,
     redis_command,
 )
-
-
-def body(n: int, **extra: Any) -> str:
-    return json.dumps({"type": "progress", "n": n, **extra}, separators=(",", ":"))
 
 
 async def append_many(
