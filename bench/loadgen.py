@@ -30,7 +30,7 @@ import secrets
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 import psutil
@@ -257,7 +257,15 @@ async def throughput(cfg: JSON, server: psutil.Process) -> JSON:
     recorder = Recorder(len(PHASES))
     tallies = [Tally(recorder, s) for s in range(sessions) for _ in range(per_session)]
     result: JSON = {"subscribers": len(tallies), "sessions": sessions}
-    async with Subscribers(port, cfg["transport"], ids, cfg["ws_client"]) as subs:
+    count_held: Callable[[], Awaitable[int]] | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        if cfg.get("hold_leases"):
+            from .lease_holder import held_leases  # imports the server: only for these rows
+
+            count_held = await stack.enter_async_context(held_leases(cfg["hold_leases"], ids))
+        subs = await stack.enter_async_context(
+            Subscribers(port, cfg["transport"], ids, cfg["ws_client"])
+        )
         started = time.monotonic()
         opened = await subs.open_many(
             tallies, concurrency=cfg["connect_concurrency"], timeout=cfg["connect_timeout"]
@@ -345,6 +353,9 @@ async def throughput(cfg: JSON, server: psutil.Process) -> JSON:
         result["publish_statuses"] = publisher.statuses
         result["controls"] = recorder.controls
         result["connect_errors"] = subs.errors
+        if count_held is not None:
+            # Counted at the end: the renewals kept every lease, and no session was ended.
+            result["held_leases"] = await count_held()
     return result
 
 

@@ -46,6 +46,11 @@ def _integrity_note(row: JSON) -> str:
         wanted = row.get("subscribers", row.get("clients", row.get("connections")))
         if wanted and row["opened"] < wanted:
             notes.append(f"only {row['opened']:,} of {wanted:,} connected")
+    if row.get("held_leases") is not None:
+        notes.append(
+            f"{row['held_leases']:,} of {row['sessions']:,} sessions' workflows still "
+            "running in another process at the end (leases held)"
+        )
     if row.get("publish_failed"):
         notes.append(f"{row['publish_failed']:,} publishes failed")
     controls = {k: v for k, v in (row.get("controls") or {}).items() if k != "heartbeat"}
@@ -230,7 +235,7 @@ def targets(rows: list[JSON]) -> list[str]:
                 f"{ours.get('duplicated')} (target < 2 s, none lost or duplicated): "
                 f"{verdict(replay is not None and replay < 2 and clean)}"
             )
-    for scenario in ("fanout", "sessions"):
+    for scenario in ("fanout", "fanout_sse", "sessions", "sessions_sse", "sessions_held"):
         ours, redis = _find(rows, scenario, "ours"), _find(rows, scenario, "ours-redis")
         if ours and redis:
             a = _get(ours, "fixed", "latency", "p99_ms")

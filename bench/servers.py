@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -31,8 +32,8 @@ def _available() -> str | None:
     return None
 
 
-def _redis_broker_unavailable() -> str | None:
-    """The ``--broker redis`` flag exists and a Redis answers on 127.0.0.1:6379."""
+def _redis_broker_unavailable(url: str) -> str | None:
+    """The ``--broker redis`` flag exists and a Redis answers at ``url``."""
     try:
         help_text = subprocess.run(
             [sys.executable, "-m", "server", "--help"],
@@ -46,11 +47,13 @@ def _redis_broker_unavailable() -> str | None:
         return "python -m server --help timed out"
     if "--broker" not in help_text:
         return "the server has no --broker flag yet"
+    where = urllib.parse.urlsplit(url)
+    address = (where.hostname or "127.0.0.1", where.port or 6379)
     try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=2.0):
+        with socket.create_connection(address, timeout=2.0):
             pass
     except OSError:
-        return "no Redis on 127.0.0.1:6379"
+        return f"no Redis on {address[0]}:{address[1]}"
     return None
 
 
@@ -64,6 +67,7 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)
     unavailable: Callable[[], str | None] = _available
     scenarios: frozenset[str] | None = None  # None: every scenario
+    broker: str | None = None  # ours' "memory" or "redis"; None: a peer, which runs no workflows
     cwd: Path = ROOT  # ``ours@REV`` runs a copy of server/ as of REV from here
 
 
@@ -171,6 +175,7 @@ def _ours(port: int, *extra: str) -> list[str]:
 # The scenarios need 1,000 subscribers on one session and 10,000 streams (issue 7), above
 # the server's default admission limits. Given as environment variables, which revisions
 # that predate a setting simply ignore (a flag they do not know would stop them).
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 OURS_ENV = {
     "ORCHESTRATOR_MAX_CONNECTIONS": "20000",
     "ORCHESTRATOR_MAX_CONNECTIONS_PER_SESSION": "5000",
@@ -187,6 +192,7 @@ SERVERS: dict[str, ServerSpec] = {
             replay=True,
             note="server/ (memory broker), admission limits raised to fit the scenarios",
             env=OURS_ENV,
+            broker="memory",
         ),
         ServerSpec(
             "naive",
@@ -209,14 +215,28 @@ SERVERS: dict[str, ServerSpec] = {
             "ours-redis",
             lambda port: _ours(port, "--broker", "redis"),
             replay=True,
-            note="server/ with --broker redis (Redis on 127.0.0.1:6379)",
-            env=OURS_ENV,
-            unavailable=_redis_broker_unavailable,
-            scenarios=frozenset({"fanout", "sessions", "fanout_sse", "sessions_sse"}),
+            note=f"server/ with --broker redis ({DEFAULT_REDIS_URL})",
+            env={**OURS_ENV, "ORCHESTRATOR_REDIS_URL": DEFAULT_REDIS_URL},
+            unavailable=lambda: _redis_broker_unavailable(DEFAULT_REDIS_URL),
+            scenarios=frozenset(
+                {"fanout", "sessions", "fanout_sse", "sessions_sse", "sessions_held"}
+            ),
+            broker="redis",
         ),
     )
 }
 DEFAULT_SERVERS = ("ours", "naive", "seed")
+
+
+def use_redis(url: str) -> None:
+    """``--redis-url``: the Redis of the ``ours-redis`` rows (and of their lease holder)."""
+    spec = SERVERS["ours-redis"]
+    SERVERS["ours-redis"] = replace(
+        spec,
+        note=f"server/ with --broker redis ({url})",
+        env={**spec.env, "ORCHESTRATOR_REDIS_URL": url},
+        unavailable=lambda: _redis_broker_unavailable(url),
+    )
 
 
 # ``--nice``: scheduling priority of the server and load generator (a negative value,

@@ -21,6 +21,7 @@ from typing import Any
 
 from . import profile, report
 from .servers import (
+    DEFAULT_REDIS_URL,
     DEFAULT_SERVERS,
     LOADGEN_CPU,
     NICE,
@@ -31,6 +32,7 @@ from .servers import (
     resolve,
     running,
     source_revision,
+    use_redis,
 )
 
 JSON = dict[str, Any]
@@ -91,12 +93,15 @@ SCENARIOS: dict[str, JSON] = {
 SCENARIOS["fanout_sse"] = {**SCENARIOS["fanout"], "transport": "sse"}
 SCENARIOS["sessions_sse"] = {**SCENARIOS["sessions"], "transport": "sse"}
 SCENARIOS["idle_sse"] = {**SCENARIOS["idle_ws"], "transport": "sse"}
+# Many sessions, each with a workflow running in another process (bench/lease_holder.py).
+SCENARIOS["sessions_held"] = {**SCENARIOS["sessions"], "held_leases": True}
 SCENARIOS["storm_sse"] = {**SCENARIOS["storm"], "transport": "sse"}
 ORDER = (
     "fanout",
     "fanout_sse",
     "sessions",
     "sessions_sse",
+    "sessions_held",
     "idle_ws",
     "idle_sse",
     "storm",
@@ -112,7 +117,7 @@ QUICK: dict[str, JSON] = {
     "storm": {"clients": 50, "behind": 20, "storm_timeout": 1.5},
 }
 QUICK["fanout_sse"] = QUICK["fanout"]
-QUICK["sessions_sse"] = QUICK["sessions"]
+QUICK["sessions_sse"] = QUICK["sessions_held"] = QUICK["sessions"]
 QUICK["idle_sse"] = QUICK["idle_ws"]
 QUICK["storm_sse"] = QUICK["storm"]
 
@@ -163,6 +168,13 @@ def run_one(
         return {**row, "skipped": f"{server} has no {cfg['transport'].upper()}"}
     if spec.scenarios is not None and scenario not in spec.scenarios:
         return {**row, "skipped": "not part of this server's rows"}
+    if cfg.get("held_leases"):
+        if spec.broker is None:
+            return {**row, "skipped": "a peer runs no workflows"}
+        # No other process can hold a lease in the memory broker: its row is the same
+        # load without them, the baseline of the Redis row.
+        if spec.broker == "redis":
+            cfg["hold_leases"] = spec.env["ORCHESTRATOR_REDIS_URL"]
     reason = spec.unavailable()
     if reason:
         return {**row, "skipped": reason}
@@ -285,6 +297,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="WebSocket subscriber: raw frames on a raw socket (cheap), or aiohttp's client",
     )
     parser.add_argument(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help="the Redis of the ours-redis rows (default: %(default)s)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="record each server with py-spy (bench/results/profiles/) and print top frames",
@@ -309,6 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     NICE["value"] = args.nice
+    use_redis(args.redis_url)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     output = args.output or RESULTS / f"bench-{stamp}.json"
     log_dir = RESULTS / "logs" / stamp

@@ -55,3 +55,27 @@ def test_the_broker_benchmark_runs_and_every_append_is_delivered(redis_url: str)
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "| ours | " in completed.stdout
+
+
+def test_sessions_held_keeps_every_lease_held_and_skips_the_peers(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """`--scenario sessions_held`: the Redis row runs with every session's workflow leased
+    by the load generator, still held at the end; the memory row is its baseline; a peer,
+    which runs no workflows, is skipped."""
+    output = tmp_path / "bench.json"
+    completed = run_bench(
+        *("bench", "--quick", "--scenario", "sessions_held"),
+        *("--servers", "ours,ours-redis,naive", "--redis-url", redis_url),
+        *("--output", str(output)),
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    ours, redis, naive = json.loads(output.read_text())["rows"]
+    assert naive["skipped"] == "a peer runs no workflows"
+    assert "held_leases" not in ours
+    assert redis["held_leases"] == redis["sessions"] > 0, redis
+    for row in (ours, redis):
+        assert "error" not in row and "skipped" not in row, row
+        assert row["lost"] == row["duplicated"] == row["reordered"] == row["starved"] == 0
+        assert row["publish_failed"] == 0
+    assert "- sessions_held Redis adds" in completed.stdout
