@@ -259,10 +259,12 @@ async def throughput(cfg: JSON, server: psutil.Process) -> JSON:
     result: JSON = {"subscribers": len(tallies), "sessions": sessions}
     count_held: Callable[[], Awaitable[int]] | None = None
     async with contextlib.AsyncExitStack() as stack:
-        if cfg.get("hold_leases"):
+        if cfg.get("lease_holder_redis"):
             from .lease_holder import held_leases  # imports the server: only for these rows
 
-            count_held = await stack.enter_async_context(held_leases(cfg["hold_leases"], ids))
+            count_held = await stack.enter_async_context(
+                held_leases(cfg["lease_holder_redis"], ids)
+            )
         subs = await stack.enter_async_context(
             Subscribers(port, cfg["transport"], ids, cfg["ws_client"])
         )

@@ -172,10 +172,12 @@ def _ours(port: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "server", "--port", str(port), "--log-level", "WARNING", *extra]
 
 
+# The Redis of the ours-redis rows unless --redis-url names another (the server's default).
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
 # The scenarios need 1,000 subscribers on one session and 10,000 streams (issue 7), above
 # the server's default admission limits. Given as environment variables, which revisions
 # that predate a setting simply ignore (a flag they do not know would stop them).
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 OURS_ENV = {
     "ORCHESTRATOR_MAX_CONNECTIONS": "20000",
     "ORCHESTRATOR_MAX_CONNECTIONS_PER_SESSION": "5000",

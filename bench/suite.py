@@ -174,7 +174,7 @@ def run_one(
         # No other process can hold a lease in the memory broker: its row is the same
         # load without them, the baseline of the Redis row.
         if spec.broker == "redis":
-            cfg["hold_leases"] = spec.env["ORCHESTRATOR_REDIS_URL"]
+            cfg["lease_holder_redis"] = spec.env["ORCHESTRATOR_REDIS_URL"]
     reason = spec.unavailable()
     if reason:
         return {**row, "skipped": reason}
