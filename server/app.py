@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
@@ -18,7 +17,7 @@ from .brokers.base import Broker
 from .config import Settings
 from .context import STREAM_CONTEXT, StreamContext
 from .contract import add_contract_routes
-from .errors import ServiceUnavailable, StreamError, reference_id, refusal_reason
+from .error_answers import answer_error
 from .hub import Hub
 from .limits import Admission
 from .logs import SESSION_ID
@@ -28,16 +27,8 @@ from .transports.sse import sse_handler
 from .transports.websocket import websocket_handler
 from .workflow import WorkflowRunner
 
-log = logging.getLogger(__name__)
-
 STATIC_DIR = Path(__file__).parent / "static"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-_HTTP_CODES = {
-    404: ("not_found", "There is nothing at this address."),
-    405: ("method_not_allowed", "This method is not allowed here."),
-    413: ("payload_too_large", "The request body is too large."),
-}
 
 
 class AgentResources(Protocol):
@@ -47,17 +38,10 @@ class AgentResources(Protocol):
 RegisterAgents = Callable[[AgentHandoffManager], AgentResources]
 
 
-def error_body(
-    status: int, code: str, message: str, reference: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.json_response(
-        {"error": message, "code": code, "reference": reference}, status=status, headers=headers
-    )
-
-
-# Two of the middlewares are plain functions that hand back the next handler's awaitable
-# instead of awaiting it: a stream lives for hours inside its middlewares, and each
-# ``async`` one would keep a suspended frame (about 300 bytes) per connection for it.
+# The middlewares are plain functions that hand back the next handler's awaitable instead
+# of awaiting it (the errors middleware does so for the streams): a stream lives for hours
+# inside its middlewares, and each ``async`` one would keep a suspended frame (about 300
+# bytes) per connection for it.
 
 
 @web.middleware
@@ -73,42 +57,26 @@ def log_context_middleware(request: web.Request, handler: Handler) -> Awaitable[
 
 
 @web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error becomes ``{"error", "code", "reference"}``; internals go to the log only."""
+def errors_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    """Every error becomes ``{"error", "code", "reference"}``; internals go to the log only.
+
+    Catching needs a suspended frame around the handler for as long as it runs, about
+    340 bytes: for the hours of a stream, on every connection. So the two stream
+    handlers catch their own errors, with the same :func:`answer_error`, in their own
+    frame, and only the other routes are awaited here."""
+    if request.match_info.handler in _ANSWER_THEIR_OWN_ERRORS:
+        return handler(request)
+    return _answering_errors(request, handler)
+
+
+_ANSWER_THEIR_OWN_ERRORS = frozenset({websocket_handler, sse_handler})
+
+
+async def _answering_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
-        if exc.status == 413:  # the body is over client_max_size (max_body_size)
-            request.app[STREAM_CONTEXT].metrics.refused(code)
-        return error_body(exc.status, code, message, reference_id())
-    except StreamError as exc:
-        ref = reference_id()
-        reason = refusal_reason(exc)
-        if reason is not None:
-            request.app[STREAM_CONTEXT].metrics.refused(reason)
-        if exc.status >= 500:
-            log.warning(
-                "%s %s -> %s: %s [ref %s]",
-                request.method,
-                request.path,
-                exc.status,
-                exc.message,
-                ref,
-                extra={"reference": ref},
-            )
-        headers = None
-        if isinstance(exc, ServiceUnavailable):
-            headers = {"Retry-After": str(exc.retry_after)}
-        return error_body(exc.status, exc.code, exc.message, ref, headers)
-    except Exception:
-        ref = reference_id()
-        log.exception(
-            "%s %s failed [ref %s]", request.method, request.path, ref, extra={"reference": ref}
-        )
-        return error_body(500, "internal_error", "Something went wrong on our side.", ref)
+    except Exception as exc:
+        return answer_error(request, exc)
 
 
 def cors_middleware(allowed: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:

@@ -567,6 +567,9 @@ ERRORS: dict[str, tuple[str, str, Any, int]] = {
     "not JSON": ("POST", RUN, b"{nope", 400),
     "invalid JSON types": ("POST", RUN, {"strategy_description": {"a": 1}}, 422),
     "an invalid event": ("POST", events_path("session-0001"), {"type": 1}, 422),
+    # The streams answer their own errors (server/app.py, errors_middleware).
+    "a plain GET on the WebSocket URL": ("GET", "/ws/orchestrator/session-0001", None, 400),
+    "a bad session id on SSE": ("GET", "/sse/orchestrator/x", None, 400),
 }
 
 

@@ -18,6 +18,7 @@ from aiohttp_sse import EventSourceResponse
 
 from ..auth import check_stream_access
 from ..context import STREAM_CONTEXT
+from ..error_answers import answer_error
 from ..errors import InvalidSessionId
 from ..hub import Frame, SubscriptionClosed
 from ..messages import SLOW_CONSUMER, is_valid_session_id
@@ -64,49 +65,57 @@ def resume_point(request: web.Request) -> str | None:
 
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[STREAM_CONTEXT]
-    session_id = request.match_info["session_id"]
-    if not is_valid_session_id(session_id):
-        raise InvalidSessionId()
-    check_stream_access(request, ctx.settings, session_id)  # 401 without a valid token
-    # One frame for the whole stream (no helper coroutine): it stays suspended for hours.
-    with ctx.admission.connection(session_id, "sse"):  # 503 over a limit; counts the stream
-        async with ctx.hub.subscribe(session_id, resume_point(request)) as subscription:
-            if subscription.finished:
-                # Resumed at the final event: nothing will ever follow.
-                return web.Response(status=204)
+    # Errors are answered here, not by the errors middleware (see server.app): its frame
+    # would stay suspended around this one for the whole stream.
+    stream: _EventStream | None = None  # once prepared, no error answer can follow it
+    try:
+        ctx = request.app[STREAM_CONTEXT]
+        session_id = request.match_info["session_id"]
+        if not is_valid_session_id(session_id):
+            raise InvalidSessionId()
+        check_stream_access(request, ctx.settings, session_id)  # 401 without a valid token
+        # One frame for the whole stream (no helper coroutine): it stays suspended for hours.
+        with ctx.admission.connection(session_id, "sse"):  # 503 over a limit; counts the stream
+            async with ctx.hub.subscribe(session_id, resume_point(request)) as subscription:
+                if subscription.finished:
+                    # Resumed at the final event: nothing will ever follow.
+                    return web.Response(status=204)
 
-            response = _EventStream(send_timeout=None)
-            await response.prepare(request)
+                response = stream = _EventStream(send_timeout=None)
+                await response.prepare(request)
 
-            async def send(frame: Frame) -> None:
-                await response.write(frame.sse_frame)
+                async def send(frame: Frame) -> None:
+                    await response.write(frame.sse_frame)
 
-            try:
-                # The first write also sends the headers; direct writes may only follow it.
-                await response.write(f"retry: {ctx.settings.sse_retry_ms}\n\n".encode())
-                outlet = Outlet(
-                    subscription,
-                    request,
-                    ctx.metrics,
-                    "sse",
-                    ctx.settings.heartbeat_interval,
-                    # What goes on the wire: an HTTP/1.1 response is chunk-encoded and
-                    # takes the cached chunk as is; an HTTP/1.0 one (nginx's default to
-                    # its upstreams) the bare frame. Not ``response.chunked``: aiohttp-sse
-                    # sets that after prepare(), whatever the protocol version.
-                    prebuilt=_sse_chunk if _chunk_encoded(response) else _sse_frame,
-                    send=send,
-                )
-                await pump(outlet)
-            except SubscriptionClosed as closed:
-                if closed.reason == SLOW_CONSUMER:
-                    with contextlib.suppress(ConnectionError):
-                        await response.write(slow_consumer_notice(session_id).sse_frame)
-            except ConnectionError:
-                pass  # the client went away
-            finally:
-                subscription.detach()  # before the response's last chunk
-            with contextlib.suppress(ConnectionError):
-                await response.write_eof()
-            return response
+                try:
+                    # The first write also sends the headers; direct writes may only follow it.
+                    await response.write(f"retry: {ctx.settings.sse_retry_ms}\n\n".encode())
+                    outlet = Outlet(
+                        subscription,
+                        request,
+                        ctx.metrics,
+                        "sse",
+                        ctx.settings.heartbeat_interval,
+                        # What goes on the wire: an HTTP/1.1 response is chunk-encoded and
+                        # takes the cached chunk as is; an HTTP/1.0 one (nginx's default to
+                        # its upstreams) the bare frame. Not ``response.chunked``: aiohttp-sse
+                        # sets that after prepare(), whatever the protocol version.
+                        prebuilt=_sse_chunk if _chunk_encoded(response) else _sse_frame,
+                        send=send,
+                    )
+                    await pump(outlet)
+                except SubscriptionClosed as closed:
+                    if closed.reason == SLOW_CONSUMER:
+                        with contextlib.suppress(ConnectionError):
+                            await response.write(slow_consumer_notice(session_id).sse_frame)
+                except ConnectionError:
+                    pass  # the client went away
+                finally:
+                    subscription.detach()  # before the response's last chunk
+                with contextlib.suppress(ConnectionError):
+                    await response.write_eof()
+                return response
+    except Exception as exc:
+        if stream is not None and stream.prepared:
+            raise  # the stream has begun: no error answer can follow it
+        return answer_error(request, exc)

@@ -23,6 +23,7 @@ from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
 
 from ..auth import check_stream_access, check_websocket_origin
 from ..context import STREAM_CONTEXT, StreamContext
+from ..error_answers import answer_error
 from ..errors import ServiceUnavailable, StreamError, refusal_reason
 from ..hub import Frame, Subscription, SubscriptionClosed
 from ..messages import (
@@ -69,17 +70,23 @@ class _EventSocket(web.WebSocketResponse):
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     ctx = request.app[STREAM_CONTEXT]
     session_id = request.match_info["session_id"]
-    ws = _EventSocket(
-        heartbeat=ctx.settings.heartbeat_interval,
-        # aiohttp refuses a frame of exactly max_msg_size bytes (it checks ">="), while
-        # max_frame_size is the largest frame accepted: 1009 only above it.
-        max_msg_size=ctx.settings.max_frame_size + 1,
-        timeout=_CLOSE_TIMEOUT,
-        # No permessage-deflate: a frame encoded once is sent as is to every subscriber,
-        # instead of being compressed again for each one.
-        compress=False,
-    )
-    await ws.prepare(request)
+    # Until the handshake is done, errors (not a WebSocket request: 400) are answered here,
+    # not by the errors middleware, whose frame would stay suspended around this one for
+    # the whole stream (see server.app). After it, the socket ends with a close code.
+    try:
+        ws = _EventSocket(
+            heartbeat=ctx.settings.heartbeat_interval,
+            # aiohttp refuses a frame of exactly max_msg_size bytes (it checks ">="), while
+            # max_frame_size is the largest frame accepted: 1009 only above it.
+            max_msg_size=ctx.settings.max_frame_size + 1,
+            timeout=_CLOSE_TIMEOUT,
+            # No permessage-deflate: a frame encoded once is sent as is to every subscriber,
+            # instead of being compressed again for each one.
+            compress=False,
+        )
+        await ws.prepare(request)
+    except Exception as exc:
+        return answer_error(request, exc)
     if not is_valid_session_id(session_id):
         notice = ControlEvent.error(
             session_id[:128],
