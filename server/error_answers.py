@@ -17,6 +17,8 @@ from .errors import ServiceUnavailable, StreamError, reference_id, refusal_reaso
 
 log = logging.getLogger(__name__)
 
+INTERNAL_ERROR_MESSAGE = "Something went wrong on our side."
+
 _HTTP_CODES = {
     404: ("not_found", "There is nothing at this address."),
     405: ("method_not_allowed", "This method is not allowed here."),
@@ -61,6 +63,13 @@ def answer_error(request: web.Request, exc: Exception) -> web.Response:
         if isinstance(exc, ServiceUnavailable):
             headers = {"Retry-After": str(exc.retry_after)}
         return error_body(exc.status, exc.code, exc.message, ref, headers)
+    return error_body(500, "internal_error", INTERNAL_ERROR_MESSAGE, log_failure(request, exc))
+
+
+def log_failure(request: web.Request, exc: Exception) -> str:
+    """Log an unexpected failure (a bug) with its traceback, under a new reference for
+    the client to quote; return the reference."""
+    ref = reference_id()
     log.error(
         "%s %s failed [ref %s]",
         request.method,
@@ -69,4 +78,4 @@ def answer_error(request: web.Request, exc: Exception) -> web.Response:
         exc_info=exc,
         extra={"reference": ref},
     )
-    return error_body(500, "internal_error", "Something went wrong on our side.", ref)
+    return ref

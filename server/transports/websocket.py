@@ -23,7 +23,7 @@ from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
 
 from ..auth import check_stream_access, check_websocket_origin
 from ..context import STREAM_CONTEXT, StreamContext
-from ..error_answers import answer_error
+from ..error_answers import INTERNAL_ERROR_MESSAGE, answer_error, log_failure
 from ..errors import ServiceUnavailable, StreamError, refusal_reason
 from ..hub import Frame, Subscription, SubscriptionClosed
 from ..messages import (
@@ -134,6 +134,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             # 1013, and the client reconnects with back-off and resumes.
             if not ws.closed:
                 await _refuse(ws, session_id, unavailable, ctx)
+        except Exception as failure:
+            await _fail(ws, session_id, request, failure)
     return ws
 
 
@@ -172,6 +174,23 @@ async def _refuse(
     with contextlib.suppress(ConnectionError):
         await ws.send_frame(notice.payload, WSMsgType.TEXT)
     await _close(ws, close_code, refused.code.encode())
+
+
+async def _fail(
+    ws: web.WebSocketResponse, session_id: str, request: web.Request, failure: Exception
+) -> None:
+    """A bug (subscribing failed unexpectedly, say): logged with its traceback under a
+    reference; the client gets an ``internal_error`` event that quotes the reference,
+    then 1011, and reconnects with back-off (PROTOCOL.md)."""
+    reference = log_failure(request, failure)
+    if ws.closed:
+        return
+    notice = ControlEvent.error(
+        session_id, "internal_error", INTERNAL_ERROR_MESSAGE, f"reference {reference}"
+    )
+    with contextlib.suppress(ConnectionError):
+        await ws.send_frame(notice.payload, WSMsgType.TEXT)
+    await _close(ws, WSCloseCode.INTERNAL_ERROR, b"internal error")
 
 
 def _too_big(error: object) -> bool:

@@ -5,8 +5,10 @@ around a stream: its frame would cost every connection about 340 bytes, see
 ``errors_middleware`` in ``server/app.py``). Here the bug is a broker whose reads
 fail with an unexpected exception that carries a secret:
 
-SSE fails before its stream starts: the JSON error body, 500 ``internal_error``,
-with a reference that names the log line holding the traceback.
+* SSE fails before its stream starts: the JSON error body, 500 ``internal_error``,
+  with a reference that names the log line holding the traceback;
+* the WebSocket fails after its handshake: an ``internal_error`` event whose details
+  quote that reference, then close code 1011 (PROTOCOL.md: reconnect with back-off).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from server.brokers.base import Replay
 from server.brokers.memory import MemoryBroker
 from server.config import Settings
 from server.messages import StreamPosition
-from tests.clients import http_url, new_session_id
+from tests.clients import http_url, new_session_id, ws_url
 from tests.hardening.support import FakeAgents
 
 SECRET = "password=hunter2"
@@ -65,3 +67,23 @@ async def test_sse_answers_a_bug_with_the_json_error_body(
     assert body["code"] == "internal_error"
     assert SECRET not in text and "RuntimeError" not in text
     logged_with(caplog, body["reference"])
+
+
+async def test_websocket_reports_a_bug_and_closes_with_1011(
+    broken: BaseTestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    session_id = new_session_id()
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(ws_url(broken, f"/ws/orchestrator/{session_id}")) as ws:
+            message = await ws.receive(timeout=5)
+            assert message.type == aiohttp.WSMsgType.TEXT
+            event = json.loads(message.data)
+            closing = await ws.receive(timeout=5)
+    assert closing.type == aiohttp.WSMsgType.CLOSE
+    assert ws.close_code == aiohttp.WSCloseCode.INTERNAL_ERROR
+    assert event["type"] == "error" and event["code"] == "internal_error"
+    assert event["session_id"] == session_id
+    assert SECRET not in message.data and "RuntimeError" not in message.data
+    prefix, reference = event["details"].split(" ")
+    assert prefix == "reference"
+    logged_with(caplog, reference)
