@@ -55,6 +55,11 @@ def _sse_frame(frame: Frame) -> bytes:
     return frame.sse_frame
 
 
+def _nothing_to_do() -> None:
+    """An SSE stream's wake-up: while parked, its handler waits on the subscription (so a
+    wake resolves that wait), and while it sends, pump() takes what was queued."""
+
+
 def _chunk_encoded(response: web.StreamResponse) -> bool:
     return response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"
 
@@ -102,8 +107,13 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
                         # sets that after prepare(), whatever the protocol version.
                         prebuilt=_sse_chunk if _chunk_encoded(response) else _sse_frame,
                         send=send,
+                        on_wake=_nothing_to_do,
                     )
-                    await pump(outlet)
+                    # Parked, this handler waits on the subscription itself rather than
+                    # inside pump(): one suspended coroutine frame (about 250 bytes) less
+                    # for every idle stream.
+                    while await pump(outlet, park=True) is None:
+                        await subscription.wait()
                 except SubscriptionClosed as closed:
                     if closed.reason == SLOW_CONSUMER:
                         with contextlib.suppress(ConnectionError):
