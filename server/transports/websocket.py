@@ -171,9 +171,7 @@ async def _refuse(
         WSCloseCode.TRY_AGAIN_LATER if refused.status >= 500 else WSCloseCode.POLICY_VIOLATION
     )
     notice = ControlEvent.error(session_id, refused.code, refused.message)
-    with contextlib.suppress(ConnectionError):
-        await ws.send_frame(notice.payload, WSMsgType.TEXT)
-    await _close(ws, close_code, refused.code.encode())
+    await _end_with(ws, notice, close_code, refused.code.encode())
 
 
 async def _fail(
@@ -188,9 +186,16 @@ async def _fail(
     notice = ControlEvent.error(
         session_id, "internal_error", INTERNAL_ERROR_MESSAGE, f"reference {reference}"
     )
+    await _end_with(ws, notice, WSCloseCode.INTERNAL_ERROR, b"internal error")
+
+
+async def _end_with(
+    ws: web.WebSocketResponse, notice: ControlEvent, code: int, reason: bytes
+) -> None:
+    """The ``error`` event that says why (if the peer still reads), then the close."""
     with contextlib.suppress(ConnectionError):
         await ws.send_frame(notice.payload, WSMsgType.TEXT)
-    await _close(ws, WSCloseCode.INTERNAL_ERROR, b"internal error")
+    await _close(ws, code, reason)
 
 
 def _too_big(error: object) -> bool:
