@@ -44,8 +44,8 @@ def answer_error(request: web.Request, exc: Exception) -> web.Response:
         if exc.status == 413:  # the body is over client_max_size (max_body_size)
             request.app[STREAM_CONTEXT].metrics.refused(code)
         return error_body(exc.status, code, message, reference_id())
-    ref = reference_id()
     if isinstance(exc, StreamError):
+        ref = reference_id()
         reason = refusal_reason(exc)
         if reason is not None:
             request.app[STREAM_CONTEXT].metrics.refused(reason)
