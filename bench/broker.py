@@ -30,7 +30,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .servers import ROOT, SERVER_CPU, pinned, resolve
+from .servers import DEFAULT_REDIS_URL, ROOT, SERVER_CPU, pinned, resolve
 
 _BODY = json.dumps({"type": "progress", "message": "x" * 150})
 
@@ -81,7 +81,7 @@ async def _paced(
 
 def _run_child(server: str, args: argparse.Namespace) -> dict[str, float]:
     spec = resolve(server)
-    if not spec.name.startswith("ours"):
+    if spec.broker is None:
         raise SystemExit(f"{server}: only ours and ours@REV have a broker")
     # The revision's folder first (as the working directory), so ``server`` is its;
     # bench/ from the checkout.
@@ -116,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", default="ours", help="ours and ours@REV, comma-separated")
     parser.add_argument("--repeat", type=int, default=3, help="runs per server; medians shown")
-    parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--url", default=DEFAULT_REDIS_URL)
     parser.add_argument("--sessions", type=int, default=200, help="sessions watched")
     parser.add_argument("--events", type=int, default=3000, help="appends measured")
     parser.add_argument("--rate", type=float, default=1000.0, help="appends per second")
