@@ -198,6 +198,8 @@ def create_app(
         # stream then ends (WebSocket 1001, SSE end of response) so clients resume elsewhere.
         await runner.close(settings.shutdown_grace)
         hub.close_all("shutdown")
+        # aiohttp waits for the WebSocket handlers; the SSE streams are no longer its own.
+        await app[STREAM_CONTEXT].sse_streams.ended()
 
     app.cleanup_ctx.append(lifetime)
     app.on_shutdown.append(on_shutdown)

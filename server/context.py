@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -10,6 +10,7 @@ from .config import Settings
 from .hub import Hub
 from .limits import Admission
 from .metrics import Metrics
+from .transports.sse_stream import SseStreams
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +19,8 @@ class StreamContext:
     hub: Hub
     metrics: Metrics
     admission: Admission
+    # The SSE streams aiohttp has let go of (see server.transports.sse_stream).
+    sse_streams: SseStreams = field(default_factory=SseStreams)
 
 
 STREAM_CONTEXT = web.AppKey("stream_context", StreamContext)

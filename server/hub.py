@@ -369,13 +369,13 @@ class Subscribing:
         self._subscription: Subscription | None = None
 
     async def __aenter__(self) -> Subscription:
-        self._subscription = await self._hub._join(self._session_id, self._last_event_id)
+        self._subscription = await self._hub.join(self._session_id, self._last_event_id)
         return self._subscription
 
     async def __aexit__(self, *exc_info: object) -> None:
         subscription, self._subscription = self._subscription, None
         if subscription is not None:
-            await self._hub._leave(subscription)
+            await self._hub.leave(subscription)
 
 
 class Hub:
@@ -469,7 +469,10 @@ class Hub:
         """
         return Subscribing(self, session_id, last_event_id)
 
-    async def _join(self, session_id: str, last_event_id: str | None) -> Subscription:
+    async def join(self, session_id: str, last_event_id: str | None) -> Subscription:
+        """What ``subscribe()`` enters, for a stream that outlives the coroutine that
+        subscribed it (an SSE stream once aiohttp has let go of it): whoever joins must
+        :meth:`leave`."""
         position = StreamPosition.parse(last_event_id) if last_event_id else None
         malformed = bool(last_event_id) and position is None
         local = self._sessions.get(session_id)
@@ -483,7 +486,7 @@ class Hub:
                 await self.broker.watch(session_id)
             replay = await self.broker.read(session_id, position)
         except BaseException:
-            await self._leave(subscription)
+            await self.leave(subscription)
             raise
         self._metrics.replays.inc()
         if replay.gap or malformed:
@@ -491,7 +494,7 @@ class Hub:
         subscription._start(replay, gap=replay.gap or malformed)
         return subscription
 
-    async def _leave(self, subscription: Subscription) -> None:
+    async def leave(self, subscription: Subscription) -> None:
         self._metrics.subscribers.dec()
         local, session_id = subscription._local, subscription.session_id
         del local.members[subscription]

@@ -12,17 +12,15 @@ rest, identically for WebSocket and SSE:
   socket may wait at most ``heartbeat_interval``, then the subscriber is cut off
   as a slow consumer.
 
-A WebSocket's task ends whenever it has nothing left to send (``park``) and is
-started again when something is queued, so an idle WebSocket holds no task of
-its own; an SSE stream's task is its request handler, which waits.
+A connection's task ends whenever it has nothing left to send (``park``) and is
+started again when something is queued, so an idle stream holds no task of its
+own.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-
-from aiohttp import web
 
 from ..hub import Frame, Sink, Subscription
 from ..messages import SLOW_CONSUMER, ControlEvent, StoredEvent
@@ -45,7 +43,7 @@ class Outlet:
     def __init__(
         self,
         subscription: Subscription,
-        request: web.Request,
+        socket: asyncio.Transport | None,
         metrics: Metrics,
         transport_name: str,
         interval: float,
@@ -57,7 +55,7 @@ class Outlet:
         """``prebuilt`` gives a frame's ready-to-write bytes for direct writes (``None``:
         everything goes through ``send``); ``on_wake``: see :meth:`Subscription.park`."""
         self.subscription = subscription
-        self.socket = request.transport  # fixed for the connection's life; closed, it says so
+        self.socket = socket  # fixed for the connection's life; closed, it says so
         self.send = send
         self.interval = interval
         self.delivered = metrics.delivered.labels(transport=transport_name)

@@ -231,7 +231,7 @@ class _Sender:
         self._task: asyncio.Task[None] | None = None
         self._outlet = Outlet(
             subscription,
-            request,
+            request.transport,
             ctx.metrics,
             "websocket",
             ctx.settings.heartbeat_interval,

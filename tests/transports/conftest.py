@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import aiohttp_sse
 import pytest
-from aiohttp import ClientSession
+from aiohttp import ClientSession, web_protocol
 from aiohttp.test_utils import BaseTestServer
 
 import server
@@ -52,6 +52,8 @@ def _stream_path(transport: str, session_id: str, last_event_id: str | None) -> 
 
 SERVER_CODE = Path(server.__file__).parent
 AIOHTTP_SSE_CODE = Path(aiohttp_sse.__file__).parent
+# aiohttp's server side: a connection's task and its request handler's.
+AIOHTTP_SERVER_CODE = Path(web_protocol.__file__)
 
 
 def live_tasks(*roots: Path) -> int:

@@ -34,6 +34,7 @@ from tests.clients import (
 from tests.conftest import ClientFactory, hub_of
 from tests.timing import HEARTBEAT_INTERVAL, QUIET_HEARTBEAT_INTERVAL
 from tests.transports.conftest import (
+    AIOHTTP_SERVER_CODE,
     AIOHTTP_SSE_CODE,
     SERVER_CODE,
     SSEOpener,
@@ -151,6 +152,39 @@ async def test_an_idle_stream_holds_no_task(client: AppClient, open_sse: SSEOpen
         await wait_until(no_task_left, "no task left for the streams")
     await subscribed(client, 0)
     await assert_still_streams(client)
+
+
+async def test_an_idle_stream_is_no_longer_aiohttps(client: AppClient, open_sse: SSEOpener) -> None:
+    """Once its headers are out, a stream's socket belongs to the server's own protocol:
+    aiohttp counts no connection for it and keeps no task (nor the request, the parser and
+    the response they hold), most of an idle stream's memory (docs/BENCHMARKS.md). Live
+    events still arrive, the response still ends after the final event, and the server
+    then closes the connection, as its ``Connection: close`` header said."""
+    session_id = new_session_id()
+    await publish(client, session_id, progress(1))
+    assert client.server.runner is not None and client.server.runner.server is not None
+    connections = client.server.runner.server.connections
+    before = len(connections), live_tasks(AIOHTTP_SERVER_CODE)
+
+    def aiohttp_holds_none() -> bool:
+        return (len(connections), live_tasks(AIOHTTP_SERVER_CODE)) <= before
+
+    async with contextlib.AsyncExitStack() as stack:
+        streams = [
+            await stack.enter_async_context(open_sse(client.server, sse_path(session_id)))
+            for _ in range(5)
+        ]
+        for sse in streams:
+            assert sse.headers["Connection"] == "close"
+            assert seqs(await read_events(sse, 1)) == [1]
+        await wait_until(aiohttp_holds_none, "aiohttp holds nothing for the streams")
+        await publish(client, session_id, progress(2))
+        await publish(client, session_id, final())
+        for sse in streams:
+            assert seqs(await read_to_end(sse)) == [2, 3]
+            if hasattr(sse, "exit_code"):
+                assert await sse.exit_code() == 0
+    await subscribed(client, 0)
 
 
 async def test_client_may_connect_before_anything_is_published(

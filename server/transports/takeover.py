@@ -1,0 +1,37 @@
+"""Taking a connection from aiohttp once a response's headers are out.
+
+After its headers an SSE stream only writes, for hours. Left with aiohttp, every
+idle stream would keep the request handler's tasks and coroutine frames, the
+request with its parsed message, the response, the HTTP parser and its message
+queue: about 7 KiB of the 10.5 KiB aiohttp holds per idle stream
+(docs/BENCHMARKS.md). Once taken over, the socket's protocol is a small object
+of ours and aiohttp has forgotten the connection.
+
+aiohttp has no public API for this. It rests on two things every aiohttp 3.x
+release has had: the request handler is the socket's asyncio protocol, which
+writes to and closes its ``transport`` attribute, and its ``connection_lost()``
+is its whole teardown (it leaves the server's connections, drops its parser and
+its keep-alive timer, and lets its task end). The SSE tests fail at once if
+either changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+
+def take_over(request: web.BaseRequest, protocol: asyncio.BaseProtocol) -> asyncio.Transport:
+    """Make ``protocol`` the connection's protocol and have aiohttp let go of it without
+    closing it. The handler must return its (prepared) response right after, with nothing
+    awaited in between, and that response's ``write_eof()`` must write nothing: the socket
+    is no longer aiohttp's. Raises ``ConnectionResetError`` if the client is gone."""
+    handler = request.protocol
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client went away")
+    handler.transport = None  # first: from here aiohttp neither writes to it nor closes it
+    transport.set_protocol(protocol)
+    handler.connection_lost(None)
+    return transport
