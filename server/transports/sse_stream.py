@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 
 from aiohttp import web
 
@@ -54,6 +55,9 @@ class SseStreams:
     def __len__(self) -> int:
         return len(self._open)
 
+    def __iter__(self) -> Iterator[SseStream]:
+        return iter(list(self._open))
+
     def add(self, stream: SseStream) -> None:
         self._open.add(stream)
 
@@ -73,10 +77,13 @@ class SseStreams:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(all_ended)
         except TimeoutError:
-            for stream in list(self._open):
+            for stream in self:
                 stream.abort()
-            async with asyncio.timeout(timeout):
-                await all_ended
+            try:
+                async with asyncio.timeout(timeout):
+                    await all_ended
+            except TimeoutError:
+                log.warning("%d SSE streams had not ended at shutdown", len(self._open))
 
 
 class SseStream(asyncio.Protocol):
@@ -140,6 +147,12 @@ class SseStream(asyncio.Protocol):
         self._streams.add(self)
         self._wake()
 
+    @property
+    def backlog(self) -> int:
+        """Bytes written to the socket that its client has not taken yet (beyond what the
+        kernel holds)."""
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
@@ -188,6 +201,10 @@ class SseStream(asyncio.Protocol):
             if self._chunked:
                 transport.write(_LAST_CHUNK)
             transport.close()
+            if transport.get_write_buffer_size() and self._outlet is not None:
+                # A closing socket stays open until its client takes what is left: one
+                # that has stopped reading gets a heartbeat interval, as a stuck send does.
+                asyncio.get_running_loop().call_later(self._outlet.interval, transport.abort)
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from datetime import datetime
 import pytest
 from aiohttp import ClientSession, WSMsgType
 
-from server.messages import ProgressEvent
+from server.messages import CompleteEvent, ProgressEvent
 from tests.hardening.clients import ws_url
 from tests.hardening.conftest import StartServer
 from tests.hardening.support import (
@@ -88,3 +88,46 @@ async def test_a_reader_that_stops_is_cut_off_and_memory_stays_bounded(
         await wait_until(lambda: open_connections(ctx) == 1, CUT_OFF_TIMEOUT)
     slow.abort()
     await wait_until(lambda: open_connections(ctx) == 0)
+
+
+async def test_a_stalled_sse_reader_is_dropped_soon_after_the_final_event(
+    start: StartServer,
+) -> None:
+    """The final event ends the response, but a client that has stopped reading cannot take
+    its last bytes: its socket, and with it the stream's subscription and admission, is
+    dropped a heartbeat interval later instead of staying open for as long as the client
+    does."""
+    server = await start(subscriber_queue_size=50, heartbeat_interval=1.0, buffer_size=100)
+    ctx = context_of(server)
+    session_id = new_session_id()
+    slow = await RawConnection.open(server, receive_buffer=4096)
+    head = await slow.request_head(f"/sse/orchestrator/{session_id}")
+    assert head["status"] == 200
+    await wait_until(lambda: ctx.hub.subscriber_count == 1)
+    [stream] = ctx.sse_streams
+    # Until the kernel's buffers are full and the server's socket holds bytes of its own
+    # (well under the subscriber's queue, which would cut it off as a slow consumer).
+    published = 0
+    while not stream.backlog:
+        assert published < BURST, "the kernel took every byte"
+        await ctx.hub.publish(
+            ProgressEvent(
+                session_id=session_id, agent="demand", status=PADDING, progress=published % 101
+            )
+        )
+        published += 1
+        await asyncio.sleep(0)
+    await ctx.hub.publish(
+        CompleteEvent(
+            session_id=session_id,
+            agent="orchestrator",
+            status="Forecast ready",
+            data={"result": {}},
+            final=True,
+        )
+    )
+    try:
+        await wait_until(lambda: open_connections(ctx) == 0, CUT_OFF_TIMEOUT)
+        await wait_until(lambda: ctx.hub.subscriber_count == 0)
+    finally:
+        slow.abort()
