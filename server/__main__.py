@@ -78,8 +78,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         app,
         host=settings.host,
         port=settings.port,
-        # Cancel a streaming handler as soon as its client disconnects, so an idle
-        # SSE subscriber is released at once rather than at its next write.
+        # Cancel a handler as soon as its client disconnects: a stream still being set
+        # up (its replay read from Redis, say) stops rather than finishing for nobody.
+        # (An SSE stream past its headers is no longer aiohttp's: its own protocol
+        # sees the disconnect, see server.transports.sse_stream.)
         handler_cancellation=True,
         shutdown_timeout=HANDLER_SHUTDOWN_TIMEOUT,
         # A reconnect storm (a deploy, a network blip) brings every client back at once;
