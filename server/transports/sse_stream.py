@@ -148,6 +148,10 @@ class SseStream(asyncio.Protocol):
         self._wake()
 
     @property
+    def session_id(self) -> str:
+        return self._subscription.session_id
+
+    @property
     def backlog(self) -> int:
         """Bytes written to the socket that its client has not taken yet (beyond what the
         kernel holds)."""

@@ -22,6 +22,7 @@ from server.agents.demand import DemandForecast
 from server.agents.handoff import AgentHandoffManager, Reporter
 from server.agents.parameters import ForecastParameters
 from server.context import STREAM_CONTEXT, StreamContext
+from server.messages import ProgressEvent
 from tests.clients import app_of
 from tests.timing import EVENT_TIMEOUT
 
@@ -224,3 +225,22 @@ def events_in(sse_text: str) -> list[dict[str, Any]]:
         for line in sse_text.splitlines()
         if line.startswith("data: ")
     ]
+
+
+async def stall_sse_stream(
+    ctx: StreamContext, session_id: str, *, padding: str, limit: int
+) -> None:
+    """Publish to the one SSE stream of ``session_id``, whose client does not read, until
+    the kernel's buffers are full and the server's socket holds bytes of its own (at most
+    ``limit`` events, well under the subscriber's queue, which would cut it off)."""
+    [stream] = [s for s in ctx.sse_streams if s.session_id == session_id]
+    published = 0
+    while not stream.backlog:
+        assert published < limit, "the kernel took every byte"
+        await ctx.hub.publish(
+            ProgressEvent(
+                session_id=session_id, agent="demand", status=padding, progress=published % 101
+            )
+        )
+        published += 1
+        await asyncio.sleep(0)  # the stream's task sends what was queued

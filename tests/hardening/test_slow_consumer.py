@@ -21,6 +21,7 @@ from tests.hardening.support import (
     new_session_id,
     open_connections,
     rss_bytes,
+    stall_sse_stream,
     wait_until,
 )
 from tests.timing import EVENT_TIMEOUT
@@ -104,19 +105,7 @@ async def test_a_stalled_sse_reader_is_dropped_soon_after_the_final_event(
     head = await slow.request_head(f"/sse/orchestrator/{session_id}")
     assert head["status"] == 200
     await wait_until(lambda: ctx.hub.subscriber_count == 1)
-    [stream] = ctx.sse_streams
-    # Until the kernel's buffers are full and the server's socket holds bytes of its own
-    # (well under the subscriber's queue, which would cut it off as a slow consumer).
-    published = 0
-    while not stream.backlog:
-        assert published < BURST, "the kernel took every byte"
-        await ctx.hub.publish(
-            ProgressEvent(
-                session_id=session_id, agent="demand", status=PADDING, progress=published % 101
-            )
-        )
-        published += 1
-        await asyncio.sleep(0)
+    await stall_sse_stream(ctx, session_id, padding=PADDING, limit=BURST)
     await ctx.hub.publish(
         CompleteEvent(
             session_id=session_id,
