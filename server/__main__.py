@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import faulthandler
 import gc
+import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
@@ -68,11 +71,42 @@ def raise_open_files_limit(max_connections: int) -> None:
         )
 
 
+# Past the grace period and the handlers' time-out, how much longer a shutdown may take
+# (the SSE streams' last bytes, the fit workers) before it counts as stuck.
+SHUTDOWN_SLACK = 3.0
+
+
+def report_a_stuck_shutdown(shutdown_grace: float) -> Callable[[web.Application], Awaitable[None]]:
+    """At shutdown, arm a watchdog: if the process is still there once the grace period,
+    the handlers' time-out and ``SHUTDOWN_SLACK`` have passed, it says where it is stuck
+    (the process is not stopped): every thread's stack goes to stderr, and, if the event
+    loop still runs, the stack of every task still pending is logged."""
+
+    async def arm(app: web.Application) -> None:
+        stuck_after = shutdown_grace + HANDLER_SHUTDOWN_TIMEOUT + SHUTDOWN_SLACK
+        faulthandler.dump_traceback_later(stuck_after, exit=False)
+        asyncio.get_running_loop().call_later(stuck_after, _log_pending_tasks)
+
+    return arm
+
+
+def _log_pending_tasks() -> None:
+    log = logging.getLogger("server")
+    pending = [task for task in asyncio.all_tasks() if not task.done()]
+    log.warning("shutdown is taking too long; %d tasks pending", len(pending))
+    for task in pending:
+        stack = io.StringIO()
+        task.print_stack(file=stack)
+        log.warning("pending: %s", stack.getvalue())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings.from_args(argv)
     setup_logging(settings.log_level, settings.log_format)
     raise_open_files_limit(settings.max_connections)
     app = create_app(settings)
+    # First, before the app's own shutdown (the grace period) starts.
+    app.on_shutdown.insert(0, report_a_stuck_shutdown(settings.shutdown_grace))
     app.on_startup.append(tune_garbage_collection)  # after the app's own start-up
     web.run_app(
         app,

@@ -169,8 +169,12 @@ async def test_a_signal_ends_workflows_then_streams_and_the_process_exits_in_tim
     assert events_in(running_text)[-1] == final
     assert not any(e.get("final") for e in events_in(idle_text))
 
-    async with asyncio.timeout(GRACE + EXIT_SLACK):
-        code = await server.process.wait()
+    try:
+        async with asyncio.timeout(GRACE + EXIT_SLACK):
+            code = await server.process.wait()
+    except TimeoutError:
+        # The server's watchdog has written every thread's stack to its log by now.
+        pytest.fail(f"the server did not exit in time; its log:\n{server.log.read_text()}")
     assert code == 0
     took = time.monotonic() - signalled
     assert took < GRACE + EXIT_SLACK
