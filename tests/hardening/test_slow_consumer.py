@@ -102,20 +102,20 @@ async def test_a_stalled_sse_reader_is_dropped_soon_after_the_final_event(
     ctx = context_of(server)
     session_id = new_session_id()
     slow = await RawConnection.open(server, receive_buffer=4096)
-    head = await slow.request_head(f"/sse/orchestrator/{session_id}")
-    assert head["status"] == 200
-    await wait_until(lambda: ctx.hub.subscriber_count == 1)
-    await stall_sse_stream(ctx, session_id, padding=PADDING, limit=BURST)
-    await ctx.hub.publish(
-        CompleteEvent(
-            session_id=session_id,
-            agent="orchestrator",
-            status="Forecast ready",
-            data={"result": {}},
-            final=True,
-        )
-    )
     try:
+        head = await slow.request_head(f"/sse/orchestrator/{session_id}")
+        assert head["status"] == 200
+        await wait_until(lambda: ctx.hub.subscriber_count == 1)
+        await stall_sse_stream(ctx, session_id, padding=PADDING, limit=BURST)
+        await ctx.hub.publish(
+            CompleteEvent(
+                session_id=session_id,
+                agent="orchestrator",
+                status="Forecast ready",
+                data={"result": {}},
+                final=True,
+            )
+        )
         await wait_until(lambda: open_connections(ctx) == 0, CUT_OFF_TIMEOUT)
         await wait_until(lambda: ctx.hub.subscriber_count == 0)
     finally:
