@@ -185,6 +185,20 @@ OURS_ENV = {
 }
 
 
+def _ours_redis(url: str) -> ServerSpec:
+    """Ours with the Redis broker, on the Redis at ``url``."""
+    return ServerSpec(
+        "ours-redis",
+        lambda port: _ours(port, "--broker", "redis"),
+        replay=True,
+        note=f"server/ with --broker redis ({url})",
+        env={**OURS_ENV, "ORCHESTRATOR_REDIS_URL": url},
+        unavailable=lambda: _redis_broker_unavailable(url),
+        scenarios=frozenset({"fanout", "sessions", "fanout_sse", "sessions_sse", "sessions_held"}),
+        broker="redis",
+    )
+
+
 SERVERS: dict[str, ServerSpec] = {
     spec.name: spec
     for spec in (
@@ -213,18 +227,7 @@ SERVERS: dict[str, ServerSpec] = {
             note="bench/peers/floor_aiohttp.py: one shared pre-built frame per event, "
             "transport.write to each subscriber (a lower bound, not a design)",
         ),
-        ServerSpec(
-            "ours-redis",
-            lambda port: _ours(port, "--broker", "redis"),
-            replay=True,
-            note=f"server/ with --broker redis ({DEFAULT_REDIS_URL})",
-            env={**OURS_ENV, "ORCHESTRATOR_REDIS_URL": DEFAULT_REDIS_URL},
-            unavailable=lambda: _redis_broker_unavailable(DEFAULT_REDIS_URL),
-            scenarios=frozenset(
-                {"fanout", "sessions", "fanout_sse", "sessions_sse", "sessions_held"}
-            ),
-            broker="redis",
-        ),
+        _ours_redis(DEFAULT_REDIS_URL),
     )
 }
 DEFAULT_SERVERS = ("ours", "naive", "seed")
@@ -232,13 +235,7 @@ DEFAULT_SERVERS = ("ours", "naive", "seed")
 
 def use_redis(url: str) -> None:
     """``--redis-url``: the Redis of the ``ours-redis`` rows (and of their lease holder)."""
-    spec = SERVERS["ours-redis"]
-    SERVERS["ours-redis"] = replace(
-        spec,
-        note=f"server/ with --broker redis ({url})",
-        env={**spec.env, "ORCHESTRATOR_REDIS_URL": url},
-        unavailable=lambda: _redis_broker_unavailable(url),
-    )
+    SERVERS["ours-redis"] = _ours_redis(url)
 
 
 # ``--nice``: scheduling priority of the server and load generator (a negative value,
