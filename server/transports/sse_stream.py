@@ -52,9 +52,6 @@ class SseStreams:
         self._open: set[SseStream] = set()
         self._all_ended: asyncio.Future[None] | None = None
 
-    def __len__(self) -> int:
-        return len(self._open)
-
     def __iter__(self) -> Iterator[SseStream]:
         return iter(list(self._open))
 
