@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp.test_utils import BaseTestServer
@@ -227,20 +228,31 @@ def events_in(sse_text: str) -> list[dict[str, Any]]:
     ]
 
 
-async def stall_sse_stream(
-    ctx: StreamContext, session_id: str, *, padding: str, limit: int
-) -> None:
-    """Publish to the one SSE stream of ``session_id``, whose client does not read, until
-    the kernel's buffers are full and the server's socket holds bytes of its own (at most
-    ``limit`` events, well under the subscriber's queue, which would cut it off)."""
-    [stream] = [s for s in ctx.sse_streams if s.session_id == session_id]
-    published = 0
-    while not stream.backlog:
-        assert published < limit, "the kernel took every byte"
-        await ctx.hub.publish(
-            ProgressEvent(
-                session_id=session_id, agent="demand", status=padding, progress=published % 101
+@contextlib.asynccontextmanager
+async def stalled_sse_client(
+    server: BaseTestServer, session_id: str, *, padding: str, limit: int
+) -> AsyncIterator[RawConnection]:
+    """An SSE client of ``session_id`` that has stopped reading, with its stream backed up:
+    events were published until the kernel's buffers were full and the server's socket
+    held bytes of its own (at most ``limit`` events, well under the subscriber's queue,
+    which would cut it off). The connection is dropped on the way out."""
+    ctx = context_of(server)
+    slow = await RawConnection.open(server, receive_buffer=4096)
+    try:
+        head = await slow.request_head(f"/sse/orchestrator/{session_id}")
+        assert head["status"] == 200
+        await wait_until(lambda: ctx.hub.subscriber_count == 1)
+        [stream] = [s for s in ctx.sse_streams if s.session_id == session_id]
+        published = 0
+        while not stream.backlog:
+            assert published < limit, "the kernel took every byte"
+            await ctx.hub.publish(
+                ProgressEvent(
+                    session_id=session_id, agent="demand", status=padding, progress=published % 101
+                )
             )
-        )
-        published += 1
-        await asyncio.sleep(0)  # the stream's task sends what was queued
+            published += 1
+            await asyncio.sleep(0)  # the stream's task sends what was queued
+        yield slow
+    finally:
+        slow.abort()

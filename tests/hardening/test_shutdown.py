@@ -22,12 +22,11 @@ from tests.hardening.clients import assert_error_body, next_event, read_until_fi
 from tests.hardening.conftest import StartServer
 from tests.hardening.support import (
     FakeAgents,
-    RawConnection,
     context_of,
     events_in,
     new_session_id,
     open_connections,
-    stall_sse_stream,
+    stalled_sse_client,
     wait_until,
 )
 from tests.timing import EVENT_TIMEOUT
@@ -223,15 +222,8 @@ async def test_an_sse_client_that_stopped_reading_does_not_hold_shutdown_up(
     server = await start(subscriber_queue_size=50, heartbeat_interval=60.0, buffer_size=100)
     ctx = context_of(server)
     session_id = new_session_id()
-    slow = await RawConnection.open(server, receive_buffer=4096)
-    try:
-        head = await slow.request_head(f"/sse/orchestrator/{session_id}")
-        assert head["status"] == 200
-        await wait_until(lambda: ctx.hub.subscriber_count == 1)
-        await stall_sse_stream(ctx, session_id, padding="x" * 1900, limit=20_000)
+    async with stalled_sse_client(server, session_id, padding="x" * 1900, limit=20_000):
         async with asyncio.timeout(2.0 + EVENT_TIMEOUT):
             await app_of(server).shutdown()
         assert open_connections(ctx) == 0
         assert ctx.hub.subscriber_count == 0
-    finally:
-        slow.abort()

@@ -21,7 +21,7 @@ from tests.hardening.support import (
     new_session_id,
     open_connections,
     rss_bytes,
-    stall_sse_stream,
+    stalled_sse_client,
     wait_until,
 )
 from tests.timing import EVENT_TIMEOUT
@@ -101,12 +101,7 @@ async def test_a_stalled_sse_reader_is_dropped_soon_after_the_final_event(
     server = await start(subscriber_queue_size=50, heartbeat_interval=1.0, buffer_size=100)
     ctx = context_of(server)
     session_id = new_session_id()
-    slow = await RawConnection.open(server, receive_buffer=4096)
-    try:
-        head = await slow.request_head(f"/sse/orchestrator/{session_id}")
-        assert head["status"] == 200
-        await wait_until(lambda: ctx.hub.subscriber_count == 1)
-        await stall_sse_stream(ctx, session_id, padding=PADDING, limit=BURST)
+    async with stalled_sse_client(server, session_id, padding=PADDING, limit=BURST):
         await ctx.hub.publish(
             CompleteEvent(
                 session_id=session_id,
@@ -118,5 +113,3 @@ async def test_a_stalled_sse_reader_is_dropped_soon_after_the_final_event(
         )
         await wait_until(lambda: open_connections(ctx) == 0, CUT_OFF_TIMEOUT)
         await wait_until(lambda: ctx.hub.subscriber_count == 0)
-    finally:
-        slow.abort()
