@@ -114,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=settings.port,
         # Cancel a handler as soon as its client disconnects: a stream still being set
         # up (its replay read from Redis, say) stops rather than finishing for nobody.
-        # (An SSE stream past its headers is no longer aiohttp's: its own protocol
-        # sees the disconnect, see server.transports.sse_stream.)
+        # (A stream past its handshake is no longer aiohttp's: its own protocol sees
+        # the disconnect, see server.transports.stream.)
         handler_cancellation=True,
         shutdown_timeout=HANDLER_SHUTDOWN_TIMEOUT,
         # A reconnect storm (a deploy, a network blip) brings every client back at once;

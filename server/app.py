@@ -24,6 +24,7 @@ from .logs import SESSION_ID
 from .messages import is_valid_session_id
 from .metrics import Metrics
 from .transports.sse import sse_handler
+from .transports.stream import Streams
 from .transports.websocket import websocket_handler
 from .workflow import WorkflowRunner
 
@@ -177,17 +178,20 @@ def create_app(
         # Without allowed origins there is no preflight to answer: no layer for it.
         + ([cors_middleware(settings.cors_origins)] if settings.cors_origins else []),
     )
-    app[STREAM_CONTEXT] = StreamContext(settings, hub, metrics, admission)
+    streams = Streams()
+    app[STREAM_CONTEXT] = StreamContext(settings, hub, metrics, admission, streams)
     app[WORKFLOW_RUNNER] = runner
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await hub.start()
+        streams.start(settings.heartbeat_interval)  # pings the WebSockets' peers
         await runner.monitor.start()  # ends sessions whose workflow's process died
         resources = agents(handoff)
         try:
             yield
         finally:
             await runner.close()
+            await streams.close()
             await hub.close()
             await resources.close()
 
@@ -198,8 +202,8 @@ def create_app(
         # stream then ends (WebSocket 1001, SSE end of response) so clients resume elsewhere.
         await runner.close(settings.shutdown_grace)
         hub.close_all("shutdown")
-        # aiohttp waits for the WebSocket handlers; the SSE streams are no longer its own.
-        await app[STREAM_CONTEXT].sse_streams.ended()
+        # The streams are no longer aiohttp's: it would not wait for them.
+        await streams.ended()
 
     app.cleanup_ctx.append(lifetime)
     app.on_shutdown.append(on_shutdown)

@@ -10,7 +10,7 @@ from .config import Settings
 from .hub import Hub
 from .limits import Admission
 from .metrics import Metrics
-from .transports.sse_stream import SseStreams
+from .transports.stream import Streams
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,8 +19,8 @@ class StreamContext:
     hub: Hub
     metrics: Metrics
     admission: Admission
-    # The SSE streams aiohttp has let go of (see server.transports.sse_stream).
-    sse_streams: SseStreams = field(default_factory=SseStreams)
+    # The streams aiohttp has let go of (see server.transports.stream).
+    streams: Streams = field(default_factory=Streams)
 
 
 STREAM_CONTEXT = web.AppKey("stream_context", StreamContext)

@@ -26,7 +26,7 @@ from .sse_stream import SseStream
 class _EventStream(EventSourceResponse):
     """aiohttp-sse's response (its headers, chunking and method check) for the stream's
     start only: once the headers are out, the socket is taken from aiohttp
-    (``sse_stream.py``) and this response is done with.
+    (``stream.py``) and this response is done with.
 
     Without aiohttp-sse's ping task: the hub's heartbeat events, which a browser can see,
     replace its ``: ping`` comments. ``_ping_task`` is aiohttp-sse's own attribute: if a
@@ -84,19 +84,20 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
                 # say so (over aiohttp-sse's keep-alive), so no client reuses it.
                 response.force_close()
                 response.headers[hdrs.CONNECTION] = "close"
-                begun = SseStream(ctx.hub, ctx.sse_streams, subscription, ticket)
                 try:
                     await response.prepare(request)
                     # The first write also sends the headers; direct writes follow it.
                     await response.write(f"retry: {ctx.settings.sse_retry_ms}\n\n".encode())
-                    begun.begin(
-                        request,
-                        ctx.metrics,
-                        ctx.settings.heartbeat_interval,
+                    begun = SseStream(
+                        ctx.hub,
+                        ctx.streams,
+                        subscription,
+                        ticket,
                         # Not ``response.chunked``: aiohttp-sse sets that after prepare(),
                         # whatever the protocol version.
                         chunked=_chunk_encoded(response),
                     )
+                    begun.begin(request, ctx.metrics, ctx.settings.heartbeat_interval)
                 except ConnectionError:
                     return response  # the client went away
                 stream = begun

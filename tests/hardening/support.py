@@ -242,7 +242,7 @@ async def stalled_sse_client(
         head = await slow.request_head(f"/sse/orchestrator/{session_id}")
         assert head["status"] == 200
         await wait_until(lambda: ctx.hub.subscriber_count == 1)
-        [stream] = [s for s in ctx.sse_streams if s.session_id == session_id]
+        [stream] = [s for s in ctx.streams if s.session_id == session_id]
         published = 0
         while not stream.backlog:
             assert published < limit, "the kernel took every byte"

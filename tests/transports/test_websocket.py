@@ -38,7 +38,14 @@ from tests.clients import (
 )
 from tests.conftest import ClientFactory, hub_of
 from tests.timing import HEARTBEAT_INTERVAL, QUIET_HEARTBEAT_INTERVAL
-from tests.transports.conftest import SERVER_CODE, WSOpener, live_tasks, subscribed, ws_path
+from tests.transports.conftest import (
+    AIOHTTP_SERVER_CODE,
+    SERVER_CODE,
+    WSOpener,
+    live_tasks,
+    subscribed,
+    ws_path,
+)
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -277,6 +284,39 @@ async def test_an_idle_connection_holds_no_task_of_its_own(
         await wait_until(
             lambda: live_tasks(SERVER_CODE) == before, "no task left for the connections"
         )
+
+
+async def test_an_idle_connection_is_no_longer_aiohttps(
+    client: AppClient, open_ws: WSOpener
+) -> None:
+    """Once the 101 is out, a connection's socket belongs to the server's own protocol:
+    aiohttp counts no connection for it and keeps no task (nor the request, the parser, the
+    response and the reader they hold), most of an idle connection's memory
+    (docs/BENCHMARKS.md). Live events still arrive, and the final event is still followed
+    by a clean close 1000."""
+    session_id = new_session_id()
+    await publish(client, session_id, progress(1))
+    assert client.server.runner is not None and client.server.runner.server is not None
+    connections = client.server.runner.server.connections
+    before = len(connections), live_tasks(AIOHTTP_SERVER_CODE)
+
+    def aiohttp_holds_none() -> bool:
+        return (len(connections), live_tasks(AIOHTTP_SERVER_CODE)) <= before
+
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = [
+            await stack.enter_async_context(open_ws(client.server, ws_path(session_id)))
+            for _ in range(5)
+        ]
+        for ws in sockets:
+            assert seqs(await read_events(ws, 1)) == [1]
+        await wait_until(aiohttp_holds_none, "aiohttp holds nothing for the connections")
+        await publish(client, session_id, progress(2))
+        await publish(client, session_id, final())
+        for ws in sockets:
+            assert seqs(await read_to_end(ws)) == [2, 3]
+            assert ws.close_code == NORMAL_CLOSURE
+    await subscribed(client, 0)
 
 
 # --- heartbeats and commands ------------------------------------------------------------------

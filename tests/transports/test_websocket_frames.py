@@ -1,0 +1,280 @@
+"""RFC 6455 on the server's own WebSocket protocol, frame by frame: pings and pongs, dead
+peers, messages in pieces, the close handshake both ways, broken frames.
+
+The client speaks over a raw socket through the ``websockets`` library's sans-I/O
+protocol, which parses the server's frames and builds the client's, and sends nothing
+on its own: the test decides whether a ping gets its pong, or a close its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp.test_utils import BaseTestServer
+from websockets.frames import Close, CloseCode, Opcode
+from websockets.frames import Frame as WireFrame
+from websockets.protocol import Protocol, Side
+
+from server.config import Settings
+from tests.clients import AppClient, final, new_session_id, progress, publish
+from tests.conftest import ClientFactory
+from tests.hardening.support import RawConnection
+from tests.timing import EVENT_TIMEOUT, QUIET_HEARTBEAT_INTERVAL
+from tests.transports.conftest import subscribed, ws_path
+
+# Long enough that a pong sent at once is never late on a loaded machine.
+PING_INTERVAL = 0.5
+
+
+class RawWebSocket:
+    """One WebSocket client, frame by frame."""
+
+    def __init__(self, connection: RawConnection) -> None:
+        self.connection = connection
+        self.protocol = Protocol(Side.CLIENT, max_size=None)
+        self.frames: deque[WireFrame] = deque()  # parsed, not yet asked for
+
+    async def next_frame(self) -> WireFrame | None:
+        """The server's next frame; ``None`` once the server has closed the socket."""
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            while not self.frames:
+                data = await self.connection.reader.read(65536)
+                if not data:
+                    return None
+                self.protocol.receive_data(data)
+                for event in self.protocol.events_received():
+                    assert isinstance(event, WireFrame)
+                    self.frames.append(event)
+        return self.frames.popleft()
+
+    async def next_of(self, opcode: Opcode) -> WireFrame:
+        """Skip the server's other frames (heartbeat events, pings) up to one of ``opcode``."""
+        while (frame := await self.next_frame()) is not None:
+            if frame.opcode is opcode:
+                return frame
+        raise AssertionError(f"the server closed the socket before a {opcode.name} frame")
+
+    async def next_event(self) -> dict[str, object]:
+        frame = await self.next_of(Opcode.TEXT)
+        event: dict[str, object] = json.loads(bytes(frame.data))
+        return event
+
+    async def next_stored_event(self) -> dict[str, object]:
+        """The next event with an id: heartbeats skipped."""
+        while (event := await self.next_event())["type"] == "heartbeat":
+            pass
+        return event
+
+    async def closed_by_server(self) -> None:
+        """Nothing more than frames, then the end of the socket."""
+        while await self.next_frame() is not None:
+            pass
+
+    def send_queued(self) -> None:
+        """Write what the protocol has queued: the client's frames, its pongs and its
+        answer to a close."""
+        for data in self.protocol.data_to_send():
+            if data:
+                self.connection.writer.write(data)
+
+    def forget_queued(self) -> None:
+        """A client that leaves the server's pings unanswered."""
+        self.protocol.data_to_send()
+
+
+RawWSOpener = Callable[[BaseTestServer, str], Awaitable[RawWebSocket]]
+
+
+@pytest.fixture
+async def open_raw_ws() -> AsyncIterator[RawWSOpener]:
+    """``await open_raw_ws(server, path)``: a raw WebSocket, dropped at the test's end."""
+    opened: list[RawConnection] = []
+
+    async def open_(server: BaseTestServer, path: str) -> RawWebSocket:
+        connection = await RawConnection.open(server)
+        opened.append(connection)
+        assert await connection.websocket(path) == 101
+        return RawWebSocket(connection)
+
+    yield open_
+    for connection in opened:
+        connection.abort()
+
+
+async def raw_ws(open_raw_ws: RawWSOpener, client: AppClient, session_id: str) -> RawWebSocket:
+    return await open_raw_ws(client.server, ws_path(session_id))
+
+
+def close_of(frame: WireFrame) -> Close:
+    assert frame.opcode is Opcode.CLOSE, frame
+    return Close.parse(frame.data)
+
+
+# --- pings ------------------------------------------------------------------------------------
+
+
+async def test_a_ping_frame_gets_a_pong_with_its_data(
+    make_client: ClientFactory, settings: Settings, open_raw_ws: RawWSOpener
+) -> None:
+    client = await make_client(settings.replace(heartbeat_interval=QUIET_HEARTBEAT_INTERVAL))
+    ws = await raw_ws(open_raw_ws, client, new_session_id())
+    ws.protocol.send_ping(b"are you there")
+    ws.send_queued()
+    pong = await ws.next_of(Opcode.PONG)
+    assert pong.data == b"are you there"
+
+
+async def test_a_peer_that_answers_pings_stays_and_one_that_stops_is_dropped(
+    make_client: ClientFactory, settings: Settings, open_raw_ws: RawWSOpener
+) -> None:
+    """The server pings every heartbeat interval (PROTOCOL.md). A peer that answers stays
+    connected and streaming; one that sends nothing for a whole interval after a ping, not
+    even the pong, is dropped, and its subscription is gone."""
+    client = await make_client(settings.replace(heartbeat_interval=PING_INTERVAL))
+    session_id = new_session_id()
+    ws = await raw_ws(open_raw_ws, client, session_id)
+    for n in (1, 2, 3):
+        await ws.next_of(Opcode.PING)
+        ws.send_queued()  # the pong websockets queued
+        await publish(client, session_id, progress(n))
+        assert (await ws.next_stored_event())["seq"] == n
+    await ws.next_of(Opcode.PING)
+    ws.forget_queued()
+    await ws.closed_by_server()
+    await subscribed(client, 0)
+
+
+async def test_any_frame_from_the_peer_shows_it_is_alive(
+    make_client: ClientFactory, settings: Settings, open_raw_ws: RawWSOpener
+) -> None:
+    """A client that answers no ping but keeps sending commands is alive: it stays."""
+    client = await make_client(settings.replace(heartbeat_interval=PING_INTERVAL))
+    session_id = new_session_id()
+    ws = await raw_ws(open_raw_ws, client, session_id)
+    for _ in range(3):
+        await ws.next_of(Opcode.PING)
+        ws.forget_queued()
+        ws.protocol.send_text(b'{"type": "ping"}')
+        ws.send_queued()
+    await publish(client, session_id, final())
+    assert (await ws.next_stored_event())["seq"] == 1
+    assert close_of(await ws.next_of(Opcode.CLOSE)).code == CloseCode.NORMAL_CLOSURE
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+async def test_a_ping_command_in_pieces_is_one_message(
+    make_client: ClientFactory, settings: Settings, open_raw_ws: RawWSOpener
+) -> None:
+    client = await make_client(settings.replace(heartbeat_interval=QUIET_HEARTBEAT_INTERVAL))
+    session_id = new_session_id()
+    ws = await raw_ws(open_raw_ws, client, session_id)
+    ws.protocol.send_text(b'{"type"', fin=False)
+    ws.protocol.send_ping(b"between the pieces")  # a control frame may come in between
+    ws.protocol.send_continuation(b': "pi', fin=False)
+    ws.protocol.send_continuation(b'ng"}', fin=True)
+    ws.send_queued()
+    assert (await ws.next_of(Opcode.PONG)).data == b"between the pieces"
+    answer = await ws.next_event()
+    assert answer["type"] == "heartbeat" and answer["session_id"] == session_id
+
+
+async def test_a_message_over_max_frame_size_in_pieces_closes_1009(
+    make_client: ClientFactory, settings: Settings, open_raw_ws: RawWSOpener
+) -> None:
+    """The limit is on the whole message, not on each piece."""
+    client = await make_client(settings.replace(heartbeat_interval=QUIET_HEARTBEAT_INTERVAL))
+    ws = await raw_ws(open_raw_ws, client, new_session_id())
+    half = settings.max_frame_size // 2 + 1
+    ws.protocol.send_text(secrets.token_bytes(half), fin=False)
+    ws.protocol.send_continuation(secrets.token_bytes(half), fin=True)
+    ws.send_queued()
+    assert close_of(await ws.next_of(Opcode.CLOSE)).code == CloseCode.MESSAGE_TOO_BIG
+    await ws.closed_by_server()
+    await subscribed(client, 0)
+
+
+# An unmasked text frame "hi": clients must mask theirs.
+UNMASKED = b"\x81\x02hi"
+# A masked frame of opcode 3, which RFC 6455 reserves, empty, with mask key 0.
+RESERVED_OPCODE = b"\x83\x80\x00\x00\x00\x00"
+# A ping without FIN: control frames may not come in pieces.
+PING_IN_PIECES = b"\x09\x80\x00\x00\x00\x00"
+# A last continuation frame "x" with no message begun.
+CONTINUATION_OF_NOTHING = b"\x80\x81\x00\x00\x00\x00x"
+
+
+def _not_utf8(ws: RawWebSocket) -> None:
+    ws.protocol.send_text(b"\xff\xfe not UTF-8")
+
+
+BROKEN_FRAMES: dict[str, tuple[bytes | Callable[[RawWebSocket], None], CloseCode]] = {
+    "text that is not UTF-8": (_not_utf8, CloseCode.INVALID_DATA),
+    "a continuation of nothing": (CONTINUATION_OF_NOTHING, CloseCode.PROTOCOL_ERROR),
+    "an unmasked frame": (UNMASKED, CloseCode.PROTOCOL_ERROR),
+    "a reserved opcode": (RESERVED_OPCODE, CloseCode.PROTOCOL_ERROR),
+    "a ping in pieces": (PING_IN_PIECES, CloseCode.PROTOCOL_ERROR),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_FRAMES))
+async def test_a_broken_frame_closes_with_the_rfc_code_and_other_streams_go_on(
+    make_client: ClientFactory, settings: Settings, open_raw_ws: RawWSOpener, case: str
+) -> None:
+    """The server sends its close frame with RFC 6455's code for the fault, closes the
+    socket at once (the connection has failed: no answer is awaited), and forgets the
+    subscription; another subscriber of the session still gets every event."""
+    client = await make_client(settings.replace(heartbeat_interval=QUIET_HEARTBEAT_INTERVAL))
+    session_id = new_session_id()
+    other = await raw_ws(open_raw_ws, client, session_id)
+    ws = await raw_ws(open_raw_ws, client, session_id)
+    send, code = BROKEN_FRAMES[case]
+    if isinstance(send, bytes):
+        ws.connection.writer.write(send)
+    else:
+        send(ws)
+        ws.send_queued()
+    assert close_of(await ws.next_of(Opcode.CLOSE)).code == code
+    await ws.closed_by_server()
+    await subscribed(client, 1)
+    await publish(client, session_id, final())
+    assert (await other.next_stored_event())["seq"] == 1
+    assert close_of(await other.next_of(Opcode.CLOSE)).code == CloseCode.NORMAL_CLOSURE
+
+
+# --- the close handshake ----------------------------------------------------------------------
+
+
+async def test_the_clients_close_is_answered_then_the_server_closes_the_socket(
+    client: AppClient, open_raw_ws: RawWSOpener
+) -> None:
+    ws = await raw_ws(open_raw_ws, client, new_session_id())
+    await subscribed(client, 1)
+    ws.protocol.send_close(CloseCode.GOING_AWAY, "tab closed")
+    ws.send_queued()
+    answer = close_of(await ws.next_of(Opcode.CLOSE))
+    assert (answer.code, answer.reason) == (CloseCode.GOING_AWAY, "tab closed")
+    await ws.closed_by_server()
+    await subscribed(client, 0)
+
+
+async def test_a_client_that_does_not_answer_the_close_is_dropped(
+    client: AppClient, open_raw_ws: RawWSOpener
+) -> None:
+    """After the final event the server sends 1000 and waits for the client's answer a
+    moment only (CLOSE_TIMEOUT, 2 s): a client that never answers does not keep the
+    socket or the subscription."""
+    session_id = new_session_id()
+    ws = await raw_ws(open_raw_ws, client, session_id)
+    await publish(client, session_id, final())
+    assert (await ws.next_stored_event())["seq"] == 1
+    assert close_of(await ws.next_of(Opcode.CLOSE)).code == CloseCode.NORMAL_CLOSURE
+    ws.forget_queued()  # the answer websockets queued is never sent
+    await ws.closed_by_server()
+    await subscribed(client, 0)
