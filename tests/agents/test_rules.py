@@ -137,8 +137,10 @@ def test_out_of_range_values_are_limited_and_noted() -> None:
     ids=["digits", "percentages", "negations", "categories", "decimals"],
 )
 def test_long_hostile_text_is_read_in_linear_time(strategy: str) -> None:
-    """4,000 characters built to make regular expressions backtrack are read in well under
-    a quarter of a second (the extractor runs on the event loop)."""
+    """4,000 characters built to make regular expressions backtrack are read in linear
+    time (the extractor runs on the event loop): about 10 ms here, where backtracking
+    over them would take seconds. The bound leaves room for a loaded CI machine, where a
+    quarter of a second once ran out."""
     started = time.perf_counter()
     extract_rules(strategy)
-    assert time.perf_counter() - started < 0.25
+    assert time.perf_counter() - started < 1.0
