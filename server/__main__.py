@@ -15,8 +15,9 @@ from .app import create_app
 from .config import Settings
 from .logs import setup_logging
 
-# After the shutdown grace (spent in the app's on_shutdown, see server.app), how long
-# handlers get to send their last frames (1001, end of stream) before they are cancelled.
+# After the shutdown grace and the streams' ends (spent in the app's on_shutdown, see
+# server.app), how long handlers still running (a refused WebSocket's close, a
+# run-workflow waiting with ?wait=true) get before they are cancelled.
 HANDLER_SHUTDOWN_TIMEOUT = 3.0
 
 
@@ -72,7 +73,7 @@ def raise_open_files_limit(max_connections: int) -> None:
 
 
 # Past the grace period and the handlers' time-out, how much longer a shutdown may take
-# (the SSE streams' last bytes, the fit workers) before it counts as stuck.
+# (the streams' last bytes and close handshakes, the fit workers) before it counts as stuck.
 SHUTDOWN_SLACK = 3.0
 
 
