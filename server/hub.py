@@ -215,10 +215,18 @@ class Subscription:
         self._wake()
 
     def push_control(self, event: ControlEvent) -> None:
-        """Queue an event for this connection only (a heartbeat answer, an error notice)."""
+        """Queue an event for this connection only (a heartbeat answer, an error notice).
+        A client that asks for more answers than it reads (pings, say, sent faster than
+        it takes the heartbeats back) is closed as a slow consumer once ``queue_size``
+        of them wait: what it sends never grows the server's memory without bound."""
+        if self._closed is not None:
+            return
         self._leave_steady()  # the transport's task sends it, in order with what follows
         if self._control is None:
             self._control = deque()
+        elif len(self._control) >= self._queue_size:
+            self.close("slow_consumer")
+            return
         self._control.append(event)
         self._wake()
 

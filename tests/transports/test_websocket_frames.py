@@ -21,12 +21,21 @@ from websockets.frames import Frame as WireFrame
 from websockets.protocol import Protocol, Side
 
 from server.config import Settings
-from tests.clients import AppClient, final, new_session_id, progress, publish
+from tests.clients import (
+    AppClient,
+    final,
+    metric,
+    new_session_id,
+    progress,
+    publish,
+    wait_until,
+)
 from tests.conftest import ClientFactory
 from tests.hardening.support import RawConnection
 from tests.timing import EVENT_TIMEOUT, QUIET_HEARTBEAT_INTERVAL
 from tests.transports.conftest import subscribed, ws_path
 
+CLOSED_BY_SERVER = "orchestrator_subscriptions_closed_total"
 # Long enough that a pong sent at once is never late on a loaded machine.
 PING_INTERVAL = 0.5
 
@@ -246,6 +255,31 @@ async def test_a_broken_frame_closes_with_the_rfc_code_and_other_streams_go_on(
     await publish(client, session_id, final())
     assert (await other.next_stored_event())["seq"] == 1
     assert close_of(await other.next_of(Opcode.CLOSE)).code == CloseCode.NORMAL_CLOSURE
+
+
+async def test_a_client_that_asks_faster_than_it_reads_is_cut_off(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    """A burst of pings, more than ``subscriber_queue_size``, from a client that reads
+    nothing: at most that many answers wait for it, then it is closed as a slow consumer,
+    long before a stuck send would time out (an hour here). What a client sends never
+    grows the server's memory without bound."""
+    client = await make_client(settings.replace(heartbeat_interval=QUIET_HEARTBEAT_INTERVAL))
+    connection = await RawConnection.open(client.server, receive_buffer=4096)
+    try:
+        assert await connection.websocket(ws_path(new_session_id())) == 101
+        await subscribed(client, 1)
+        ws = RawWebSocket(connection)
+        for _ in range(20 * settings.subscriber_queue_size):
+            ws.protocol.send_text(b'{"type": "ping"}')
+        ws.send_queued()
+        await wait_until(
+            lambda: metric(client.server, CLOSED_BY_SERVER, reason="slow_consumer") == 1,
+            "the client cut off as a slow consumer",
+        )
+    finally:
+        connection.abort()
+    await subscribed(client, 0)
 
 
 # --- the close handshake ----------------------------------------------------------------------
