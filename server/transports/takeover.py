@@ -1,18 +1,23 @@
-"""Taking a connection from aiohttp once a response's headers are out.
+"""Taking a connection from aiohttp once a response's handshake is out.
 
-After its headers an SSE stream only writes, for hours. Left with aiohttp, every
-idle stream would keep the request handler's tasks and coroutine frames, the
-request with its parsed message, the response, the HTTP parser and its message
-queue: about 7 KiB of the 10.5 KiB aiohttp holds per idle stream
-(docs/BENCHMARKS.md). Once taken over, the socket's protocol is a small object
-of ours and aiohttp has forgotten the connection.
+After its handshake a stream lives for hours, on a connection that never carries
+another HTTP request. Left with aiohttp, every idle stream would keep the request
+handler's tasks and coroutine frames, the request with its parsed message, the
+response, the HTTP parser and its message queue, and for a WebSocket its reader,
+its message queue and its heartbeat timer: most of the 10.6 KiB (SSE) and 14.5 KiB
+(WebSocket) aiohttp holds per idle stream (docs/BENCHMARKS.md). Once taken over,
+the socket's protocol is a small object of ours and aiohttp has forgotten the
+connection.
 
 aiohttp has no public API for this. It rests on two things of aiohttp's request
 handler: it is the socket's asyncio protocol, which writes to and closes its
 ``transport`` attribute, and its ``connection_lost()`` is its whole teardown (it
 leaves the server's connections, drops its parser and its keep-alive timer, and
-lets its task end). The transport and hardening tests pass on aiohttp 3.12, 3.13
-and 3.14, and fail at once if either changes.
+lets its task end). For a WebSocket, also on ``WebSocketResponse.prepare()`` not
+yielding to the event loop between sending the 101 and returning, so that no
+client frame reaches aiohttp's reader before the hand-over. The transport and
+hardening tests pass on aiohttp 3.12, 3.13 and 3.14, and fail at once if any of
+this changes.
 """
 
 from __future__ import annotations
