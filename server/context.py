@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -20,7 +20,7 @@ class StreamContext:
     metrics: Metrics
     admission: Admission
     # The streams aiohttp has let go of (see server.transports.stream).
-    streams: Streams = field(default_factory=Streams)
+    streams: Streams
 
 
 STREAM_CONTEXT = web.AppKey("stream_context", StreamContext)

@@ -213,9 +213,9 @@ class Stream(asyncio.Protocol):
             # A finished task keeps its coroutine (about 900 bytes) while referenced.
             if self._sender is asyncio.current_task():
                 self._sender = None
-        self.finish(reason)
+        self._finish(reason)
 
-    def finish(self, reason: EndReason) -> None:
+    def _finish(self, reason: EndReason) -> None:
         """No more direct writes; then the transport's end, if the socket is still open."""
         self._subscription.detach()
         if self._writable():
