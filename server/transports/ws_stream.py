@@ -62,7 +62,7 @@ def _is_ping(text: str) -> bool:
 
 
 class WsStream(Stream):
-    __slots__ = ("_fragments", "_heard", "_metrics", "_reader")
+    __slots__ = ("_heard", "_metrics", "_pieces", "_reader")
 
     transport_name = "websocket"
 
@@ -80,7 +80,9 @@ class WsStream(Stream):
         super().__init__(hub, streams, subscription, ticket)
         self._metrics = metrics
         self._reader = Protocol(Side.SERVER, max_size=max_frame_size, logger=_FRAMES_LOG)
-        self._fragments: list[WireFrame] | None = None  # a message that came in pieces
+        # A message coming in pieces, so far: its kind and its bytes (bounded by
+        # max_frame_size, as websockets counts the pieces' total; however many pieces).
+        self._pieces: tuple[Opcode, bytearray] | None = None
         self._heard = True  # the peer has sent something since the last ping
 
     def _prebuilt(self) -> Callable[[Frame], bytes]:
@@ -136,16 +138,16 @@ class WsStream(Stream):
         pieces' order and their total size)."""
         if frame.opcode is not Opcode.CONT:
             if not frame.fin:
-                self._fragments = [frame]
+                self._pieces = (frame.opcode, bytearray(frame.data))
                 return
             self._answer(frame.opcode, bytes(frame.data))
             return
-        pieces = self._fragments
-        assert pieces is not None  # websockets refuses a continuation of nothing
-        pieces.append(frame)
+        assert self._pieces is not None  # websockets refuses a continuation of nothing
+        opcode, message = self._pieces
+        message += frame.data
         if frame.fin:
-            self._fragments = None
-            self._answer(pieces[0].opcode, b"".join(piece.data for piece in pieces))
+            self._pieces = None
+            self._answer(opcode, bytes(message))
 
     def _answer(self, opcode: Opcode, data: bytes) -> None:
         session_id = self.session_id

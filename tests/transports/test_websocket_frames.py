@@ -186,6 +186,8 @@ async def test_a_ping_command_in_pieces_is_one_message(
     ws = await raw_ws(open_raw_ws, client, session_id)
     ws.protocol.send_text(b'{"type"', fin=False)
     ws.protocol.send_ping(b"between the pieces")  # a control frame may come in between
+    for _ in range(1000):
+        ws.protocol.send_continuation(b"", fin=False)  # empty pieces are pieces too
     ws.protocol.send_continuation(b': "pi', fin=False)
     ws.protocol.send_continuation(b'ng"}', fin=True)
     ws.send_queued()
