@@ -70,6 +70,15 @@ def live_tasks(*roots: Path) -> int:
     )
 
 
+def aiohttp_holds_no_more(client: AppClient) -> Callable[[], bool]:
+    """A check that aiohttp counts no more connections, and holds no more tasks, than it
+    does now: streams opened after this call are no longer aiohttp's once it is true."""
+    assert client.server.runner is not None and client.server.runner.server is not None
+    connections = client.server.runner.server.connections
+    before = len(connections), live_tasks(AIOHTTP_SERVER_CODE)
+    return lambda: (len(connections), live_tasks(AIOHTTP_SERVER_CODE)) <= before
+
+
 async def subscribed(client: AppClient, count: int = 1) -> None:
     """Wait until the hub holds ``count`` subscriptions (the clients are live)."""
     hub = hub_of(client.server)

@@ -39,9 +39,9 @@ from tests.clients import (
 from tests.conftest import ClientFactory, hub_of
 from tests.timing import HEARTBEAT_INTERVAL, QUIET_HEARTBEAT_INTERVAL
 from tests.transports.conftest import (
-    AIOHTTP_SERVER_CODE,
     SERVER_CODE,
     WSOpener,
+    aiohttp_holds_no_more,
     live_tasks,
     subscribed,
     ws_path,
@@ -296,12 +296,7 @@ async def test_an_idle_connection_is_no_longer_aiohttps(
     by a clean close 1000."""
     session_id = new_session_id()
     await publish(client, session_id, progress(1))
-    assert client.server.runner is not None and client.server.runner.server is not None
-    connections = client.server.runner.server.connections
-    before = len(connections), live_tasks(AIOHTTP_SERVER_CODE)
-
-    def aiohttp_holds_none() -> bool:
-        return (len(connections), live_tasks(AIOHTTP_SERVER_CODE)) <= before
+    aiohttp_holds_none = aiohttp_holds_no_more(client)
 
     async with contextlib.AsyncExitStack() as stack:
         sockets = [
