@@ -493,7 +493,7 @@ class Hub:
 
     async def join(self, session_id: str, last_event_id: str | None) -> Subscription:
         """What ``subscribe()`` enters, for a stream that outlives the coroutine that
-        subscribed it (an SSE stream once aiohttp has let go of it): whoever joins must
+        subscribed it (a stream once aiohttp has let go of it): whoever joins must
         :meth:`leave`."""
         position = StreamPosition.parse(last_event_id) if last_event_id else None
         malformed = bool(last_event_id) and position is None

@@ -55,11 +55,10 @@ class SseStream(Stream):
             self._write(slow_consumer_notice(self.session_id))
         if self._chunked:
             self._transport.write(_LAST_CHUNK)
-        self._transport.close()
-        if self._transport.get_write_buffer_size() and self._outlet is not None:
-            # A client that has stopped reading gets a heartbeat interval to take the
-            # rest, as a stuck send does.
-            self._abort_later(self._outlet.interval)
+        assert self._outlet is not None
+        # A client that has stopped reading gets a heartbeat interval to take the rest,
+        # as a stuck send does.
+        self._close(within=self._outlet.interval)
 
     def data_received(self, data: bytes) -> None:
         """An SSE client sends nothing after its request; whatever comes is dropped."""

@@ -17,6 +17,7 @@ the subscription and the ticket.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
@@ -100,7 +101,7 @@ class Streams:
                 log.warning("%d streams had not ended at shutdown", len(self._open))
 
 
-class Stream(asyncio.Protocol):
+class Stream(asyncio.Protocol, abc.ABC):
     """One stream's socket protocol and the owner of its subscription and ticket. A
     transport subclasses it with how a frame is encoded, how the stream ends, and what
     the client may send."""
@@ -175,15 +176,15 @@ class Stream(asyncio.Protocol):
 
     # --- what a transport says ------------------------------------------------------------
 
+    @abc.abstractmethod
     def _prebuilt(self) -> Callable[[Frame], bytes]:
         """A frame's bytes on this stream's wire, as the hub writes them directly."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _end(self, reason: EndReason) -> None:
         """Write how the stream ends (its last frames), then close or start closing the
         socket; ``connection_lost`` releases the rest. Called once the subscription is
         detached, with the socket still open."""
-        raise NotImplementedError
 
     def _writable(self) -> bool:
         """The stream may still write a frame."""
@@ -237,6 +238,14 @@ class Stream(asyncio.Protocol):
         one that does not within ``delay`` seconds is dropped."""
         if self._transport is not None:
             asyncio.get_running_loop().call_later(delay, self._transport.abort)
+
+    def _close(self, within: float) -> None:
+        """Close the socket once its client has taken what is left; a client that has
+        stopped reading is dropped ``within`` seconds later."""
+        assert self._transport is not None
+        self._transport.close()
+        if self._transport.get_write_buffer_size():
+            self._abort_later(within)
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 

@@ -180,6 +180,4 @@ class WsStream(Stream):
             if data:
                 transport.write(data)
             else:
-                transport.close()
-                if transport.get_write_buffer_size():
-                    self._abort_later(CLOSE_TIMEOUT)
+                self._close(within=CLOSE_TIMEOUT)
