@@ -49,7 +49,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     ctx = request.app[STREAM_CONTEXT]
     session_id = request.match_info["session_id"]
     # Errors are answered here, not by the errors middleware (see server.app), like SSE's.
-    if not _websocket(handshake_only=True).can_prepare(request).ok:
+    ws = _websocket(handshake_only=True)  # answers the handshake if the stream begins
+    if not ws.can_prepare(request).ok:
         return answer_error(request, web.HTTPBadRequest())  # not a WebSocket request
     if not is_valid_session_id(session_id):
         notice = ControlEvent.error(
@@ -76,7 +77,6 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         except Exception as failure:
             return await _fail(request, session_id, failure)
         try:
-            ws = _websocket(handshake_only=True)
             try:
                 await ws.prepare(request)
                 begun = WsStream(
