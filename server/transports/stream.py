@@ -142,7 +142,8 @@ class Stream(asyncio.Protocol, abc.ABC):
         until this returns, the caller still owns the subscription and the ticket."""
         transport = take_over(request, self)
         self._transport = transport
-        self._paused = transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+        if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+            self.pause_writing()
         self._outlet = Outlet(
             self._subscription,
             transport,
@@ -165,6 +166,12 @@ class Stream(asyncio.Protocol, abc.ABC):
         """Bytes written to the socket that its client has not taken yet (beyond what the
         kernel holds)."""
         return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
+    @property
+    def reading(self) -> bool:
+        """The stream reads what its client sends: it does not while the client leaves
+        what it is sent unread (see :meth:`pause_writing`)."""
+        return self._transport is not None and self._transport.is_reading()
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -254,9 +261,15 @@ class Stream(asyncio.Protocol, abc.ABC):
 
     def pause_writing(self) -> None:
         self._paused = True
+        # A client that does not read is not read either: what it sends may call for
+        # answers (a WebSocket's pongs) that would otherwise pile up here without bound.
+        if self._transport is not None:
+            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._paused = False
+        if self._transport is not None:
+            self._transport.resume_reading()
         drained, self._drained = self._drained, None
         if drained is not None and not drained.done():
             drained.set_result(None)

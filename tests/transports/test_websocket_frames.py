@@ -31,7 +31,7 @@ from tests.clients import (
     wait_until,
 )
 from tests.conftest import ClientFactory
-from tests.hardening.support import RawConnection
+from tests.hardening.support import RawConnection, context_of
 from tests.timing import EVENT_TIMEOUT, QUIET_HEARTBEAT_INTERVAL
 from tests.transports.conftest import subscribed, ws_path
 
@@ -279,6 +279,38 @@ async def test_a_client_that_asks_faster_than_it_reads_is_cut_off(
             lambda: metric(client.server, CLOSED_BY_SERVER, reason="slow_consumer") == 1,
             "the client cut off as a slow consumer",
         )
+    finally:
+        connection.abort()
+    await subscribed(client, 0)
+
+
+async def test_a_client_that_pings_without_reading_is_not_read_until_it_reads(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    """Every ping frame calls for a pong. A client that sends pings and reads nothing is
+    no longer read once its pongs back up past the socket's high-water mark, so what
+    waits for it stays bounded however much it sends. Once it reads again, every pong
+    comes, and the stream goes on."""
+    client = await make_client(settings.replace(heartbeat_interval=QUIET_HEARTBEAT_INTERVAL))
+    session_id = new_session_id()
+    connection = await RawConnection.open(client.server, receive_buffer=4096)
+    try:
+        assert await connection.websocket(ws_path(session_id)) == 101
+        await subscribed(client, 1)
+        [stream] = context_of(client.server).streams
+        ws = RawWebSocket(connection)
+        # 20 MiB of pongs, the largest (125 bytes of data): more than both kernels' socket
+        # buffers take in before the server's own buffer fills.
+        pings = 160_000
+        ping = WireFrame(Opcode.PING, bytes(125)).serialize(mask=True)
+        connection.writer.write(ping * pings)
+        await wait_until(lambda: not stream.reading, "the server stops reading the client")
+        assert stream.backlog < 1024 * 1024
+        for _ in range(pings):
+            assert (await ws.next_of(Opcode.PONG)).data == bytes(125)
+        await publish(client, session_id, progress(1))
+        assert (await ws.next_stored_event())["seq"] == 1
+        assert stream.reading
     finally:
         connection.abort()
     await subscribed(client, 0)
