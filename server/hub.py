@@ -451,6 +451,9 @@ class Hub:
             and (event.epoch == local.epoch or local.epoch is None)
             and not event.final
         )
+        # The frame of the encoder last asked: a session's subscribers mostly share one.
+        encoder: Callable[[Frame], bytes] | None = None
+        frame = b""
         for subscription, sink in members.items():
             if sink is not None:
                 socket = sink.socket
@@ -460,7 +463,9 @@ class Hub:
                     # checks, once per subscriber per event. With nothing buffered, the
                     # order is kept; what the kernel does not take, the transport queues,
                     # and an error there closes the socket as the transport's own would.
-                    frame = sink.encode(event)
+                    if sink.encode is not encoder:
+                        encoder = sink.encode
+                        frame = encoder(event)
                     try:
                         written = os.write(sink.fd, frame)
                     except OSError:
