@@ -299,7 +299,7 @@ async def test_a_client_that_pings_without_reading_is_not_read_until_it_reads(
         await subscribed(client, 1)
         [stream] = context_of(client.server).streams
         ws = RawWebSocket(connection)
-        # 20 MiB of pongs, the largest (125 bytes of data): more than both kernels' socket
+        # 19 MiB of pongs, the largest (125 bytes of data): more than both kernels' socket
         # buffers take in before the server's own buffer fills.
         pings = 160_000
         ping = WireFrame(Opcode.PING, bytes(125)).serialize(mask=True)
