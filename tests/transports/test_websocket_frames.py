@@ -9,6 +9,7 @@ on its own: the test decides whether a ping gets its pong, or a close its answer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 from collections import deque
@@ -314,6 +315,35 @@ async def test_a_client_that_pings_without_reading_is_not_read_until_it_reads(
     finally:
         connection.abort()
     await subscribed(client, 0)
+
+
+async def test_a_client_that_keeps_sending_but_never_reads_is_dropped(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    """Sending does not keep a connection that never reads: like any client that stops
+    reading, it is dropped within two heartbeat intervals, when its heartbeat cannot be
+    sent or its pongs stop coming."""
+    client = await make_client(settings.replace(heartbeat_interval=PING_INTERVAL))
+    connection = await RawConnection.open(client.server, receive_buffer=4096)
+    ping = WireFrame(Opcode.PING, bytes(125)).serialize(mask=True)
+
+    async def ping_for_ever() -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                connection.writer.write(ping * 1000)
+                await connection.writer.drain()
+
+    try:
+        assert await connection.websocket(ws_path(new_session_id())) == 101
+        await subscribed(client, 1)
+        pinging = asyncio.create_task(ping_for_ever())
+        try:
+            await subscribed(client, 0)
+        finally:
+            pinging.cancel()
+            await asyncio.wait({pinging})
+    finally:
+        connection.abort()
 
 
 # --- the close handshake ----------------------------------------------------------------------
