@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import resource
 import secrets
 import statistics
@@ -396,6 +397,10 @@ def _integrity(tallies: Sequence[Tally], first_n: Sequence[int], last_n: Sequenc
     return {"lost": lost, "duplicated": dups, "reordered": reordered, "starved": starved}
 
 
+# At least one scheduler tick (4 ms at 250 Hz, 10 ms at 100 Hz): see paced().
+_JITTER_S = 0.010
+
+
 async def paced(
     publisher: Publisher, order: Sequence[int], rate: float, duration: float, phase: int
 ) -> None:
@@ -403,18 +408,30 @@ async def paced(
 
     Requests are written on time whether or not earlier answers came back
     (no coordinated omission); at most 2,000 may be unanswered.
+
+    Event k is due at a random moment in the first ``_JITTER_S`` of its own
+    ``1/rate`` slot: the rate is exact and the events keep their spacing, but
+    they fall at every phase of the kernel's scheduler tick. Linux splits a
+    process's CPU time into user and system by sampling at the tick; with a
+    period in step with the tick (50 ms is 12.5 ticks at 250 Hz), every sample
+    would land at the same few points of each event's work, and the split would
+    be whatever those points happen to be in that run.
     """
     total = max(1, int(rate * duration))
+    slot = 1.0 / rate
+    jitter = min(slot, _JITTER_S)
+    rng = random.Random(phase)
+    due = [k * slot + rng.random() * jitter for k in range(total)]
     start = time.monotonic()
     hard_stop = start + duration * 3 + 5
     sent = 0
     while sent < total and time.monotonic() < hard_stop:
-        due = min(total, int((time.monotonic() - start) * rate) + 1)
-        while sent < due and len(publisher.in_flight) < 2000:
+        now = time.monotonic() - start
+        while sent < total and due[sent] <= now and len(publisher.in_flight) < 2000:
             publisher.publish(order[sent % len(order)], phase)
             sent += 1
-        delay = start + sent / rate - time.monotonic()
-        await asyncio.sleep(max(0.0, delay))
+        if sent < total:
+            await asyncio.sleep(max(0.0, start + due[sent] - time.monotonic()))
 
 
 async def saturate(
