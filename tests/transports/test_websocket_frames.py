@@ -39,6 +39,10 @@ from tests.transports.conftest import subscribed, ws_path
 CLOSED_BY_SERVER = "orchestrator_subscriptions_closed_total"
 # Long enough that a pong sent at once is never late on a loaded machine.
 PING_INTERVAL = 0.5
+# The largest ping a client may send (a control frame carries at most 125 bytes), masked
+# as a client's must be; sent many times over by the tests of clients that do not read.
+PING_DATA = bytes(125)
+LARGEST_PING = WireFrame(Opcode.PING, PING_DATA).serialize(mask=True)
 
 
 class RawWebSocket:
@@ -300,15 +304,14 @@ async def test_a_client_that_pings_without_reading_is_not_read_until_it_reads(
         await subscribed(client, 1)
         [stream] = context_of(client.server).streams
         ws = RawWebSocket(connection)
-        # 19 MiB of pongs, the largest (125 bytes of data): more than both kernels' socket
-        # buffers take in before the server's own buffer fills.
+        # 19 MiB of pongs: more than both kernels' socket buffers take in before the
+        # server's own buffer fills.
         pings = 160_000
-        ping = WireFrame(Opcode.PING, bytes(125)).serialize(mask=True)
-        connection.writer.write(ping * pings)
+        connection.writer.write(LARGEST_PING * pings)
         await wait_until(lambda: not stream.reading, "the server stops reading the client")
         assert stream.backlog < 1024 * 1024
         for _ in range(pings):
-            assert (await ws.next_of(Opcode.PONG)).data == bytes(125)
+            assert (await ws.next_of(Opcode.PONG)).data == PING_DATA
         await publish(client, session_id, progress(1))
         assert (await ws.next_stored_event())["seq"] == 1
         assert stream.reading
@@ -325,12 +328,11 @@ async def test_a_client_that_keeps_sending_but_never_reads_is_dropped(
     sent or its pongs stop coming."""
     client = await make_client(settings.replace(heartbeat_interval=PING_INTERVAL))
     connection = await RawConnection.open(client.server, receive_buffer=4096)
-    ping = WireFrame(Opcode.PING, bytes(125)).serialize(mask=True)
 
     async def ping_for_ever() -> None:
         with contextlib.suppress(ConnectionError):
             while True:
-                connection.writer.write(ping * 1000)
+                connection.writer.write(LARGEST_PING * 1000)
                 await connection.writer.drain()
 
     try:
