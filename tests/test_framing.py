@@ -27,6 +27,24 @@ def test_sse_frame_cannot_be_broken_by_line_breaks() -> None:
     assert framed == (b"id: id\nevent: evil\ndata: one\ndata: two\ndata: three\ndata: four\n\n")
 
 
+@pytest.mark.parametrize(
+    ("data", "event", "event_id", "expected"),
+    [
+        (b"a\nb", "progress", "ep-3", b"id: ep-3\nevent: progress\ndata: a\ndata: b\n\n"),
+        (b"a\rb", "progress", None, b"event: progress\ndata: a\ndata: b\n\n"),
+        (b"{}", "pro\rgress", "ep-3", b"id: ep-3\nevent: progress\ndata: {}\n\n"),
+        (b"{}", "progress", "ep\n-3", b"id: ep-3\nevent: progress\ndata: {}\n\n"),
+        (b"", "progress", "", b"id: \nevent: progress\ndata: \n\n"),
+    ],
+)
+def test_a_line_break_in_any_one_field_cannot_break_the_frame(
+    data: bytes, event: str, event_id: str | None, expected: bytes
+) -> None:
+    """Whichever field holds the line break, the frame stays one event of one line per
+    field (the common case, no line break anywhere, is built another way)."""
+    assert sse_frame(data, event=event, event_id=event_id) == expected
+
+
 def test_http_chunk() -> None:
     """A chunk is its length in hex, CRLF, the bytes, CRLF."""
     assert http_chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
