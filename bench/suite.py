@@ -281,7 +281,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated servers: {', '.join(SERVERS)}; ours@REV runs server/ "
         "as of a git revision; suffixes +uvloop, +backlog, +gcfreeze apply one run-time change",
     )
-    parser.add_argument("--repeat", type=int, default=1, help="runs per row; medians reported")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds, each running every server once; medians"
+    )
     parser.add_argument("--output", type=Path, default=None, help="JSON file to write")
     parser.add_argument(
         "--nice",
@@ -334,21 +336,27 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rows: list[JSON] = []
     for scenario in args.scenarios:
-        for server in args.server_names:
-            runs = []
-            for _ in range(args.repeat):
-                result = run_one(
-                    scenario,
-                    server,
-                    args.quick,
-                    log_dir,
-                    RESULTS / "profiles" / stamp if args.profile else None,
-                    args.ws_client,
+        # Round by round, every server once a round: this machine's speed drifts over
+        # minutes (a VM's host), and a slow spell must fall on every server's runs alike,
+        # not on all the runs of one server.
+        runs: dict[str, list[JSON]] = {server: [] for server in args.server_names}
+        for _ in range(args.repeat):
+            for server in args.server_names:
+                done = runs[server]
+                if done and ("skipped" in done[-1] or "error" in done[-1]):
+                    continue
+                done.append(
+                    run_one(
+                        scenario,
+                        server,
+                        args.quick,
+                        log_dir,
+                        RESULTS / "profiles" / stamp if args.profile else None,
+                        args.ws_client,
+                    )
                 )
-                runs.append(result)
-                if "skipped" in result or "error" in result:
-                    break
-            row = aggregate(runs)
+        for server in args.server_names:
+            row = aggregate(runs[server])
             rows.append(row)
             print(report.progress_line(row), file=sys.stderr, flush=True)
     document = {
