@@ -256,7 +256,11 @@ def aggregate(runs: list[JSON]) -> JSON:
             return {k: merge([v.get(k) for v in values]) for k in keys}
         numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
         if numbers and len(numbers) == len(values):
-            return statistics.median(numbers)
+            median = statistics.median(numbers)
+            # Counts stay counts where an even number of runs agrees (0 lost, not 0.0).
+            if all(isinstance(v, int) for v in numbers) and median == int(median):
+                return int(median)
+            return round(median, 6)
         return values[0]
 
     merged: JSON = merge(runs)
