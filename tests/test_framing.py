@@ -34,15 +34,20 @@ def test_sse_frame_cannot_be_broken_by_line_breaks() -> None:
         (b"a\rb", "progress", None, b"event: progress\ndata: a\ndata: b\n\n"),
         (b"{}", "pro\rgress", "ep-3", b"id: ep-3\nevent: progress\ndata: {}\n\n"),
         (b"{}", "progress", "ep\n-3", b"id: ep-3\nevent: progress\ndata: {}\n\n"),
-        (b"", "progress", "", b"id: \nevent: progress\ndata: \n\n"),
     ],
 )
 def test_a_line_break_in_any_one_field_cannot_break_the_frame(
     data: bytes, event: str, event_id: str | None, expected: bytes
 ) -> None:
-    """Whichever field holds the line break, the frame stays one event of one line per
-    field (the common case, no line break anywhere, is built another way)."""
+    """Whichever field alone holds the line break, the frame stays one event: id and
+    event lose it, data becomes one data: line per line. (The common case, no line
+    break anywhere, is built another way.)"""
     assert sse_frame(data, event=event, event_id=event_id) == expected
+
+
+def test_an_empty_id_and_empty_data_still_make_a_whole_frame() -> None:
+    """Empty fields take the common case's way and still end in the blank line."""
+    assert sse_frame(b"", event="progress", event_id="") == b"id: \nevent: progress\ndata: \n\n"
 
 
 def test_http_chunk() -> None:
