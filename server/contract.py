@@ -9,8 +9,8 @@ each in one place and said why:
   encoded JSON of stored events (:class:`server.messages.StoredEvent`);
 * the server writes every field of an event, defaults included, so in the
   *serialization* schemas every property is required;
-* ``timestamp`` is serialized by a custom serializer (RFC 3339, UTC, ``Z``),
-  so its format is restated;
+* ``timestamp`` is always UTC, written with a ``Z`` (the model makes it so),
+  which a schema's ``date-time`` alone does not say, so its pattern is added;
 * a published event's ``session_id`` and ``timestamp`` come from the server.
 
 REST responses other than errors are plain dicts in ``server.api``; their

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 from .framing import http_chunk, sse_frame, websocket_text_frame
 
@@ -37,21 +37,20 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def format_timestamp(value: datetime) -> str:
-    """RFC 3339 in UTC with microseconds and a ``Z``: ``2026-11-27T20:01:02.123456Z``."""
-    # isoformat, not strftime: a third of the cost on every published event.
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+def in_utc(value: datetime) -> datetime:
+    """A timestamp given explicitly, in UTC (a naive one is taken to be UTC already)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     session_id: str
-    timestamp: datetime = Field(default_factory=utc_now)
-
-    @field_serializer("timestamp")
-    def _rfc3339(self, value: datetime) -> str:
-        return format_timestamp(value)
+    # pydantic's own encoder writes a UTC datetime as RFC 3339 with a "Z":
+    # 2026-11-27T20:01:02.123456Z, or without the fraction when it is zero.
+    # A Python serializer cost 1.6 µs of the 3.3 that dumping an event takes.
+    # The default is already UTC and is not validated; a given value is made UTC.
+    timestamp: Annotated[datetime, AfterValidator(in_utc)] = Field(default_factory=utc_now)
 
 
 class AgentStatusEvent(_Event):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import aiohttp
@@ -16,7 +18,13 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from server.config import Settings
-from server.contract import EVENT_MESSAGES, asyncapi_document, openapi_document
+from server.contract import (
+    EVENT_MESSAGES,
+    TIMESTAMP_PATTERN,
+    asyncapi_document,
+    openapi_document,
+)
+from server.messages import HeartbeatEvent
 from tests.browser.support import LiveServer, running_server
 from tests.timing import EVENT_TIMEOUT, HEARTBEAT_INTERVAL, WORKFLOW_TIMEOUT
 
@@ -424,3 +432,31 @@ def test_the_message_schemas_reject_what_the_contract_forbids(
     broken = {k: v for k, v in {**event, **change}.items() if v is not None}
     with pytest.raises((ValidationError, AssertionError)):
         contract.validate("websocketStream", broken)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        None,  # the server's own clock
+        datetime(2026, 11, 27, 20, 1, 2, tzinfo=UTC),  # no fraction of a second
+        datetime(2026, 11, 27, 21, 1, 2, 500000, tzinfo=timezone(timedelta(hours=1))),
+        datetime(2026, 11, 27, 20, 1, 2, 7),  # naive: taken as UTC
+    ],
+)
+def test_every_timestamp_goes_out_as_utc_with_a_z(
+    contract: AsyncApiContract, given: datetime | None
+) -> None:
+    """However an event's timestamp was made, the wire has RFC 3339 in UTC with a ``Z``
+    (the contract's pattern) naming the same instant."""
+    fields: dict[str, Any] = {"session_id": "session-0001"}
+    if given is not None:
+        fields["timestamp"] = given
+    before = datetime.now(UTC)
+    event = json.loads(HeartbeatEvent(**fields).model_dump_json())
+    assert re.fullmatch(TIMESTAMP_PATTERN, event["timestamp"])
+    sent = datetime.fromisoformat(event["timestamp"])
+    if given is None:
+        assert before <= sent <= datetime.now(UTC)
+    else:
+        assert sent == (given if given.tzinfo else given.replace(tzinfo=UTC))
+    contract.validate("websocketStream", event)
