@@ -412,11 +412,11 @@ async def paced(
     Event k is due at a random moment in the first ``_JITTER_S`` of its own
     ``1/rate`` slot: the rate is exact and consecutive events stay at least
     ``1/rate - _JITTER_S`` apart, but they fall at every phase of the kernel's
-    scheduler tick. Linux splits a
-    process's CPU time into user and system by sampling at the tick; with a
-    period in step with the tick (50 ms is 12.5 ticks at 250 Hz), every sample
-    would land at the same few points of each event's work, and the split would
-    be whatever those points happen to be in that run.
+    scheduler tick. Linux splits a process's CPU time into user and system by
+    sampling at the tick; with a period in step with the tick (50 ms is 12.5
+    ticks at 250 Hz), every sample would land at the same few points of each
+    event's work, and the split would be whatever those points happen to be in
+    that run.
     """
     total = max(1, int(rate * duration))
     slot = 1.0 / rate
