@@ -282,10 +282,14 @@ def markdown(document: JSON) -> str:
     return "\n".join(out)
 
 
-def progress_line(row: JSON) -> str:
+def progress_line(row: JSON, label: str = "") -> str:
+    """One line on stderr per run or row: ``label`` says which (``round 2/3``, ``median of 3``)."""
+    head = f"[bench] {row['scenario']:<13} {row['server']:<10} "
+    if label:
+        head += f"({label}) "
     status = _status(row)
     if status:
-        return f"[bench] {row['scenario']:<13} {row['server']:<10} {status}"
+        return head + status
     parts = []
     if "fixed" in row:
         lat = _get(row, "fixed", "latency") or {}
@@ -300,4 +304,4 @@ def progress_line(row: JSON) -> str:
     if "lost" in row:
         parts.append(f"lost {row['lost']} dup {row['duplicated']}")
     parts.append(f"load {row.get('load_before')}")
-    return f"[bench] {row['scenario']:<13} {row['server']:<10} " + "; ".join(parts)
+    return head + "; ".join(parts)

@@ -344,25 +344,29 @@ def main(argv: list[str] | None = None) -> int:
         # minutes (a VM's host), and a slow spell must fall on every server's runs alike,
         # not on all the runs of one server.
         runs: dict[str, list[JSON]] = {server: [] for server in args.server_names}
-        for _ in range(args.repeat):
+        for round_number in range(1, args.repeat + 1):
             for server in args.server_names:
                 done = runs[server]
                 if done and ("skipped" in done[-1] or "error" in done[-1]):
                     continue
-                done.append(
-                    run_one(
-                        scenario,
-                        server,
-                        args.quick,
-                        log_dir,
-                        RESULTS / "profiles" / stamp if args.profile else None,
-                        args.ws_client,
-                    )
+                run = run_one(
+                    scenario,
+                    server,
+                    args.quick,
+                    log_dir,
+                    RESULTS / "profiles" / stamp if args.profile else None,
+                    args.ws_client,
                 )
+                done.append(run)
+                if args.repeat > 1:
+                    # A round of four servers takes minutes: say how each run went as it ends.
+                    label = f"round {round_number}/{args.repeat}"
+                    print(report.progress_line(run, label), file=sys.stderr, flush=True)
         for server in args.server_names:
             row = aggregate(runs[server])
             rows.append(row)
-            print(report.progress_line(row), file=sys.stderr, flush=True)
+            label = f"median of {len(runs[server])}" if len(runs[server]) > 1 else ""
+            print(report.progress_line(row, label), file=sys.stderr, flush=True)
     document = {
         "started": stamp,
         "quick": args.quick,

@@ -79,3 +79,29 @@ def test_sessions_held_keeps_every_lease_held_and_skips_the_peers(
         assert row["lost"] == row["duplicated"] == row["reordered"] == row["starved"] == 0
         assert row["publish_failed"] == 0
     assert "- sessions_held Redis adds" in completed.stdout
+
+
+def test_repeat_reports_each_run_as_it_ends_then_the_median(tmp_path: Path) -> None:
+    """`--repeat 2`: a line per server per round as each run ends, then the median row's;
+    a server skipped in the first round is not run again, and its line has no median."""
+    output = tmp_path / "bench.json"
+    completed = run_bench(
+        *("bench", "--quick", "--scenario", "fanout_sse", "--servers", "naive,seed"),
+        *("--repeat", "2", "--output", str(output)),
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    lines = [line for line in completed.stderr.splitlines() if line.startswith("[bench]")]
+    naive = [line for line in lines if " naive " in line]
+    seed = [line for line in lines if " seed " in line]
+    assert [line.split("(")[1].split(")")[0] for line in naive] == [
+        "round 1/2",
+        "round 2/2",
+        "median of 2",
+    ], naive
+    assert all("lost 0 dup 0" in line for line in naive), naive
+    assert len(seed) == 2, seed
+    assert "(round 1/2)" in seed[0] and "no SSE" in seed[0], seed
+    assert "median" not in seed[1] and "no SSE" in seed[1], seed
+    naive_row, seed_row = json.loads(output.read_text())["rows"]
+    assert naive_row["repeats"] == 2 and naive_row["lost"] == 0, naive_row
+    assert seed_row["skipped"] == "seed has no SSE", seed_row
