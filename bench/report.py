@@ -70,6 +70,8 @@ def _integrity_note(row: JSON) -> str:
         notes.append(f"{row['listen_overflows']:,} SYNs dropped: listen queue full")
     if row.get("server_survived") is False:
         notes.append("server died")
+    for error in row.get("failed_runs", ()):
+        notes.append(f"a run failed, left out of the medians: {error}")
     return "; ".join(notes)
 
 

@@ -246,7 +246,11 @@ def machine() -> JSON:
 
 
 def aggregate(runs: list[JSON]) -> JSON:
-    """Medians over repeats, field by field (numbers only; the rest from the first run)."""
+    """Medians over repeats, field by field (numbers only; the rest from the first run).
+
+    A run that failed is left out of the medians, and the row names its error
+    (``failed_runs``): a median of fewer runs than asked for must say so.
+    """
     if len(runs) == 1:
         return runs[0]
 
@@ -263,8 +267,14 @@ def aggregate(runs: list[JSON]) -> JSON:
             return round(median, 6)
         return values[0]
 
-    merged: JSON = merge(runs)
-    merged["repeats"] = len(runs)
+    completed = [run for run in runs if "error" not in run]
+    if not completed:
+        return {**runs[0], "repeats": 0}  # every run failed: the row is the first failure
+    merged: JSON = merge(completed) if len(completed) > 1 else dict(completed[0])
+    merged["repeats"] = len(completed)
+    failed = [run["error"] for run in runs if "error" in run]
+    if failed:
+        merged["failed_runs"] = failed
     return merged
 
 
@@ -365,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in args.server_names:
             row = aggregate(runs[server])
             rows.append(row)
-            label = f"median of {len(runs[server])}" if len(runs[server]) > 1 else ""
+            label = f"median of {row['repeats']}" if row.get("repeats", 1) > 1 else ""
             print(report.progress_line(row, label), file=sys.stderr, flush=True)
     document = {
         "started": stamp,
