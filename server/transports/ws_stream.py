@@ -56,7 +56,7 @@ def _ws_frame(frame: Frame) -> bytes:
 def _is_ping(text: str) -> bool:
     try:
         command = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # nesting deeper than the parser's recursion limit
         return False
     return isinstance(command, dict) and command.get("type") == "ping"
 

@@ -407,7 +407,7 @@ def _is_ping(frame: str | bytes) -> bool:
         return False
     try:
         command = json.loads(frame)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(command, dict) and command.get("type") == "ping"
 

@@ -370,6 +370,9 @@ INVALID_FRAMES: dict[str, str | bytes] = {
     "an empty frame": "",
     "a binary frame": b"\x00\x01\x02\xff",
     "a ping sent as binary": b'{"type": "ping"}',
+    # Deeper than the JSON parser's recursion limit (RecursionError, not ValueError).
+    "JSON nested 2,000 deep": "[" * 2000,
+    "an object nested 1,000 deep": '{"":' * 1000,
 }
 
 
