@@ -53,7 +53,9 @@ class Outlet:
         on_wake: Callable[[], None] | None = None,
     ) -> None:
         """``prebuilt`` gives a frame's ready-to-write bytes for direct writes (``None``:
-        everything goes through ``send``); ``on_wake``: see :meth:`Subscription.park`."""
+        everything goes through ``send``); ``send`` writes a frame and, when that leaves
+        the socket backed up, waits for it to drain, at most ``interval`` seconds
+        (``TimeoutError``); ``on_wake``: see :meth:`Subscription.park`."""
         self.subscription = subscription
         self.socket = socket  # fixed for the connection's life; closed, it says so
         self.send = send
@@ -83,17 +85,13 @@ async def pump(outlet: Outlet, *, park: bool = False) -> bool | None:
             continue
         if socket is None or socket.is_closing():
             return False
-        if socket.get_write_buffer_size():
-            # The peer is behind: this send may wait on it, so bound the wait.
-            try:
-                async with asyncio.timeout(outlet.interval):
-                    await outlet.send(frame)
-            except TimeoutError:
-                subscription.close("slow_consumer")
-                socket.abort()
-                return False
-        else:
+        try:
             await outlet.send(frame)
+        except TimeoutError:
+            # The peer took nothing for a heartbeat interval: cut it off.
+            subscription.close("slow_consumer")
+            socket.abort()
+            return False
         if isinstance(frame, StoredEvent):
             outlet.delivered.inc()
             outlet.latency.sent(frame)

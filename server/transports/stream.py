@@ -232,8 +232,12 @@ class Stream(asyncio.Protocol, abc.ABC):
     async def _send(self, frame: Frame) -> None:
         self._write(frame)
         if self._paused:
+            assert self._outlet is not None
             self._drained = drained = asyncio.get_running_loop().create_future()
-            await drained
+            # Bounded whatever the buffer held before: one large frame can fill it alone,
+            # and a client that has stopped reading would hold this stream for good.
+            async with asyncio.timeout(self._outlet.interval):
+                await drained
 
     def _write(self, frame: Frame) -> None:
         if self._writable():

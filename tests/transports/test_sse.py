@@ -15,6 +15,7 @@ from tests.clients import (
     JUNK_EVENT_IDS,
     AppClient,
     Event,
+    connections,
     final,
     http_url,
     is_control_error,
@@ -32,7 +33,7 @@ from tests.clients import (
     wait_until,
 )
 from tests.conftest import ClientFactory, hub_of
-from tests.timing import HEARTBEAT_INTERVAL, QUIET_HEARTBEAT_INTERVAL
+from tests.timing import CLEANUP_TIMEOUT, HEARTBEAT_INTERVAL, QUIET_HEARTBEAT_INTERVAL
 from tests.transports.conftest import (
     AIOHTTP_SSE_CODE,
     SERVER_CODE,
@@ -424,6 +425,33 @@ async def test_server_shutdown_ends_the_response_and_the_client_resumes(
     ) as sse:
         await publish(client, session_id, final())
         assert seqs(await read_to_end(sse)) == [2, 3]
+
+
+async def test_a_client_that_stops_reading_a_large_event_is_cut_off(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    """Events larger than the socket's write buffer limit (64 KiB): a send that starts
+    with nothing waiting fills the buffer past the limit by itself. A client that stops
+    reading then must not hold its stream, its subscription and its connection slot for
+    as long as it keeps the TCP connection open: within a heartbeat interval of waiting
+    on it, it is cut off."""
+    client = await make_client(
+        settings.replace(max_body_size=1024 * 1024, heartbeat_interval=HEARTBEAT_INTERVAL)
+    )
+    session_id = new_session_id()
+    for n in range(1, 21):
+        await publish(client, session_id, {**progress(n), "data": {"pad": "x" * 500_000}})
+    url = http_url(client.server, sse_path(session_id))
+    # aiohttp's client stops reading its socket once its own buffer is full: the replay,
+    # 10 MB, backs the server's socket up.
+    async with slow_session() as session, session.get(url) as response:
+        assert response.status == 200
+        await wait_until(
+            lambda: connections(client.server)["sse"] == 0,
+            "the stream of a client that stopped reading to be cut off",
+            CLEANUP_TIMEOUT,
+        )
+    assert hub_of(client.server).subscriber_count == 0
 
 
 async def test_slow_consumer_is_ended_without_delaying_another_subscriber(
