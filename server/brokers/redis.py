@@ -49,7 +49,6 @@ from .redis_live import LiveChannels
 from .redis_scripts import (
     APPEND_LUA,
     CLAIM_LUA,
-    DEDUP_WINDOW,
     LEASE_STATE_LUA,
     LEASE_STATES,
     READ_LUA,
@@ -64,6 +63,8 @@ T = TypeVar("T")
 
 # Sessions whose lease scripts go in one round trip (see RedisBroker._per_session).
 _SESSIONS_PER_ROUND_TRIP = 100
+# Appends that go in one pipeline (see RedisBroker._store_batch).
+_APPENDS_PER_ROUND_TRIP = 64
 
 
 def _is_noscript(answer: Any) -> bool:
@@ -81,11 +82,11 @@ class _Append:
     final: bool
     body: str
     keys: list[str]
-    settings: list[Any]  # ARGV 4 to 8: maxlen, ttl_ms, fresh epoch, channel, nonce
+    settings: list[Any]  # ARGV 4 to 9: maxlen, ttl_ms, fresh epoch, channel, nonce, window
 
     def arguments(self, retry: bool) -> list[Any]:
         final = "1" if self.final else "0"
-        return [self.type, final, self.body, *self.settings, "1" if retry else "0", DEDUP_WINDOW]
+        return [self.type, final, self.body, *self.settings, "1" if retry else "0"]
 
     def stored(self, epoch: str, seq: int) -> StoredEvent:
         return StoredEvent(self.session_id, epoch, seq, self.type, self.final, self.body)
@@ -148,6 +149,10 @@ class RedisBroker:
         self._op_timeout = op_timeout
         self._connect_timeout = connect_timeout
         self._retry_budget = retry_budget
+        # How long Redis keeps an append's nonce for its retries to find. The last retry
+        # starts within retry_budget of the first attempt and runs for at most
+        # op_timeout; twice that leaves room for a slow Redis.
+        self._retry_window_ms = _milliseconds(2 * (retry_budget + op_timeout))
         self._ping_timeout = ping_timeout
         self._max_connections = max_connections
 
@@ -184,6 +189,9 @@ class RedisBroker:
 
     def _lease_key(self, session_id: str) -> str:
         return f"{self._prefix}:{{{session_id}}}:lease"
+
+    def _nonces_key(self, session_id: str) -> str:
+        return f"{self._prefix}:{{{session_id}}}:nonces"
 
     def channel(self, session_id: str) -> str:
         return f"{self._prefix}:{{{session_id}}}:live"
@@ -226,8 +234,7 @@ class RedisBroker:
         self._append_script = self._client.register_script(APPEND_LUA)
         self._appends = Batcher(
             self._store_batch,
-            # A retried batch finds each of its appends among the newest entries.
-            max_batch=DEDUP_WINDOW,
+            max_batch=_APPENDS_PER_ROUND_TRIP,
             closed=lambda: ServiceUnavailable(UNAVAILABLE_MESSAGE),
         )
         self._read_script = self._client.register_script(READ_LUA)
@@ -291,9 +298,14 @@ class RedisBroker:
         return await self._appends.submit(self._append_request(session_id, type, body, final))
 
     def _append_request(self, session_id: str, type: str, body: str, final: bool) -> _Append:
-        keys = [self._state_key(session_id), self._stream_key(session_id)]
+        keys = [
+            self._state_key(session_id),
+            self._stream_key(session_id),
+            self._nonces_key(session_id),
+        ]
         settings = [self._buffer_size, self._ttl_ms, new_epoch(), self.channel(session_id)]
         settings.append(secrets.token_hex(6))  # the nonce a retry looks for
+        settings.append(self._retry_window_ms)
         return _Append(session_id, type, final, body, keys, settings)
 
     async def _store_batch(self, batch: list[_Append]) -> list[StoredEvent | Exception]:
@@ -342,7 +354,7 @@ class RedisBroker:
         sha = self._append_script.sha
         # hiredis packs in C: 2.5 µs a command here, against 16.6 for redis-py's packer.
         return [
-            hiredis.pack_command(("EVALSHA", sha, 2, *r.keys, *r.arguments(retry))) for r in batch
+            hiredis.pack_command(("EVALSHA", sha, 3, *r.keys, *r.arguments(retry))) for r in batch
         ]
 
     async def read(self, session_id: str, after: StreamPosition | None) -> Replay:
@@ -393,6 +405,7 @@ class RedisBroker:
             self._state_key(session_id),
             self._stream_key(session_id),
             self._lease_key(session_id),
+            self._nonces_key(session_id),
         ]
         args = [new_epoch(), self._ttl_ms, secrets.token_hex(8)]
         args += ["", 0] if lease is None else [lease.owner, _milliseconds(lease.ttl)]

@@ -10,29 +10,27 @@ from __future__ import annotations
 
 from .base import LeaseState
 
-# How many of the newest entries a retried append searches for its own nonce.
-DEDUP_WINDOW = 64
-
-# KEYS: state, stream. ARGV: type, final (0|1), body, maxlen, ttl_ms, fresh epoch,
-# channel, nonce, retry (0|1), dedup window. Returns {1, epoch, seq}, or {0, final_id} once ended.
+# KEYS: state, stream, nonces. ARGV: type, final (0|1), body, maxlen, ttl_ms, fresh epoch,
+# channel, nonce, retry window ms, retry (0|1). Returns {1, epoch, seq}, or {0, final_id}
+# once ended. Every append leaves "<nonce>:<seq>" in the nonces stream, whose entry ids
+# are Redis's clock, kept for the retry window: a retry finds its first attempt however
+# many appends came in between.
 APPEND_LUA = """
-local state, stream = KEYS[1], KEYS[2]
+local state, stream, nonces = KEYS[1], KEYS[2], KEYS[3]
 local epoch = redis.call('HGET', state, 'epoch')
-if epoch and ARGV[9] == '1' then
+if epoch and ARGV[10] == '1' then
   -- A retry: the first attempt may have been stored and its answer lost.
-  local recent = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', ARGV[10])
-  for _, entry in ipairs(recent) do
-    local fields = entry[2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'n' and fields[i + 1] == ARGV[8] then
-        return {1, epoch, tonumber(string.match(entry[1], '^(%d+)'))}
-      end
+  local mine = ARGV[8] .. ':'
+  for _, entry in ipairs(redis.call('XRANGE', nonces, '-', '+')) do
+    local noted = entry[2][2]
+    if string.sub(noted, 1, #mine) == mine then
+      return {1, epoch, tonumber(string.sub(noted, #mine + 1))}
     end
   end
 end
 if not epoch then
-  -- A new life of the stream: drop any orphan entries of an earlier one.
-  redis.call('DEL', stream)
+  -- A new life of the stream: drop any orphan entries and nonces of an earlier one.
+  redis.call('DEL', stream, nonces)
   epoch = ARGV[6]
   redis.call('HSET', state, 'epoch', epoch, 'seq', 0)
 else
@@ -43,12 +41,16 @@ else
 end
 local seq = redis.call('HINCRBY', state, 'seq', 1)
 redis.call('XADD', stream, 'MAXLEN', '=', ARGV[4], seq .. '-0',
-           't', ARGV[1], 'f', ARGV[2], 'n', ARGV[8], 'b', ARGV[3])
+           't', ARGV[1], 'f', ARGV[2], 'b', ARGV[3])
 if ARGV[2] == '1' then
   redis.call('HSET', state, 'final', epoch .. '-' .. seq)
 end
 redis.call('PEXPIRE', state, ARGV[5])
 redis.call('PEXPIRE', stream, ARGV[5])
+local noted = redis.call('XADD', nonces, '*', 'n', ARGV[8] .. ':' .. seq)
+local now_ms = tonumber(string.match(noted, '^(%d+)'))
+redis.call('XTRIM', nonces, 'MINID', now_ms - tonumber(ARGV[9]))
+redis.call('PEXPIRE', nonces, ARGV[9])
 redis.call('PUBLISH', ARGV[7],
            seq .. '|' .. epoch .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3])
 return {1, epoch, seq}
@@ -89,8 +91,8 @@ end
 return {epoch, last, final, 1, redis.call('XRANGE', KEYS[2], '-', '+')}
 """
 
-# KEYS: state, stream, lease. ARGV: fresh epoch, ttl_ms, nonce, lease owner ('' for no
-# lease), lease ttl_ms. Returns 1 for the first caller.
+# KEYS: state, stream, lease, nonces. ARGV: fresh epoch, ttl_ms, nonce, lease owner ('' for
+# no lease), lease ttl_ms. Returns 1 for the first caller.
 CLAIM_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'claimed') == ARGV[3] then
@@ -98,7 +100,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   end
   return 0
 end
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[4])
 redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0, 'claimed', ARGV[3])
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'leased', 1)

@@ -55,6 +55,7 @@ async def stream_bodies(redis: Redis, broker: RedisBroker, session_id: str) -> l
 
 
 def keys_of(broker: RedisBroker, session_id: str) -> tuple[str, str]:
+    """A session's state and events (its lease and its append nonces live shorter)."""
     return broker._state_key(session_id), broker._stream_key(session_id)
 
 
@@ -71,11 +72,25 @@ class CountCalls:
 
 
 class LoseFirstAnswer(CountCalls):
-    """Wrap a call to Redis so that its first call runs in Redis but its answer is "lost"."""
+    """Wrap a call to Redis so that its first ``lost`` calls run in Redis but their answers
+    are "lost", each after ``meanwhile()`` (what else reaches Redis before the retry)."""
+
+    def __init__(
+        self,
+        call: Callable[..., Awaitable[Any]],
+        lost: int = 1,
+        meanwhile: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        super().__init__(call)
+        self.lost = lost
+        self.meanwhile = meanwhile
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        this_call = self.calls + 1  # several may be on their way at once
         result = await super().__call__(*args, **kwargs)
-        if self.calls == 1:
+        if this_call <= self.lost:
+            if self.meanwhile is not None:
+                await self.meanwhile()
             raise RedisConnectionError("connection lost before the reply")
         return result
 
@@ -252,6 +267,63 @@ async def test_append_whose_answer_was_lost_is_stored_once(
     assert lossy.calls == 3
     assert (first.seq, second.seq) == (1, 2)
     assert await raw_redis.xlen(node.broker._stream_key(sid)) == 2
+
+
+async def test_an_append_retried_after_many_others_is_stored_once(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch, raw_redis: Redis
+) -> None:
+    """Another process appends 100 events to the session between an append's first attempt
+    (stored, its answer lost) and its retry: the retry still finds what it stored."""
+    x, y = await make_node(), await make_node()
+    sid = new_session_id()
+    lossy = LoseFirstAnswer(
+        x.broker._run_appends, meanwhile=lambda: append_many(y.broker, sid, 100, start=2)
+    )
+    monkeypatch.setattr(x.broker, "_run_appends", lossy)
+    first = await x.broker.append(sid, "progress", body(1), False)
+    assert lossy.calls == 2
+    assert (first.seq, json.loads(first.payload)["n"]) == (1, 1)
+    stored = await stream_bodies(raw_redis, x.broker, sid)
+    assert [json.loads(b)["n"] for b in stored] == list(range(1, 102))
+
+
+async def test_batches_whose_answers_were_all_lost_are_each_stored_once(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch, raw_redis: Redis
+) -> None:
+    """200 appends at once into one session go out as several pipelines of at most 64, the
+    first three answers lost, as when a connection drops with them all on their way: every
+    retried append, whatever came after it, finds its own entry; nothing is stored twice."""
+    node = await make_node()
+    sid = new_session_id()
+    lossy = LoseFirstAnswer(node.broker._run_appends, lost=3)
+    monkeypatch.setattr(node.broker, "_run_appends", lossy)
+    results = await asyncio.gather(
+        *(node.broker.append(sid, "progress", body(n), False) for n in range(200))
+    )
+    assert lossy.calls >= 6  # three lost, then their retries
+    assert [json.loads(e.payload)["n"] for e in results] == list(range(200))
+    assert sorted(e.seq for e in results) == list(range(1, 201))
+    stored = await stream_bodies(raw_redis, node.broker, sid)
+    assert sorted(json.loads(b)["n"] for b in stored) == list(range(200))
+
+
+async def test_nonces_are_kept_only_for_the_retry_window(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """A session's nonces live as long as a retry may come (twice the retry budget and the
+    time-out of an attempt), then expire: an ended session holds only its state and events."""
+    node = await make_node(op_timeout=0.2, retry_budget=0.3)
+    sid = new_session_id()
+    await append_many(node.broker, sid, 3)
+    nonces = node.broker._nonces_key(sid)
+    assert await raw_redis.xlen(nonces) == 3
+    assert 0 < await raw_redis.pttl(nonces) <= 1000
+
+    async def expired() -> bool:
+        return await raw_redis.exists(nonces) == 0
+
+    await eventually(expired)
+    assert await raw_redis.exists(*keys_of(node.broker, sid)) == 2
 
 
 async def test_concurrent_appends_share_round_trips_and_are_stored_once(
@@ -788,7 +860,8 @@ async def test_memory_per_session_stays_small(make_node: NodeFactory, raw_redis:
     for n in range(60):
         text = body(n, agent="demand", status=status, progress=n, data={"step": n})
         await node.broker.append(sid, "agent_status", text, n == 59)
-    used = sum([await raw_redis.memory_usage(key) or 0 for key in keys_of(node.broker, sid)])
+    keys = [*keys_of(node.broker, sid), node.broker._nonces_key(sid)]  # nonces: still there
+    used = sum([await raw_redis.memory_usage(key) or 0 for key in keys])
     assert used < 64 * 1024, used
 
 
