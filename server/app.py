@@ -14,7 +14,7 @@ from .agents.llm import LLMSettings
 from .api import WORKFLOW_RUNNER, add_routes
 from .brokers import create_broker
 from .brokers.base import Broker
-from .config import Settings
+from .config import Settings, normalise_origin
 from .context import STREAM_CONTEXT, StreamContext
 from .contract import add_contract_routes
 from .error_answers import answer_error
@@ -106,7 +106,9 @@ async def _preflight() -> web.StreamResponse:
 
 
 def _origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
-    return origin in allowed or "*" in allowed
+    # As the WebSocket check reads them (server.auth.origin_allowed): Settings keeps the
+    # allowed origins normalised.
+    return "*" in allowed or normalise_origin(origin) in allowed
 
 
 def _on_response_prepare(allowed: tuple[str, ...]) -> Callable[..., Awaitable[None]]:

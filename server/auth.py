@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .config import Settings
+from .config import Settings, normalise_origin
 from .errors import Unauthorized
 from .query import query_value
 
@@ -76,8 +76,8 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     """``True`` for no ``Origin``, a listed one (``*`` lists all), or the server's own."""
     if origin is None:
         return True
-    origin = origin.strip().rstrip("/").lower()
-    if "*" in allowed or origin in (item.rstrip("/").lower() for item in allowed):
+    origin = normalise_origin(origin)
+    if "*" in allowed or origin in allowed:  # Settings keeps them normalised
         return True
     try:
         netloc = urlsplit(origin).netloc

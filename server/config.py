@@ -21,6 +21,16 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+def normalise_origin(origin: str) -> str:
+    """An origin as browsers send it: no trailing slash, scheme and host in lower case."""
+    return origin.strip().rstrip("/").lower()
+
+
+# Secrets that, when set, protect something: set but empty they would protect nothing
+# (an empty bearer token, tokens signed with an empty key), so they are refused.
+_SECRETS = ("publish_token", "stream_token_secret")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """The server's configuration. Build it with :meth:`from_args` or directly in tests."""
@@ -160,6 +170,18 @@ class Settings:
         metadata={"help": "how much to log", "choices": ("DEBUG", "INFO", "WARNING", "ERROR")},
     )
 
+    def __post_init__(self) -> None:
+        for name in _SECRETS:
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ValueError(
+                    f"{name} is set but empty: give it a secret, or leave it unset "
+                    f"({ENV_PREFIX}{name.upper()}, --{name.replace('_', '-')})"
+                )
+        # Compared with the Origin header as browsers send it, by CORS and the WebSocket check.
+        origins = tuple(normalise_origin(origin) for origin in self.cors_origins)
+        object.__setattr__(self, "cors_origins", origins)
+
     @classmethod
     def from_args(
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
@@ -168,7 +190,10 @@ class Settings:
         env = os.environ if environ is None else environ
         parser = build_parser(env)
         namespace = parser.parse_args(argv)
-        return cls(**vars(namespace))
+        try:
+            return cls(**vars(namespace))
+        except ValueError as error:
+            parser.error(str(error))
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
+import pytest
 from aiohttp import ClientConnectionError, ClientSession, TCPConnector
 
 from server.config import ENV_PREFIX, Settings
@@ -150,6 +151,28 @@ async def test_invalid_environment_value_is_refused_with_its_name() -> None:
     assert status == 2
     assert "ORCHESTRATOR_PORT" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "flag"),
+    [
+        ("ORCHESTRATOR_PUBLISH_TOKEN", "--publish-token"),
+        ("ORCHESTRATOR_STREAM_TOKEN_SECRET", "--stream-token-secret"),
+    ],
+)
+async def test_a_secret_set_but_empty_is_refused_with_its_name(variable: str, flag: str) -> None:
+    """An empty publish token would let anyone publish with an empty bearer token, and an
+    empty stream-token secret would sign tokens anyone can forge: set but empty (as
+    ``VAR=${UNSET}`` in a compose file leaves it), by flag or by variable, the server
+    refuses to start, with status 2 and a message naming it."""
+    for args, environ in (
+        ((), clean_environ(**{variable: ""})),
+        ((flag, " "), clean_environ()),
+    ):
+        status, _, err = await run_cli(*args, environ=environ)
+        assert status == 2, err
+        assert variable in err and flag in err and "set but empty" in err
+        assert "Traceback" not in err
 
 
 async def test_invalid_flag_value_is_refused() -> None:

@@ -210,6 +210,28 @@ async def test_listed_same_origin_and_originless_websockets_are_admitted(
         assert message["seq"] == 1
 
 
+async def test_an_origin_configured_with_capitals_or_a_slash_is_one_origin_everywhere(
+    start: StartServer, http: ClientSession
+) -> None:
+    """``--cors-origins HTTP://LocalHost:5173/`` names the frontend at
+    ``http://localhost:5173`` for CORS (REST, SSE, the preflight) as for the WebSocket
+    check: the browser's requests are let through by both, not by one of them."""
+    server = await start(cors_origins=("HTTP://LocalHost:5173/",))
+    origin = {"Origin": FRONTEND}
+    async with http.get(url(server, "/healthz"), headers=origin) as response:
+        assert response.status == 200
+        assert response.headers.get("Access-Control-Allow-Origin") == FRONTEND
+    preflight = {**origin, "Access-Control-Request-Method": "POST"}
+    async with http.options(url(server, "/api/orchestrator/run-workflow"), headers=preflight) as ok:
+        assert ok.status == 204
+    session_id = new_session_id()
+    async with http.ws_connect(ws_url(server, session_id), headers=origin) as ws:
+        await context_of(server).hub.publish(
+            ProgressEvent(session_id=session_id, agent="demand", status="s", progress=1)
+        )
+        assert (await ws.receive_json(timeout=5))["seq"] == 1
+
+
 # --- the publish token ----------------------------------------------------------------------------
 
 
