@@ -10,7 +10,9 @@ import uuid
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from .auth import check_stream_access, issue_stream_token
 from .context import STREAM_CONTEXT
@@ -52,7 +54,12 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     ``ValueError``), a bogus charset and nesting deeper than the parser's
     recursion limit are all "not valid JSON", never a 500.
     """
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except RequestPayloadError:  # a body its Content-Encoding (gzip, deflate) does not decode
+        raise InvalidRequest(
+            "The request body does not decode as its Content-Encoding says.", code="invalid_body"
+        ) from None
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
@@ -184,7 +191,17 @@ async def publish_event(request: web.Request) -> web.Response:
         event = PUBLISHABLE_ADAPTER.validate_python({**body, "session_id": session_id})
     except ValidationError as error:
         raise InvalidRequest(describe_validation_error(error), status=422) from None
-    stored = await ctx.hub.publish(event)
+    try:
+        stored = await ctx.hub.publish(event)
+    except PydanticSerializationError:
+        # The event is written as JSON before anything is stored. What passes validation
+        # but cannot be written is in `data`, whose values are any JSON: a lone surrogate
+        # escape ("\ud800"), or nesting deeper than the encoder goes.
+        raise InvalidRequest(
+            "'data' cannot be written as JSON: it holds a lone surrogate escape, or is "
+            "nested too deep.",
+            status=422,
+        ) from None
     # Built by hand, not json.dumps'd: an id is "<hex epoch>-<seq>", nothing to escape, and
     # this answer is the one response per published event.
     answer = f'{{"id":"{stored.id}","seq":{stored.seq}}}'.encode()

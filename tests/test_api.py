@@ -4,6 +4,7 @@ and error bodies that leak nothing; on both brokers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import Awaitable, Callable
@@ -345,6 +346,14 @@ async def test_publish_after_the_final_event_is_409(client: AppClient) -> None:
     assert snapshot["last_seq"] == 1
 
 
+def nested_lists(depth: int) -> list[Any]:
+    """``[[[...]]]``, ``depth`` lists deep."""
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 INVALID_EVENTS: dict[str, dict[str, Any]] = {
     "progress over 100": {"type": "progress", "agent": "demand", "status": "x", "progress": 150},
     "negative progress": {"type": "progress", "agent": "demand", "status": "x", "progress": -1},
@@ -375,6 +384,9 @@ INVALID_EVENTS: dict[str, dict[str, Any]] = {
     "a seq": {**progress(1), "seq": 9},
     "a session_id": {**progress(1), "session_id": "another-session"},
     "a timestamp": {**progress(1), "timestamp": "2026-01-01T00:00:00Z"},
+    # Valid JSON that the event's encoding cannot write (checked when it is written).
+    "data with a lone surrogate escape": {**progress(1), "data": {"note": "\ud800"}},
+    "data nested 400 deep": {**progress(1), "data": {"deep": nested_lists(400)}},
 }
 
 
@@ -396,6 +408,33 @@ async def test_publish_of_a_body_that_is_not_json_is_400(client: AppClient) -> N
         events_path(new_session_id()), data=b"type=progress", headers={"Content-Type": "text/plain"}
     )
     await error_of(response, 400, "invalid_json")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("path", ["/api/orchestrator/run-workflow", "events"])
+async def test_a_body_that_does_not_decode_as_its_content_encoding_is_400(
+    client: AppClient, encoding: str, path: str
+) -> None:
+    """A body sent as ``Content-Encoding: gzip`` (or deflate) that is not: 400
+    ``invalid_body``, not a 500. (Sent with curl: aiohttp's server drops the connection
+    right after such an answer, which aiohttp's client reports as a disconnection.)"""
+    session_id = new_session_id()
+    target = events_path(session_id) if path == "events" else path
+    curl = await asyncio.create_subprocess_exec(
+        *("curl", "--silent", "--show-error", "--noproxy", "*", "--max-time", "10"),
+        *("-w", "\n%{http_code}", "-X", "POST", "-H", "Content-Type: application/json"),
+        *("-H", f"Content-Encoding: {encoding}", "--data-binary", json.dumps(progress(1))),
+        str(http_url(client.server, target)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await curl.communicate()
+    assert curl.returncode == 0, err
+    text, _, status = out.decode().rpartition("\n")
+    assert status == "400", text
+    body = json.loads(text)
+    assert set(body) == {"error", "code", "reference"} and body["code"] == "invalid_body", body
+    assert (await client.get(f"/api/sessions/{session_id}")).status == 404
 
 
 @pytest.mark.parametrize("charset", ["bogus", "latin-1", "utf-16"])
