@@ -14,6 +14,7 @@ Nothing here logs or reports the API key, or the text of an SDK exception
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -113,19 +114,30 @@ def _to_parameters(output: LLMOutput) -> ForecastParameters:
     return ForecastParameters.model_validate(values)
 
 
+def answer_budget(settings: LLMSettings) -> float:
+    """How long the model gets in all: each attempt's time-out, and one more (at most 5 s)
+    for the back-off between them. The SDK bounds each read, not a whole answer, and
+    waits as long as a 429's ``Retry-After`` says (up to two minutes): without one bound
+    over it all, a rate-limited or trickling model would outlast the agent's own
+    time-out, and the workflow would fail instead of using the rules."""
+    return settings.timeout * (settings.max_retries + 1) + min(settings.timeout, 5.0)
+
+
 async def extract_with_llm(strategy: str, settings: LLMSettings) -> ForecastParameters:
     """Ask the model; raise :class:`LLMUnavailable` with a safe reason on any failure."""
     client = settings.client()
+    budget = answer_budget(settings)
     try:
-        completion = await client.chat.completions.parse(
-            model=settings.model,
-            messages=[
-                {"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": strategy[:MAX_STRATEGY_CHARS]},
-            ],
-            response_format=LLMOutput,
-            temperature=0,
-        )
+        async with asyncio.timeout(budget):
+            completion = await client.chat.completions.parse(
+                model=settings.model,
+                messages=[
+                    {"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": strategy[:MAX_STRATEGY_CHARS]},
+                ],
+                response_format=LLMOutput,
+                temperature=0,
+            )
         if not completion.choices:
             raise LLMUnavailable("it returned no answer")
         message = completion.choices[0].message
@@ -134,6 +146,10 @@ async def extract_with_llm(strategy: str, settings: LLMSettings) -> ForecastPara
         if message.parsed is None:
             raise LLMUnavailable("its answer was empty")
         return _to_parameters(message.parsed)
+    except LLMUnavailable:
+        raise
+    except TimeoutError:
+        raise LLMUnavailable(f"no answer within {budget:g} s") from None
     except openai.APITimeoutError:
         raise LLMUnavailable(f"timed out after {settings.timeout:g} s") from None
     except openai.APIStatusError as exc:
@@ -149,6 +165,11 @@ async def extract_with_llm(strategy: str, settings: LLMSettings) -> ForecastPara
     except openai.OpenAIError as exc:
         raise LLMUnavailable(f"SDK error {type(exc).__name__}") from None
     except ValueError:  # malformed completion JSON, or a schema the SDK could not use
+        raise LLMUnavailable("its answer could not be read") from None
+    except Exception as exc:
+        # An answer that is not a chat completion (a proxy's HTML page, `{}`, a list) is
+        # taken apart by the SDK without checks: AttributeError, TypeError and the like.
+        log.warning("extraction: the model's answer could not be read (%s)", type(exc).__name__)
         raise LLMUnavailable("its answer could not be read") from None
     finally:
         await client.close()

@@ -40,10 +40,13 @@ def _host(url: str | None) -> str | None:
     """Scheme, host and port of ``url``: no user info, path or query (they may hold secrets)."""
     if not url:
         return None
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""  # a port out of range raises here
+    except ValueError:  # an unclosed '[', a port that is not a number or out of range
+        return "(invalid url)"
     if not parts.hostname:
         return "(invalid url)"
-    port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{parts.hostname}{port}"
 
 

@@ -73,7 +73,8 @@ class ChatServer:
     """The script of responses and the requests received."""
 
     url: str = ""
-    script: list[str | int] = field(default_factory=list)  # content, or an HTTP status
+    # content, an HTTP status, or a whole response as the server should send it
+    script: list[str | int | web.Response] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -87,6 +88,8 @@ class ChatServer:
         if step == "hang":
             await self.release.wait()  # until the test ends: the client must time out
             return status(503, "released")
+        if isinstance(step, web.Response):
+            return step
         if isinstance(step, int):
             return status(step, f"scripted {step} for key {API_KEY}")
         return ok(step)
@@ -255,6 +258,63 @@ async def test_time_out_falls_back_to_the_rules(
     assert fallback_reported(recorder, "timed out")
     assert len(chat_server.requests) == 1
     assert_no_key(recorder, caplog)
+
+
+NOT_A_COMPLETION = {
+    "a proxy's HTML page": lambda: web.Response(
+        text="<html><body>Gateway says hello</body></html>", content_type="text/html"
+    ),
+    "plain text": lambda: web.Response(text="model overloaded", content_type="text/plain"),
+    "an empty object": lambda: web.json_response({}),
+    "a JSON list": lambda: web.json_response([completion("{}")]),
+    "a choice without a message": lambda: web.json_response(
+        {**completion("{}"), "choices": [{"index": 0, "finish_reason": "stop"}]}
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", list(NOT_A_COMPLETION))
+async def test_an_answer_that_is_not_a_chat_completion_falls_back_to_the_rules(
+    chat_server: ChatServer, recorder: Recorder, caplog: pytest.LogCaptureFixture, answer: str
+) -> None:
+    """HTTP 200 with something else than a chat completion: the rules, not a failed agent."""
+    chat_server.script = [NOT_A_COMPLETION[answer]()]
+    result = await ExtractionAgent(chat_server.settings())(STRATEGY, recorder)
+    assert result.method == "rules"
+    assert result.fallback_reason == "its answer could not be read"
+    assert fallback_reported(recorder, "could not be read")
+    assert_no_key(recorder, caplog)
+
+
+async def test_a_retry_after_longer_than_the_budget_falls_back_to_the_rules(
+    chat_server: ChatServer, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 429 asking to come back in a minute (the SDK would wait): the model's budget,
+    each attempt's time-out and one more, runs out first, and the rules are used, well
+    before the agent's own time-out would fail the workflow."""
+    chat_server.script = [
+        web.json_response(
+            {"error": {"message": "slow down", "type": "rate_limit", "code": None}},
+            status=429,
+            headers={"retry-after": "60"},
+        )
+    ]
+    settings = chat_server.settings(timeout=0.3, max_retries=1)
+    result = await ExtractionAgent(settings)(STRATEGY, recorder)
+    assert result.method == "rules"
+    assert result.fallback_reason == "no answer within 0.9 s"
+    assert len(chat_server.requests) == 1
+    assert_no_key(recorder, caplog)
+
+
+async def test_a_base_url_with_a_bad_port_falls_back_to_the_rules(recorder: Recorder) -> None:
+    """``OPENAI_BASE_URL=http://127.0.0.1:99999/v1``: the rules, and the stream names no URL."""
+    settings = LLMSettings(
+        provider="openai", api_key=API_KEY, base_url="http://127.0.0.1:99999/v1", max_retries=0
+    )
+    result = await ExtractionAgent(settings)(STRATEGY, recorder)
+    assert result.method == "rules"
+    assert any("(invalid url)" in r.status for r in recorder.reports), recorder.statuses
 
 
 async def test_unreachable_server_falls_back(recorder: Recorder) -> None:
