@@ -125,7 +125,10 @@ class WorkflowRunner:
         try:
             result = await self._steps(session_id, strategy)
         except asyncio.CancelledError:
-            await self._fail(
+            # Only close() cancels a run (shutdown). Its subscribers get a final event, and
+            # the run ends with that outcome rather than as cancelled, so a `?wait=true`
+            # request still waiting on it is answered instead of dropped.
+            error = await self._fail(
                 session_id,
                 WORKFLOW_INTERRUPTED,
                 "The forecast was interrupted because the server is restarting. "
@@ -133,7 +136,7 @@ class WorkflowRunner:
                 reference_id(),
             )
             self._metrics.workflows.labels(outcome="interrupted").inc()
-            raise
+            return WorkflowOutcome("failed", error=error)
         except ServiceUnavailable:
             # The event store could not be reached, even after the broker's retries.
             ref = reference_id()

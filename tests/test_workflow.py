@@ -184,7 +184,10 @@ async def test_closing_the_runner_interrupts_running_workflows_with_a_final_erro
     task = await rig.runner.start("workflow-0005", STRATEGY)
     await asyncio.wait_for(started.wait(), EVENT_TIMEOUT)
     await rig.runner.close(grace=0.0)
-    assert task.cancelled()
+    # The run ends with that outcome, not as cancelled: a `?wait=true` caller gets it.
+    outcome = task.result()
+    assert outcome.status == "failed" and outcome.error is not None
+    assert outcome.error["code"] == "workflow_interrupted"
     last = (await rig.events("workflow-0005"))[-1]
     assert (last["type"], last["code"], last["final"]) == ("error", "workflow_interrupted", True)
 

@@ -183,6 +183,39 @@ async def test_a_signal_ends_workflows_then_streams_and_the_process_exits_in_tim
     assert any(r.get("session_id") == running for r in records), lines
 
 
+async def test_a_request_waiting_on_its_workflow_is_answered_when_shutdown_interrupts_it(
+    serve: Callable[..., Awaitable[Process]],
+) -> None:
+    """``run-workflow?wait=true`` still waiting when SIGTERM comes: once the grace period
+    is over, the request gets its answer, 200 with the final outcome (``failed`` and
+    ``workflow_interrupted``, or ``complete`` had it finished), not a dropped connection."""
+    server = await serve("--shutdown-grace", str(GRACE))
+    session_id = new_session_id()
+    async with ClientSession() as http:
+        waiting = asyncio.create_task(
+            http.post(
+                server.url("/api/orchestrator/run-workflow?wait=true"),
+                json={"strategy_description": "15% off outdoor furniture for 8 weeks",
+                      "session_id": session_id},
+            )
+        )  # fmt: skip
+        async with http.ws_connect(server.url(f"/ws/orchestrator/{session_id}", "ws")) as ws:
+            await until_event(ws, lambda e: e.get("agent") == "demand")  # mid-flight
+            server.process.send_signal(signal.SIGTERM)
+            final = (await read_until_final(ws))[-1]
+        async with asyncio.timeout(GRACE + EXIT_SLACK):
+            response = await waiting
+        async with response:
+            assert response.status == 200
+            answer = await response.json()
+    if final["type"] == "complete":
+        assert answer["status"] == "complete"
+    else:
+        assert answer["status"] == "failed"
+        assert answer["error"]["code"] == final["code"] == "workflow_interrupted"
+    assert await server.process.wait() == 0
+
+
 async def test_a_workflow_that_finishes_within_the_grace_period_completes(
     start: StartServer, http: ClientSession, agents: FakeAgents
 ) -> None:
