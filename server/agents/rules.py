@@ -133,10 +133,13 @@ _HORIZON_WORDS: tuple[tuple[re.Pattern[str], int, str], ...] = (
 )
 _HALF_PRICE_RE = re.compile(r"\bhalf[- ](?:price|off)\b|\b50/50\b")
 _BOGO_RE = re.compile(r"\b(?:bogo|b1g1|buy 1,? get 1(?: free)?|2 for 1|two for one|3 for 2)\b")
+# Only these words may stand between the negation and what it negates ("not on sale", "no
+# kind of discount"): with any word allowed, "no markdown but a promotion" would read as
+# no promotion.
 _PROMO_NEGATION_RE = re.compile(
-    r"\b(?:no|without|not|don'?t|do not|skip|excluding|never)\s+(?:run\s+|running\s+|any\s+|a\s+"
-    r"|an\s+)*(?:promo(?:tion)?s?|promotional|sales? events?|campaigns?|discounts?|deals?"
-    r"|coupons?|sale)\b"
+    r"\b(?:no|without|not|don'?t|do not|skip|excluding|never)\s+(?:(?:run|running|any|a|an|on"
+    r"|the|such|kind of|type of|form of)\s+)*(?:promo(?:tion)?s?|promotional|promoting"
+    r"|sales? events?|campaigns?|discount(?:s|ed|ing)?|deals?|coupons?|sale)\b"
 )
 _PROMO_RE = re.compile(
     r"\b(?:promo(?:tion)?s?|promotional|promote[ds]?|promoting|campaigns?|deals?|coupons?"

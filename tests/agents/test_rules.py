@@ -95,6 +95,25 @@ def test_phrasings(strategy: str, expected: dict[str, Any]) -> None:
     assert extract_rule_based(strategy).model_dump() == {**DEFAULTS, **expected}
 
 
+@pytest.mark.parametrize(
+    ("strategy", "promotion"),
+    [
+        ("grills for 8 weeks, no sale", False),
+        ("grills for 8 weeks, not on sale", False),
+        ("grills for 8 weeks without discounting", False),
+        ("grills for 8 weeks, no discounted prices", False),
+        ("grills for 8 weeks, don't run any kind of promotion", False),
+        # The negation is of something else: the promotion stands.
+        ("grills for 8 weeks, no markdown but a promotion", True),
+        ("grills for 8 weeks, not online, with a promo", True),
+    ],
+)
+def test_a_negated_promotion_is_no_promotion(strategy: str, promotion: bool) -> None:
+    """*No / without / not … promotion, sale, discount, deal* (README), with a few words
+    between (*not on sale*) and the word's forms (*discounted*, *discounting*)."""
+    assert extract_rules(strategy).parameters.promotion is promotion
+
+
 def test_a_percentage_that_is_not_a_price_is_not_read_as_one() -> None:
     """'increase sales by 10 %' and a service level are not price changes."""
     params = extract_rule_based("increase sales by 10% at a 90% service level for 8 weeks")
