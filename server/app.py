@@ -123,6 +123,8 @@ def _on_response_prepare(allowed: tuple[str, ...]) -> Callable[..., Awaitable[No
         if origin and _origin_allowed(origin, allowed):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Allow-Credentials"] = "true"
+            # A 503's Retry-After says when to come back; unlisted, a page cannot read it.
+            response.headers["Access-Control-Expose-Headers"] = "Retry-After"
             response.headers["Vary"] = "Origin"
 
     return on_prepare

@@ -221,6 +221,8 @@ async def test_an_origin_configured_with_capitals_or_a_slash_is_one_origin_every
     async with http.get(url(server, "/healthz"), headers=origin) as response:
         assert response.status == 200
         assert response.headers.get("Access-Control-Allow-Origin") == FRONTEND
+        # so that the page can read a 503's Retry-After
+        assert response.headers.get("Access-Control-Expose-Headers") == "Retry-After"
     preflight = {**origin, "Access-Control-Request-Method": "POST"}
     async with http.options(url(server, "/api/orchestrator/run-workflow"), headers=preflight) as ok:
         assert ok.status == 204
