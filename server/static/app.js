@@ -165,9 +165,10 @@ const handlers = {
   complete(event) {
     if (event.agent !== "orchestrator") {
       setAgent(event.agent, { state: "done", progress: 100, status: agentSummary(event) });
-      return;
+    } else {
+      setOverall(100, event.status || "Complete");
     }
-    setOverall(100, event.status || "Complete");
+    // A session fed by another service may end with a final event from its own agent.
     if (event.final) {
       setRun("complete");
       renderResult(event.data && event.data.result);

@@ -34,7 +34,9 @@
  * function per event type (`agent_status`, `progress`, `complete`, `error`,
  * `heartbeat`, and `"*"` for every event). Control errors other than `replay_gap`
  * (`slow_consumer`, `invalid_session_id`, ...) reach the `error` handler too; they
- * have no `id`. Unknown fields and unknown event types are passed through untouched.
+ * have no `id`. Unknown fields are passed through untouched, and so are unknown event
+ * types over WebSocket; over SSE only the five types above arrive (an EventSource hears
+ * only the `event:` names it listens for).
  */
 
 export const STATES = Object.freeze({
@@ -64,7 +66,7 @@ const DEFAULTS = Object.freeze({
   transport: "auto", // "auto" | "websocket" | "sse"
   backoff: { initialMs: 500, maxMs: 15000 },
   maxReconnects: Infinity,
-  connectTimeoutMs: 10000, // a WebSocket handshake that hangs longer counts as failed
+  connectTimeoutMs: 10000, // a WebSocket handshake or an SSE response that hangs longer fails
   idleTimeoutMs: 75000, // no frame at all for this long: the connection is dead (0: never)
   token: undefined, // stream token (`?token=`) when the server requires one
 });
@@ -259,9 +261,17 @@ export class OrchestratorStream {
     const source = new EventSource(url);
     let opened = false;
     this._source = source;
+    this._connectTimer = setTimeout(() => {
+      // A request that is never answered (a proxy, a network black hole): give up on it.
+      if (this._source === source && !opened) {
+        this._dropSource();
+        this._transportFailed();
+      }
+    }, this.options.connectTimeoutMs);
     source.onopen = () => {
       if (this._source !== source) return;
       opened = true;
+      clearTimeout(this._connectTimer);
       this._setOpen();
     };
     const onMessage = (message) => {
@@ -336,6 +346,7 @@ export class OrchestratorStream {
   _dropSource() {
     const source = this._source;
     this._source = null;
+    clearTimeout(this._connectTimer);
     if (source) source.close();
   }
 

@@ -222,6 +222,52 @@ async def test_sse_resumes_by_query_and_reads_error_frames_as_events(
     assert result["reconnects"] == 1
 
 
+async def test_an_sse_request_never_answered_is_given_up_and_retried(
+    page: Page, live_server: LiveServer
+) -> None:
+    """An SSE request that no one answers (a proxy, a network black hole) counts as failed
+    after ``connectTimeoutMs``, as a hung WebSocket handshake does: the client retries, and
+    the answered retry streams to the end."""
+    urls: list[str] = []
+    never = asyncio.Event()
+
+    async def serve(route: Route) -> None:
+        urls.append(route.request.url)
+        if len(urls) == 1:
+            await never.wait()  # the first request is never answered
+            return
+        await route.fulfill(
+            status=200,
+            headers={"Content-Type": "text/event-stream"},
+            body=sse_body([event(1), event(2, final=True)]),
+        )
+
+    await page.route("**/sse/orchestrator/**", serve)
+    await page.goto(live_server.url + "/")
+    try:
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            result: dict[str, Any] = await page.evaluate(
+                """async (sessionId) => {
+                    const { OrchestratorStream } = await import("/static/client.js");
+                    const events = [];
+                    const stream = new OrchestratorStream(sessionId, {
+                      transport: "sse",
+                      connectTimeoutMs: 300,
+                      backoff: { initialMs: 5, maxMs: 20 },
+                      onEvent: { "*": (event) => events.push(event) },
+                    });
+                    return { ...(await stream.done), events };
+                }""",
+                SID,
+            )
+    finally:
+        never.set()
+    assert len(urls) == 2
+    assert seqs(result) == [1, 2]
+    assert result["closeReason"] == "final"
+    assert result["reconnects"] == 1
+
+
 async def test_backoff_is_exponential_with_full_jitter(page: Page, live_server: LiveServer) -> None:
     """Delays are uniform in [0, min(max, initial * 2^attempt)]."""
     await page.goto(live_server.url + "/")

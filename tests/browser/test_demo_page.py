@@ -268,3 +268,27 @@ async def test_with_stream_tokens_the_page_follows_with_the_token_it_is_given(
         assert set(counts.values()) == {1}
         assert max(counts) == len(counts)
         assert state["transport"] == transport
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_a_followed_session_that_another_agent_ends_shows_as_finished(
+    page: Page, live_server: LiveServer, transport: str
+) -> None:
+    """``/?session=<id>`` follows a session fed by another service; its final event may be
+    a ``complete`` from that service's own agent, not the orchestrator's: the page shows
+    the run as finished and Run can be pressed again."""
+    session_id = "followed-0001"
+    await page.goto(f"{live_server.url}/?session={session_id}&transport={transport}")
+    await page.wait_for_function("document.documentElement.dataset.ready === 'true'")
+    async with aiohttp.ClientSession() as http:
+        for body in (
+            {"type": "progress", "agent": "crawler", "status": "Crawling", "progress": 40},
+            {"type": "complete", "agent": "crawler", "status": "Crawled", "final": True},
+        ):
+            url = f"{live_server.url}/api/sessions/{session_id}/events"
+            async with http.post(url, json=body) as response:
+                assert response.status == 202, await response.text()
+    await page.wait_for_function("window.__stream.state === 'closed'", timeout=EVENT_MS)
+    assert await page.evaluate("window.__stream.run") == "complete"
+    await expect(page.locator("#run")).to_be_enabled()
+    await expect(page.locator("#error-banner")).to_be_hidden()
