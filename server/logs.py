@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -34,14 +35,22 @@ class ContextFilter(logging.Filter):
         return True
 
 
+# Where aiohttp's message starts quoting the request's own bytes: `reading: b'...'`.
+_QUOTED_BYTES = re.compile(r""":?\s*b?['"]""")
+
+
 class MalformedRequestFilter(logging.Filter):
     """aiohttp logs every malformed HTTP request at ERROR with a traceback. That is the
-    client's mistake, and on the open internet a way to flood the log: keep one INFO line."""
+    client's mistake, and on the open internet a way to flood the log: keep one INFO line.
+    The line says what was wrong, not the bytes aiohttp quotes (an over-long line may be an
+    ``Authorization`` header: its token stays out of the log)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError) and 400 <= (error.code or 500) < 500:
-            record.msg = f"{record.getMessage()}: {error.code} {error.message.splitlines()[0]}"
+            lines = error.message.splitlines()
+            what = _QUOTED_BYTES.split(lines[0], maxsplit=1)[0] if lines else ""
+            record.msg = f"{record.getMessage()}: {error.code} {what}"
             record.args = ()
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.exc_info = record.exc_text = None

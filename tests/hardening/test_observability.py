@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from aiohttp import ClientSession
-from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from server.logs import (
     SESSION_ID,
@@ -326,6 +326,22 @@ def test_a_malformed_request_is_one_info_line_not_an_error_with_a_traceback() ->
     assert record.getMessage() == (
         "Error handling request from 127.0.0.1: 400 Invalid header token:"
     )
+    token = "sk-live-0123456789abcdef"
+    too_long = LineTooLong(f"Authorization: Bearer {token}".encode(), 8190)
+    record = logging.LogRecord(
+        "aiohttp.server",
+        logging.ERROR,
+        __file__,
+        1,
+        "Error handling request from %s",
+        ("127.0.0.1",),
+        (LineTooLong, too_long, None),
+    )
+    assert log_filter.filter(record)
+    assert record.getMessage() == (
+        "Error handling request from 127.0.0.1: 400 Got more than 8190 bytes when reading"
+    )
+    assert token[:8] not in record.getMessage()
     failure = RuntimeError("a bug")
     record = logging.LogRecord(
         "aiohttp.server",
