@@ -164,7 +164,8 @@ export class OrchestratorStream {
   }
 
   start() {
-    if (this._started) return this;
+    // Closed before it started (`autoStart: false`): nothing to start, nor to listen for.
+    if (this._started || this.state === STATES.CLOSED) return this;
     this._started = true;
     globalThis.addEventListener?.("online", this._onOnline);
     this._connect();

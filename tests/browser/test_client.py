@@ -268,6 +268,39 @@ async def test_an_sse_request_never_answered_is_given_up_and_retried(
     assert result["reconnects"] == 1
 
 
+async def test_a_stream_closed_before_it_started_stays_closed(
+    page: Page, live_server: LiveServer
+) -> None:
+    """``autoStart: false``, ``close()``, then ``start()``: no connection, and no ``online``
+    listener left behind holding the closed stream."""
+    urls: list[str] = []
+    await page.route("**/orchestrator/**", lambda route: urls.append(route.request.url))
+    await page.goto(live_server.url + "/")
+    result = await page.evaluate(
+        """async (sessionId) => {
+            const { OrchestratorStream } = await import("/static/client.js");
+            const added = [];
+            const add = globalThis.addEventListener;
+            globalThis.addEventListener = (type, ...rest) => {
+                added.push(type);
+                return add.call(globalThis, type, ...rest);
+            };
+            try {
+                const stream = new OrchestratorStream(sessionId, { autoStart: false });
+                stream.close();
+                stream.start();
+                const info = await stream.done;
+                return { state: stream.state, closeReason: info.closeReason, added };
+            } finally {
+                globalThis.addEventListener = add;
+            }
+        }""",
+        SID,
+    )
+    assert result == {"state": "closed", "closeReason": "client", "added": []}
+    assert urls == []
+
+
 async def test_backoff_is_exponential_with_full_jitter(page: Page, live_server: LiveServer) -> None:
     """Delays are uniform in [0, min(max, initial * 2^attempt)]."""
     await page.goto(live_server.url + "/")
