@@ -35,8 +35,9 @@ class ContextFilter(logging.Filter):
         return True
 
 
-# Where aiohttp's message starts quoting the request's own bytes: `reading: b'...'`.
-_QUOTED_BYTES = re.compile(r""":?\s*b?['"]""")
+# Where aiohttp's message starts quoting the request's own bytes (`reading: b'...'`,
+# `line '...'`); an apostrophe inside a word ("can't") is not a quote.
+_QUOTED_BYTES = re.compile(r""":?\s+b?['"]|\bb['"]""")
 
 
 class MalformedRequestFilter(logging.Filter):
