@@ -307,20 +307,19 @@ async def test_a_request_log_line_names_the_session_of_that_request_only(
     assert [r.get("session_id") for r in refusals] == [first, second, first]
 
 
+def aiohttp_server_error(error: Exception, msg: str, *args: object) -> logging.LogRecord:
+    """The record aiohttp's server logs for ``error``: ERROR, with its traceback."""
+    return logging.LogRecord(
+        "aiohttp.server", logging.ERROR, __file__, 1, msg, args, (type(error), error, None)
+    )
+
+
 def test_a_malformed_request_is_one_info_line_not_an_error_with_a_traceback() -> None:
     """aiohttp's ERROR + traceback for a client's malformed HTTP becomes a one-line INFO;
     a real server error stays an ERROR."""
     log_filter = MalformedRequestFilter()
     bad = BadHttpMessage("Invalid header token:\n\n  b'Bad Header'")
-    record = logging.LogRecord(
-        "aiohttp.server",
-        logging.ERROR,
-        __file__,
-        1,
-        "Error handling request from %s",
-        ("127.0.0.1",),
-        (BadHttpMessage, bad, None),
-    )
+    record = aiohttp_server_error(bad, "Error handling request from %s", "127.0.0.1")
     assert log_filter.filter(record)
     assert record.levelno == logging.INFO and record.exc_info is None
     assert record.getMessage() == (
@@ -328,29 +327,12 @@ def test_a_malformed_request_is_one_info_line_not_an_error_with_a_traceback() ->
     )
     token = "sk-live-0123456789abcdef"
     too_long = LineTooLong(f"Authorization: Bearer {token}".encode(), 8190)
-    record = logging.LogRecord(
-        "aiohttp.server",
-        logging.ERROR,
-        __file__,
-        1,
-        "Error handling request from %s",
-        ("127.0.0.1",),
-        (LineTooLong, too_long, None),
-    )
+    record = aiohttp_server_error(too_long, "Error handling request from %s", "127.0.0.1")
     assert log_filter.filter(record)
     assert record.getMessage() == (
         "Error handling request from 127.0.0.1: 400 Got more than 8190 bytes when reading"
     )
     assert token[:8] not in record.getMessage()
-    failure = RuntimeError("a bug")
-    record = logging.LogRecord(
-        "aiohttp.server",
-        logging.ERROR,
-        __file__,
-        1,
-        "Error handling request",
-        (),
-        (RuntimeError, failure, None),
-    )
+    record = aiohttp_server_error(RuntimeError("a bug"), "Error handling request")
     assert log_filter.filter(record)
     assert record.levelno == logging.ERROR and record.exc_info is not None
