@@ -14,7 +14,7 @@ from .agents.llm import LLMSettings
 from .api import WORKFLOW_RUNNER, add_routes
 from .brokers import create_broker
 from .brokers.base import Broker
-from .config import Settings, normalise_origin
+from .config import Settings, origin_listed
 from .context import STREAM_CONTEXT, StreamContext
 from .contract import add_contract_routes
 from .error_answers import answer_error
@@ -87,7 +87,7 @@ def cors_middleware(allowed: tuple[str, ...]) -> Callable[..., Awaitable[web.Str
     @web.middleware
     def middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
         origin = request.headers.get("Origin")
-        if request.method == "OPTIONS" and origin and _origin_allowed(origin, allowed):
+        if request.method == "OPTIONS" and origin and origin_listed(origin, allowed):
             return _preflight()
         return handler(request)
 
@@ -105,12 +105,6 @@ async def _preflight() -> web.StreamResponse:
     )
 
 
-def _origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
-    # As the WebSocket check reads them (server.auth.origin_allowed): Settings keeps the
-    # allowed origins normalised.
-    return "*" in allowed or normalise_origin(origin) in allowed
-
-
 def _on_response_prepare(allowed: tuple[str, ...]) -> Callable[..., Awaitable[None]]:
     """One hook for every response, streams included (it runs once per published event)."""
 
@@ -120,7 +114,7 @@ def _on_response_prepare(allowed: tuple[str, ...]) -> Callable[..., Awaitable[No
         if not allowed:
             return
         origin = request.headers.get("Origin")
-        if origin and _origin_allowed(origin, allowed):
+        if origin and origin_listed(origin, allowed):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Allow-Credentials"] = "true"
             # A 503's Retry-After says when to come back; unlisted, a page cannot read it.

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .config import Settings, normalise_origin
+from .config import Settings, normalise_origin, origin_listed
 from .errors import Unauthorized
 from .query import query_value
 
@@ -76,11 +76,10 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     """``True`` for no ``Origin``, a listed one (``*`` lists all), or the server's own."""
     if origin is None:
         return True
-    origin = normalise_origin(origin)
-    if "*" in allowed or origin in allowed:  # Settings keeps them normalised
+    if origin_listed(origin, allowed):
         return True
     try:
-        netloc = urlsplit(origin).netloc
+        netloc = urlsplit(normalise_origin(origin)).netloc
     except ValueError:
         return False
     return bool(host) and bool(netloc) and netloc == (host or "").lower()

@@ -26,6 +26,12 @@ def normalise_origin(origin: str) -> str:
     return origin.strip().rstrip("/").lower()
 
 
+def origin_listed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """``origin`` is one of ``allowed`` (``*`` lists all), as CORS and the WebSocket check
+    both read it; :class:`Settings` keeps ``cors_origins`` normalised."""
+    return "*" in allowed or normalise_origin(origin) in allowed
+
+
 # Secrets that, when set, protect something: set but empty they would protect nothing
 # (an empty bearer token, tokens signed with an empty key), so they are refused.
 _SECRETS = ("publish_token", "stream_token_secret")
