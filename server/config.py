@@ -58,7 +58,8 @@ class Settings:
         default=600.0,
         metadata={
             "help": "seconds an ended session stays replayable; also how long a session with "
-            "no activity and no final event is kept"
+            "no activity and no final event is kept (one whose workflow runs is kept until "
+            "it ends)"
         },
     )
     subscriber_queue_size: int = field(

@@ -148,9 +148,17 @@ class MemoryBroker:
         return len(self._streams)
 
     def sweep(self) -> int:
-        """Forget sessions untouched for ``session_ttl``; return how many were dropped."""
+        """Forget sessions untouched for ``session_ttl``; return how many were dropped.
+
+        A session whose workflow still runs here (its lease is held) is kept however long
+        its agents stay silent: its history must outlive the run, as the Redis broker's
+        lease renewals keep it there."""
         deadline = self._clock() - self._ttl
-        expired = [sid for sid, s in self._streams.items() if s.touched <= deadline]
+        expired = [
+            sid
+            for sid, s in self._streams.items()
+            if s.touched <= deadline and sid not in self._leases
+        ]
         for sid in expired:
             del self._streams[sid]
             self._leases.pop(sid, None)

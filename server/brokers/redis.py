@@ -8,13 +8,14 @@ cluster slot and one Lua script may touch them all::
     <prefix>:{<sid>}:lease    string: the owner of the workflow lease, expiring after its ttl
     <prefix>:{<sid>}:live     pub/sub channel: "<seq>|<epoch>|<type>|<final>|<body>"
 
-State and events expire ``session_ttl`` after the last append; the lease
-``lease.ttl`` after its last renewal. Every write is one Lua
-script, so the next ``seq`` is assigned, the entry stored, the stream trimmed,
-the expiry refreshed and the live message published as one atomic step,
-whichever process appends. When the state hash is gone (expired, or a Redis
-without persistence restarted empty) the next append starts a new epoch, so
-an id from the earlier life of the stream is answered with a gap.
+State and events expire ``session_ttl`` after the last append or lease renewal (a
+running workflow's history outlives its agents' silences); the lease ``lease.ttl``
+after its last renewal. Every write is one Lua script, so the next ``seq`` is
+assigned, the entry stored, the stream trimmed, the expiry refreshed and the live
+message published as one atomic step, whichever process appends. When the state
+hash is gone (expired, or a Redis without persistence restarted empty) the next
+append starts a new epoch, so an id from the earlier life of the stream is answered
+with a gap.
 
 The scripts are in :mod:`.redis_scripts`. Each process keeps one connection
 (:mod:`.redis_live`) that carries both its appends and the live events of the
@@ -419,7 +420,12 @@ class RedisBroker:
     # --- workflow leases --------------------------------------------------------------
 
     async def _per_session(
-        self, what: str, script: Any, session_ids: Collection[str], args: list[Any]
+        self,
+        what: str,
+        script: Any,
+        session_ids: Collection[str],
+        args: list[Any],
+        keys: Callable[[str], list[str]],
     ) -> list[Any]:
         """Run a one-session script (it touches the keys of one session only: one hash
         slot) for each session, pipelined, ``_SESSIONS_PER_ROUND_TRIP`` at a time.
@@ -437,12 +443,12 @@ class RedisBroker:
             return []
 
         def packed(chunk: list[str]) -> list[bytes]:
-            return [
-                hiredis.pack_command(
-                    ("EVALSHA", script.sha, 2, self._state_key(s), self._lease_key(s), *args)
-                )
-                for s in chunk
-            ]
+            commands = []
+            for session_id in chunk:
+                session_keys = keys(session_id)
+                command = ("EVALSHA", script.sha, len(session_keys), *session_keys, *args)
+                commands.append(hiredis.pack_command(command))
+            return commands
 
         async def attempt(_: int) -> list[Any]:
             stream = await RespStream.open(client.connection_pool)
@@ -470,8 +476,12 @@ class RedisBroker:
         return await self._call(what, attempt)
 
     async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> None:
-        args = [lease.owner, _milliseconds(lease.ttl)]
-        await self._per_session("renew", self._renew_script, session_ids, args)
+        args = [lease.owner, _milliseconds(lease.ttl), self._ttl_ms]
+
+        def keys(s: str) -> list[str]:
+            return [self._state_key(s), self._lease_key(s), self._stream_key(s)]
+
+        await self._per_session("renew", self._renew_script, session_ids, args, keys)
 
     async def release_lease(self, session_id: str, owner: str) -> None:
         client = self._require_client()
@@ -485,7 +495,12 @@ class RedisBroker:
 
     async def lease_states(self, session_ids: Collection[str]) -> dict[str, LeaseState]:
         ids = list(session_ids)
-        answers = await self._per_session("lease states", self._lease_state_script, ids, [])
+
+        def keys(s: str) -> list[str]:
+            return [self._state_key(s), self._lease_key(s)]
+
+        script = self._lease_state_script
+        answers = await self._per_session("lease states", script, ids, [], keys)
         states: dict[str, LeaseState] = {}
         for session_id, answer in zip(ids, answers, strict=True):
             state = LEASE_STATES.get(str(answer))

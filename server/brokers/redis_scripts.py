@@ -113,9 +113,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: state, lease. ARGV: owner, lease ttl_ms. Returns 1 when the lease is held now.
-# An expired lease is taken again (its workflow still runs); an ended session's is not,
-# nor one another owner holds. 'leased' is set again on a stream that was recreated.
+# KEYS: state, lease, events. ARGV: owner, lease ttl_ms, session ttl_ms. Returns 1 when
+# the lease is held now. An expired lease is taken again (its workflow still runs); an
+# ended session's is not, nor one another owner holds. 'leased' is set again on a stream
+# that was recreated. The session's keys get session_ttl again, as an append gives them:
+# a running workflow's history must not expire while its agents are silent.
 RENEW_LUA = """
 if redis.call('HGET', KEYS[1], 'final') then
   return 0
@@ -127,6 +129,8 @@ end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'leased', 1)
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
 end
 return 1
 """

@@ -207,3 +207,52 @@ async def test_memory_leases_are_held_until_released_and_never_lost() -> None:
     assert await broker.lease_states([sid, other]) == {sid: "ended", other: "held"}
     await broker.release_lease(other, "me")
     assert await broker.lease_states([other]) == {other: "none"}
+
+
+async def test_a_renewal_keeps_a_running_workflows_history_from_expiring(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """Agents may stay silent longer than ``session_ttl`` (a short ttl, a slow model):
+    each renewal gives the session's state and events ``session_ttl`` again, as an
+    append does, so what the workflow published stays replayable while it runs. Once
+    the final event is stored, renewals no longer extend it."""
+    a = await make_node(session_ttl=60)
+    sid = new_session_id()
+    lease = Lease("owner-a", 30)
+    assert await a.broker.claim(sid, lease)
+    await a.broker.append(sid, "progress", body(1), False)
+    session_keys = (a.broker._state_key(sid), a.broker._stream_key(sid))
+    for key in session_keys:
+        await raw_redis.pexpire(key, 1000)  # the ttl nearly spent in silence
+    await a.broker.renew_leases([sid], lease)
+    for key in session_keys:
+        assert 1000 < await raw_redis.pttl(key) <= 60_000
+
+    await a.broker.append(sid, "complete", body(2), True)
+    for key in session_keys:
+        await raw_redis.pexpire(key, 1000)
+    await a.broker.renew_leases([sid], lease)
+    for key in session_keys:
+        assert 0 < await raw_redis.pttl(key) <= 1000
+
+
+async def test_memory_sweep_keeps_a_running_workflows_session() -> None:
+    """In memory the sweep forgets a session untouched for ``session_ttl`` unless its
+    workflow still runs here (its lease is held); released, it goes at the next sweep."""
+    now = [0.0]
+    broker = MemoryBroker(100, 60.0, clock=lambda: now[0])
+    running, idle = "session-0001", "session-0002"
+    assert await broker.claim(running, Lease("me", 30))
+    await broker.append(running, "progress", body(1), False)
+    await broker.append(idle, "progress", body(1), False)
+    now[0] += 61
+    assert broker.sweep() == 1
+    assert await broker.info(idle) is None
+    replay = await broker.read(running, None)
+    assert [e.seq for e in replay.events] == [1]
+
+    await broker.append(running, "complete", body(2), True)
+    await broker.release_lease(running, "me")
+    now[0] += 61
+    assert broker.sweep() == 1
+    assert await broker.info(running) is None
