@@ -147,7 +147,7 @@ class Subscription:
         # Queues are created on first use: an idle subscriber whose events all go
         # straight to its socket never holds one (a deque costs ~600 bytes).
         self._control: deque[ControlEvent] | None = None  # sent first: notices, heartbeats
-        self._queue: deque[StoredEvent] | None = None  # the replay, then live events
+        self._queue: deque[Frame] | None = None  # the replay (a gap notice first), then live
         self._replay_left = 0  # the head of _queue that is replay, not live backlog
         self._pending: list[StoredEvent] | None = []  # live events held back during replay
         self._epoch: str | None = None
@@ -165,7 +165,10 @@ class Subscription:
     def _start(self, replay: Replay, gap: bool) -> None:
         """Queue the replay (after a ``replay_gap`` notice if needed), then release held events."""
         if gap:
-            self.push_control(
+            # In the event queue, not with the control frames that go first: the client
+            # forgets what it derived when the notice comes, so events still queued from
+            # before the gap (a re-read under a live subscriber) must reach it first.
+            self._enqueue(
                 ControlEvent.error(
                     self.session_id,
                     REPLAY_GAP,
@@ -192,9 +195,12 @@ class Subscription:
     def _accept(self, event: StoredEvent) -> None:
         self._epoch = event.epoch
         self._last_seq = event.seq
+        self._enqueue(event)
+
+    def _enqueue(self, frame: Frame) -> None:
         if self._queue is None:
             self._queue = deque()
-        self._queue.append(event)
+        self._queue.append(frame)
 
     def deliver(self, event: StoredEvent) -> None:
         """Take one live event. Never blocks, never awaits."""

@@ -458,6 +458,33 @@ async def test_subscriber_on_a_recreated_stream_gets_a_gap_notice() -> None:
     await hub.close()
 
 
+async def test_a_gap_notice_follows_the_events_already_queued() -> None:
+    """A subscriber still has old events queued (it has not read them) when the stream is
+    recreated: it gets them first, then ``replay_gap``, then the new life's events. A
+    client forgets what it derived when the notice comes, so an old event after it would
+    be mixed into the new life."""
+    clock = Clock()
+    hub = await make_memory_hub(ttl=60.0, clock=clock)
+    broker = hub.broker
+    assert isinstance(broker, MemoryBroker)
+    async with hub.subscribe(SID) as sub:
+        first = await hub.publish(progress(1))
+        second = await hub.publish(progress(2))  # queued: the subscriber reads nothing yet
+        clock.now += 120
+        broker.sweep()
+        again = await hub.publish(progress(1))
+        registry = hub._metrics.registry
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            while not registry.get_sample_value("orchestrator_replay_gaps_total"):
+                await asyncio.sleep(POLL_INTERVAL)  # the hub re-reads the stream, finds the gap
+        frames = await receive(sub, 3)
+    described = [
+        f.id if isinstance(f, StoredEvent) else json.loads(f.payload)["code"] for f in frames
+    ]
+    assert described == [first.id, second.id, REPLAY_GAP, again.id]
+    await hub.close()
+
+
 @pytest.mark.parametrize("broker_kind", ["redis"])
 async def test_subscriber_on_an_expired_redis_stream_gets_a_gap_notice(
     make_hub: HubFactory,
