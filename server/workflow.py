@@ -128,12 +128,19 @@ class WorkflowRunner:
             # Only close() cancels a run (shutdown). Its subscribers get a final event, and
             # the run ends with that outcome rather than as cancelled, so a `?wait=true`
             # request still waiting on it is answered instead of dropped.
+            ref = reference_id()
+            log.warning(
+                "workflow of session %s interrupted: the server is shutting down [ref %s]",
+                session_id,
+                ref,
+                extra={"reference": ref},
+            )
             error = await self._fail(
                 session_id,
                 WORKFLOW_INTERRUPTED,
                 "The forecast was interrupted because the server is restarting. "
                 "Please run it again.",
-                reference_id(),
+                ref,
             )
             self._metrics.workflows.labels(outcome="interrupted").inc()
             return WorkflowOutcome("failed", error=error)

@@ -171,9 +171,10 @@ async def test_a_session_runs_at_most_one_workflow(rig: Rig) -> None:
 
 
 async def test_closing_the_runner_interrupts_running_workflows_with_a_final_error(
-    rig: Rig,
+    rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Shutdown: a workflow still running ends with a final workflow_interrupted error."""
+    """Shutdown: a workflow still running ends with a final workflow_interrupted error,
+    whose reference leads to a log line."""
     started = asyncio.Event()
 
     async def slow_demand(params: Any, report: Reporter) -> Any:
@@ -183,13 +184,17 @@ async def test_closing_the_runner_interrupts_running_workflows_with_a_final_erro
     replace_agent(rig, "demand", slow_demand)
     task = await rig.runner.start("workflow-0005", STRATEGY)
     await asyncio.wait_for(started.wait(), EVENT_TIMEOUT)
-    await rig.runner.close(grace=0.0)
+    with caplog.at_level(logging.WARNING):
+        await rig.runner.close(grace=0.0)
     # The run ends with that outcome, not as cancelled: a `?wait=true` caller gets it.
     outcome = task.result()
     assert outcome.status == "failed" and outcome.error is not None
     assert outcome.error["code"] == "workflow_interrupted"
     last = (await rig.events("workflow-0005"))[-1]
     assert (last["type"], last["code"], last["final"]) == ("error", "workflow_interrupted", True)
+    assert outcome.error["reference"] == last["details"].removeprefix("Reference ")
+    logged = [r for r in caplog.records if outcome.error["reference"] in r.getMessage()]
+    assert [r.levelname for r in logged] == ["WARNING"]
 
 
 async def test_handoff_reports_through_the_reporter_and_logs_durations() -> None:
