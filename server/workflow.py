@@ -252,14 +252,18 @@ class WorkflowRunner:
             session_id=session_id,
         )
         await self._progress(session_id, "Putting the result together", 95)
-        return {
+        result: dict[str, Any] = {
             "strategy": strategy,
             "parameters": parameters.model_dump(mode="json"),
             "extraction_method": extraction.method,
-            "forecast": forecast.model_dump(mode="json"),
-            "inventory": inventory.model_dump(mode="json"),
-            "pricing": pricing.model_dump(mode="json"),
         }
+        if extraction.fallback_reason:
+            # Why the rules read the strategy: a frontend showing the result can say so.
+            result["fallback_reason"] = extraction.fallback_reason
+        result["forecast"] = forecast.model_dump(mode="json")
+        result["inventory"] = inventory.model_dump(mode="json")
+        result["pricing"] = pricing.model_dump(mode="json")
+        return result
 
 
 async def wait_outcome(task: asyncio.Task[WorkflowOutcome]) -> WorkflowOutcome:

@@ -83,6 +83,8 @@ async def test_a_run_streams_each_agent_and_ends_with_the_final_result(rig: Rig)
     result = last["data"]["result"]
     assert set(result) >= {"parameters", "forecast", "inventory", "pricing"}
     assert result["parameters"]["horizon_weeks"] == 8
+    # No language model is configured here: the result says the rules read the strategy, and why.
+    assert (result["extraction_method"], result["fallback_reason"]) == ("rules", "not configured")
     assert result == outcome.result
 
     log = rig.handoff.execution_log

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.agents.demand import DemandForecast
 from server.agents.handoff import AgentHandoffManager, Reporter
-from server.agents.parameters import ForecastParameters
+from server.agents.parameters import ExtractionResult, ForecastParameters
 from server.context import STREAM_CONTEXT, StreamContext
 from server.messages import ProgressEvent
 from tests.clients import app_of
@@ -140,7 +140,7 @@ class FakeAgents:
         await report("Reading", 50)
         if self.workflow_failure is not None:
             return _Exploding(self.workflow_failure)
-        return Result(parameters=ForecastParameters(), method="rules")
+        return ExtractionResult(parameters=ForecastParameters(), method="rules")
 
     async def _demand(self, parameters: Any, report: Reporter) -> DemandForecast:
         await report("Forecasting", 10)
