@@ -105,20 +105,23 @@ _CATEGORY_RE = [
     for category, patterns in _CATEGORY_PATTERNS.items()
 ]
 
+# No two quantifiers may take turns over one run of spaces ("\s*x?\s*" is written
+# "\s*(?:x\s*)?"): backtracking through every split of the run was quadratic, and 4,000
+# characters of "1", spaces and "x" held the event loop for half a second.
 _PERCENT_RE = re.compile(r"(?<![\w.])([+-]?\d+(?:\.\d+)?)\s*(?:%|percent\b|per cent\b|pct\b)")
 _SERVICE_RE = re.compile(
-    r"(?:(?<![\w.])(\d+(?:\.\d+)?)\s*(?:%|percent|per cent)?\s+service[- ]level"
-    r"|service[- ]level\s*(?:of|at|=|:|to)?\s*(\d+(?:\.\d+)?)\s*(?:%|percent|per cent)?)"
+    r"(?:(?<![\w.])(\d+(?:\.\d+)?)(?:\s*(?:%|percent|per cent))?\s+service[- ]level"
+    r"|service[- ]level\s*(?:(?:of|at|=|:|to)\s*)?(\d+(?:\.\d+)?)(?:\s*(?:%|percent|per cent))?)"
 )
 _LEAD_TIME_RE = re.compile(
-    r"(?:(?<![\w.])(\d+)\s*[- ]?\s*(weeks?|wks?|days?)'?\s+(?:of\s+)?(?:supplier\s+)?"
+    r"(?:(?<![\w.])(\d+)\s*(?:-\s*)?(weeks?|wks?|days?)'?\s+(?:of\s+)?(?:supplier\s+)?"
     r"lead[- ]?times?"
-    r"|lead[- ]?times?\s*(?:of|is|=|:)?\s*(\d+)\s*[- ]?\s*(weeks?|wks?|days?))"
+    r"|lead[- ]?times?\s*(?:(?:of|is|=|:)\s*)?(\d+)\s*(?:-\s*)?(weeks?|wks?|days?))"
 )
 _HORIZON_RE = re.compile(
     r"(?:(?P<lead>for|over|next|during|within|across|horizon(?: of)?|the coming|coming)\s+)?"
     r"(?:(?:the\s+)?(?:next|coming)\s+)?"
-    r"(?<![\w.])(?P<n>\d+(?:\.\d+)?|an?)\s*(?:-|\s)?\s*"
+    r"(?<![\w.])(?P<n>\d+(?:\.\d+)?|an?)\s*(?:-\s*)?"
     r"(?P<unit>weeks?|wks?|months?|mos?|quarters?|years?|yrs?|days?|fortnights?)\b"
 )
 _HORIZON_WORDS: tuple[tuple[re.Pattern[str], int, str], ...] = (
@@ -199,7 +202,19 @@ def _normalize(text: str) -> str:
 
 def _blank(text: str, start: int, end: int) -> str:
     """Consume ``text[start:end]``: replace it by spaces, so offsets stay valid."""
-    return text[:start] + " " * (end - start) + text[end:]
+    return _blank_all(text, [(start, end)])
+
+
+def _blank_all(text: str, spans: list[tuple[int, int]]) -> str:
+    """Consume every ``(start, end)`` of ``spans`` (in order, not overlapping) in one copy of
+    ``text``: one copy per span would be quadratic in a text naming hundreds of things."""
+    pieces: list[str] = []
+    done = 0
+    for start, end in spans:
+        pieces += (text[done:start], " " * (end - start))
+        done = end
+    pieces.append(text[done:])
+    return "".join(pieces)
 
 
 def _number(value: str) -> float:
@@ -321,8 +336,9 @@ def _extract_category(text: str, notes: list[str]) -> tuple[str, str | None]:
     if not chosen:
         return text, None
     categories = list(dict.fromkeys(category for _, _, category in chosen))
-    for start, negative_length, _ in chosen:
-        text = _blank(text, start, start - negative_length)
+    text = _blank_all(
+        text, [(start, start - negative_length) for start, negative_length, _ in chosen]
+    )
     if "all" in categories:
         return text, "all"
     if len(categories) > 1:
@@ -387,8 +403,7 @@ def extract_rules(text: str) -> RuleExtraction:
         values["channel"] = "all"
     else:
         online_hits = list(_ONLINE_RE.finditer(work))
-        for hit in online_hits:  # "web shop" is online, not a shop
-            work = _blank(work, hit.start(), hit.end())
+        work = _blank_all(work, [hit.span() for hit in online_hits])  # "web shop" is not a shop
         online = bool(online_hits)
         store = _STORE_RE.search(work) is not None
         if online != store:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import time
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -150,16 +153,50 @@ def test_out_of_range_values_are_limited_and_noted() -> None:
     assert len(found.notes) >= 2
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    ["1" * 4000, "5% " * 1300, "no " + "a " * 1998, "patio " * 660, "12.5" * 1000],
-    ids=["digits", "percentages", "negations", "categories", "decimals"],
-)
-def test_long_hostile_text_is_read_in_linear_time(strategy: str) -> None:
-    """4,000 characters built to make regular expressions backtrack are read in linear
-    time (the extractor runs on the event loop): about 10 ms here, where backtracking
-    over them would take seconds. The bound leaves room for a loaded CI machine, where a
-    quarter of a second once ran out."""
-    started = time.perf_counter()
-    extract_rules(strategy)
-    assert time.perf_counter() - started < 1.0
+# (before, repeated, after): texts built to make regular expressions backtrack.
+HOSTILE: dict[str, tuple[str, str, str]] = {
+    "digits": ("", "1", ""),
+    "percentages": ("", "5% ", ""),
+    "negations": ("no ", "a ", ""),
+    "categories": ("", "patio ", ""),
+    "decimals": ("", "12.5", ""),
+    "spaces after a number": ("1", " ", "x"),
+    "newlines after a number": ("1", "\n", "x"),
+    "spaces after a percentage": ("95", " ", "x"),
+    "spaces after service level": ("service level", " ", "x"),
+    "spaces after lead time": ("lead time", " ", "x"),
+}
+# Characters each hostile text is built to: 25 times the 4,000 the API takes.
+HOSTILE_LENGTH = 100_000
+_READ_HOSTILE = """
+import json, sys
+from server.agents.rules import extract_rules
+before, repeated, after = json.loads(sys.argv[1])
+extract_rules(before + repeated * (int(sys.argv[2]) // len(repeated)) + after)
+"""
+
+
+@pytest.mark.parametrize("parts", HOSTILE.values(), ids=HOSTILE.keys())
+def test_long_hostile_text_is_read_in_linear_time(parts: tuple[str, str, str]) -> None:
+    """The extractor runs on the event loop, so a text built to make its regular
+    expressions backtrack would hold every stream. Each is read in time linear in its
+    length: 100,000 characters in about a tenth of a second here, where one pattern that
+    backtracked through every split of a run of spaces took half a second at 4,000
+    characters, and would take minutes at this length. The child process is killed if
+    it runs a minute, so a quadratic pattern fails this test rather than hangs it."""
+    command = [sys.executable, "-c", _READ_HOSTILE, json.dumps(parts), str(HOSTILE_LENGTH)]
+    subprocess.run(command, check=True, timeout=60, cwd=Path(__file__).parents[2])
+
+
+def test_runs_of_spaces_do_not_change_what_is_read() -> None:
+    """The patterns rewritten against backtracking read what they read before, with any
+    run of spaces or a hyphen between a number and its unit."""
+    found = extract_rules(
+        "95%   service level, 3 -  week lead time, 15 %  off grills for 6\n weeks"
+    )
+    assert found.parameters.service_level == 0.95
+    assert found.parameters.lead_time_weeks == 3
+    assert found.parameters.price_change_pct == -15.0
+    assert found.parameters.horizon_weeks == 6
+    found = extract_rules("service level of  90 percent, lead time is 2-weeks, 10% off lamps")
+    assert (found.parameters.service_level, found.parameters.lead_time_weeks) == (0.9, 2)
