@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import ipaddress
@@ -17,6 +18,7 @@ from pydantic_core import PydanticSerializationError
 from .auth import check_stream_access, issue_stream_token
 from .context import STREAM_CONTEXT
 from .errors import (
+    BodyTimeout,
     ClientError,
     InvalidRequest,
     InvalidSessionId,
@@ -47,7 +49,10 @@ def describe_validation_error(error: ValidationError) -> str:
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a clear 400. Size is capped by ``client_max_size``.
+    """The body as a JSON object, or a clear 400. Size is capped by ``client_max_size``,
+    time by ``body_timeout``: a body that never finishes would hold its connection (and
+    a file descriptor) for as long as its client likes, and no connection limit counts
+    REST requests.
 
     JSON is UTF-8 (RFC 8259), so the raw bytes are parsed whatever charset the
     Content-Type names: bytes that do not decode (``UnicodeDecodeError`` is a
@@ -55,7 +60,10 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     recursion limit are all "not valid JSON", never a 500.
     """
     try:
-        raw = await request.read()
+        async with asyncio.timeout(request.app[STREAM_CONTEXT].settings.body_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise BodyTimeout() from None
     except RequestPayloadError:  # a body its Content-Encoding (gzip, deflate) does not decode
         raise InvalidRequest(
             "The request body does not decode as its Content-Encoding says.", code="invalid_body"

@@ -79,6 +79,13 @@ class Settings:
     max_body_size: int = field(
         default=256 * 1024, metadata={"help": "largest REST request body, in bytes (413 above)"}
     )
+    body_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "seconds a REST request body may take to arrive once its headers are in "
+            "(408 after, and the connection is closed)"
+        },
+    )
     max_strategy_length: int = field(
         default=4000, metadata={"help": "longest strategy_description accepted, in characters"}
     )

@@ -13,7 +13,13 @@ import logging
 from aiohttp import web
 
 from .context import STREAM_CONTEXT
-from .errors import ServiceUnavailable, StreamError, reference_id, refusal_reason
+from .errors import (
+    BodyTimeout,
+    ServiceUnavailable,
+    StreamError,
+    reference_id,
+    refusal_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +68,10 @@ def answer_error(request: web.Request, exc: Exception) -> web.Response:
         headers = None
         if isinstance(exc, ServiceUnavailable):
             headers = {"Retry-After": str(exc.retry_after)}
-        return error_body(exc.status, exc.code, exc.message, ref, headers)
+        response = error_body(exc.status, exc.code, exc.message, ref, headers)
+        if isinstance(exc, BodyTimeout):
+            response.force_close()  # the rest of its body may still come: not a next request
+        return response
     return error_body(500, "internal_error", INTERNAL_ERROR_MESSAGE, log_failure(request, exc))
 
 

@@ -6,6 +6,7 @@
     │   ├── InvalidSessionId    400 session id does not match the pattern
     │   ├── Unauthorized        401/403 missing or wrong credentials
     │   ├── PayloadTooLarge     413
+    │   ├── BodyTimeout         408 the body did not arrive within body_timeout
     │   └── Conflict            409 session already ran, or already ended
     │       └── SessionEnded    409 publishing after the final event
     └── ServiceUnavailable      503 the broker cannot be reached, or shutting down (retry later)
@@ -69,6 +70,14 @@ class PayloadTooLarge(ClientError):
     code = "payload_too_large"
 
 
+class BodyTimeout(ClientError):
+    status = 408
+    code = "request_timeout"
+
+    def __init__(self) -> None:
+        super().__init__("The request body did not arrive in time; send it again.")
+
+
 class Conflict(ClientError):
     status = 409
     code = "conflict"
@@ -107,6 +116,6 @@ def refusal_reason(error: StreamError) -> str | None:
     """The label a refusal by a limit or by access control is counted under, else ``None``."""
     if isinstance(error, Overloaded):
         return error.reason
-    if error.code == "shutting_down" or error.status in (401, 403, 413):
+    if error.code == "shutting_down" or error.status in (401, 403, 408, 413):
         return error.code
     return None

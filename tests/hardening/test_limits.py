@@ -4,6 +4,7 @@ degrades (the streams already open keep streaming, and a freed place is reusable
 from __future__ import annotations
 
 import asyncio
+import json
 
 from aiohttp import ClientSession
 
@@ -25,9 +26,12 @@ from tests.hardening.support import (
     open_connections,
     wait_until,
 )
+from tests.timing import EVENT_TIMEOUT
 
 TRY_AGAIN_LATER = 1013
 MESSAGE_TOO_BIG = 1009
+# aiohttp reads what still comes of an unread body this long before it closes the socket.
+AIOHTTP_LINGERING_TIME = 10.0
 
 
 def progress(session_id: str, n: int = 1) -> ProgressEvent:
@@ -186,6 +190,41 @@ async def test_a_body_over_max_body_size_gets_413_in_the_json_error_shape(
             assert response.content_type == "application/json"
             assert_error_body(await response.json(), "payload_too_large")
     assert metric(ctx, "orchestrator_refusals_total", reason="payload_too_large") == 2
+    async with http.post(
+        url(server, f"/api/sessions/{new_session_id()}/events"),
+        json={"type": "progress", "agent": "demand", "status": "ok", "progress": 1},
+    ) as response:
+        assert response.status == 202
+
+
+async def test_a_body_that_stops_arriving_gets_408_and_its_connection_closed(
+    start: StartServer, http: ClientSession
+) -> None:
+    """A client that sends its headers and part of a body, then nothing: after
+    ``body_timeout`` both POST endpoints answer 408 ``request_timeout`` in the JSON error
+    shape with ``Connection: close``, and close the connection once aiohttp's lingering
+    read of what may still come (10 s) is over, where it was held for as long as the
+    client liked. Each is counted as a refusal; a normal request right after is served."""
+    server = await start(body_timeout=0.3)
+    ctx = context_of(server)
+
+    async def stall(path: str) -> None:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            'Content-Length: 100\r\n\r\n{"str'.encode()
+        )
+        async with asyncio.timeout(AIOHTTP_LINGERING_TIME + EVENT_TIMEOUT):
+            answer = await reader.read()  # to the end: the server closes the connection
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), head
+        assert b"Connection: close" in head
+        assert_error_body(json.loads(body), "request_timeout")
+
+    paths = ("/api/orchestrator/run-workflow", f"/api/sessions/{new_session_id()}/events")
+    await asyncio.gather(*(stall(path) for path in paths))
+    assert metric(ctx, "orchestrator_refusals_total", reason="request_timeout") == 2
     async with http.post(
         url(server, f"/api/sessions/{new_session_id()}/events"),
         json={"type": "progress", "agent": "demand", "status": "ok", "progress": 1},
