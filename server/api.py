@@ -25,7 +25,13 @@ from .errors import (
     ServiceUnavailable,
     Unauthorized,
 )
-from .messages import PUBLISHABLE_ADAPTER, SESSION_ID_PATTERN, is_valid_session_id
+from .messages import (
+    CONTROL_ERROR_CODES,
+    PUBLISHABLE_ADAPTER,
+    SESSION_ID_PATTERN,
+    ErrorEvent,
+    is_valid_session_id,
+)
 from .snapshot import session_snapshot
 from .workflow import WorkflowRunner, wait_outcome
 
@@ -199,6 +205,12 @@ async def publish_event(request: web.Request) -> web.Response:
         event = PUBLISHABLE_ADAPTER.validate_python({**body, "session_id": session_id})
     except ValidationError as error:
         raise InvalidRequest(describe_validation_error(error), status=422) from None
+    if isinstance(event, ErrorEvent) and event.code in CONTROL_ERROR_CODES:
+        raise InvalidRequest(
+            f"'{event.code}' is a code the server sends to one connection; an error to store "
+            "needs a code of its own.",
+            status=422,
+        )
     try:
         stored = await ctx.hub.publish(event)
     except PydanticSerializationError:

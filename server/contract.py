@@ -34,12 +34,8 @@ from pydantic_core import core_schema
 
 from .api import RunWorkflowRequest
 from .messages import (
-    INVALID_MESSAGE,
-    INVALID_SESSION_ID,
-    OVERLOADED,
-    REPLAY_GAP,
+    CONTROL_ERROR_CODES,
     SESSION_ID_PATTERN,
-    SLOW_CONSUMER,
     AgentStatusEvent,
     CompleteEvent,
     ErrorEvent,
@@ -69,7 +65,6 @@ PUBLISHABLE: dict[str, type[BaseModel]] = {
     "Complete": CompleteEvent,
     "Error": ErrorEvent,
 }
-CONTROL_ERROR_CODES = (REPLAY_GAP, INVALID_MESSAGE, INVALID_SESSION_ID, SLOW_CONSUMER, OVERLOADED)
 SERVER_FILLED = ("session_id", "timestamp", "id", "seq")
 
 

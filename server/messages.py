@@ -27,6 +27,9 @@ INVALID_MESSAGE = "invalid_message"
 INVALID_SESSION_ID = "invalid_session_id"
 SLOW_CONSUMER = "slow_consumer"
 OVERLOADED = "overloaded"
+# A publisher may not store an error under one of these: a client could no longer tell a
+# stored event from a notice about its own connection (a replay_gap resets it).
+CONTROL_ERROR_CODES = (REPLAY_GAP, INVALID_MESSAGE, INVALID_SESSION_ID, SLOW_CONSUMER, OVERLOADED)
 
 
 def is_valid_session_id(session_id: str) -> bool:

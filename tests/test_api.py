@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from server.app import create_app
 from server.brokers.memory import MemoryBroker
 from server.config import Settings
+from server.messages import CONTROL_ERROR_CODES
 from tests.clients import (
     AGENTS,
     STRATEGY,
@@ -387,6 +388,12 @@ INVALID_EVENTS: dict[str, dict[str, Any]] = {
     # Valid JSON that the event's encoding cannot write (checked when it is written).
     "data with a lone surrogate escape": {**progress(1), "data": {"note": "\ud800"}},
     "data nested 400 deep": {**progress(1), "data": {"deep": nested_lists(400)}},
+    # A stored error under a control code would pass for a notice about the client's own
+    # connection (a replay_gap resets a client): those codes are the server's.
+    **{
+        f"an error coded {code}": {"type": "error", "code": code, "error": "x"}
+        for code in CONTROL_ERROR_CODES
+    },
 }
 
 
@@ -394,8 +401,9 @@ INVALID_EVENTS: dict[str, dict[str, Any]] = {
 async def test_publish_of_an_invalid_event_is_422_and_stores_nothing(
     client: AppClient, case: str
 ) -> None:
-    """An event that fails validation, or sets what the server fills in (id, seq,
-    session_id, timestamp), gets 422 and is not stored."""
+    """An event that fails validation, sets what the server fills in (id, seq,
+    session_id, timestamp), or is an error under a control code, gets 422 and is not
+    stored."""
     session_id = new_session_id()
     response = await client.post(events_path(session_id), json=INVALID_EVENTS[case])
     await error_of(response, 422)
