@@ -83,6 +83,13 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
+# The session id in a route. An empty one matches too (aiohttp's default needs a
+# character), so that it is refused as an invalid session id (400, or 1008 on a
+# WebSocket, which tells a client to stop), not answered 404 (a WebSocket client sees
+# 1006 and reconnects for ever).
+SESSION_ID_SEGMENT = "{session_id:[^{}/]*}"
+
+
 def session_id_of(request: web.Request) -> str:
     session_id = request.match_info["session_id"]
     if not is_valid_session_id(session_id):
@@ -248,8 +255,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/orchestrator/run-workflow", run_workflow)
-    app.router.add_get("/api/sessions/{session_id}", get_session)
-    app.router.add_post("/api/sessions/{session_id}/events", publish_event)
+    app.router.add_get(f"/api/sessions/{SESSION_ID_SEGMENT}", get_session)
+    app.router.add_post(f"/api/sessions/{SESSION_ID_SEGMENT}/events", publish_event)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -11,7 +11,7 @@ from aiohttp import web
 from .agents import register_agents
 from .agents.handoff import AgentHandoffManager
 from .agents.llm import LLMSettings
-from .api import WORKFLOW_RUNNER, add_routes
+from .api import SESSION_ID_SEGMENT, WORKFLOW_RUNNER, add_routes
 from .brokers import create_broker
 from .brokers.base import Broker
 from .config import Settings, origin_listed
@@ -207,8 +207,8 @@ def create_app(
     app.on_shutdown.append(on_shutdown)
     app.on_response_prepare.append(_on_response_prepare(settings.cors_origins))
 
-    app.router.add_get("/ws/orchestrator/{session_id}", websocket_handler)
-    app.router.add_get("/sse/orchestrator/{session_id}", sse_handler)
+    app.router.add_get(f"/ws/orchestrator/{SESSION_ID_SEGMENT}", websocket_handler)
+    app.router.add_get(f"/sse/orchestrator/{SESSION_ID_SEGMENT}", sse_handler)
     add_routes(app)
     add_contract_routes(app)
     app.router.add_get("/", index)

@@ -162,6 +162,9 @@ def assert_whole_story(events: list[Event], session_id: str, count: int) -> None
 
 # Session ids that are not valid, as they appear in a URL path (percent-encoded).
 BAD_SESSION_IDS = {
+    # A frontend whose id is still unset: refused (WebSocket 1008, stop), not a 404 (1006,
+    # which a client retries for ever).
+    "empty": "",
     "too short": "abc1234",
     "too long": "a" * 129,
     "with an encoded slash": "abcdefgh%2Fijkl",

@@ -316,7 +316,7 @@ async def test_snapshot_of_an_unknown_session_is_404(client: AppClient) -> None:
     await error_of(response, 404, "session_not_found")
 
 
-@pytest.mark.parametrize("session_id", ["short", "a" * 129, "abcdefgh%2Fijkl", "abcdefgh%00"])
+@pytest.mark.parametrize("session_id", ["", "short", "a" * 129, "abcdefgh%2Fijkl", "abcdefgh%00"])
 async def test_snapshot_with_a_bad_session_id_is_400(client: AppClient, session_id: str) -> None:
     """A malformed session id gets 400 ``invalid_session_id``."""
     async with client.session.get(http_url(client.server, f"/api/sessions/{session_id}")) as r:
@@ -466,7 +466,9 @@ async def test_json_is_read_as_utf8_whatever_charset_is_declared(
     assert event["status"] == "Prévision prête"
 
 
-@pytest.mark.parametrize("session_id", ["short", "a" * 129, "abcdefgh%2Fijkl", "s%C3%A9ssion-01"])
+@pytest.mark.parametrize(
+    "session_id", ["", "short", "a" * 129, "abcdefgh%2Fijkl", "s%C3%A9ssion-01"]
+)
 async def test_publish_to_a_bad_session_id_is_400(client: AppClient, session_id: str) -> None:
     """Publishing to a malformed session id gets 400 ``invalid_session_id``."""
     url = http_url(client.server, events_path(session_id))
