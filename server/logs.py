@@ -58,6 +58,18 @@ class MalformedRequestFilter(logging.Filter):
         return True
 
 
+class ClientProtocolsFilter(logging.Filter):
+    """aiohttp warns, twice per handshake, when a client offers WebSocket subprotocols and
+    the server knows none (it knows none). That is the client's choice, and any client
+    could flood the log with it: it is kept at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "Client protocols" in record.msg:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, session_id, reference,
     and the traceback as ``exception`` (the log is the one place exception text goes)."""
@@ -94,6 +106,10 @@ def setup_logging(level: str, fmt: str = "text", *, stream: TextIO | None = None
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    server_log = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
-        server_log.addFilter(MalformedRequestFilter())
+    for name, kind in (
+        ("aiohttp.server", MalformedRequestFilter),
+        ("aiohttp.websocket", ClientProtocolsFilter),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())

@@ -307,6 +307,34 @@ async def test_a_request_log_line_names_the_session_of_that_request_only(
     assert [r.get("session_id") for r in refusals] == [first, second, first]
 
 
+async def test_a_handshake_offering_subprotocols_is_not_a_warning(
+    start: StartServer, http: ClientSession
+) -> None:
+    """A client offering WebSocket subprotocols (the server knows none) is served without
+    one; aiohttp's warning about it, twice per handshake that any client may repeat, is
+    kept at DEBUG, out of an INFO log."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    stream = io.StringIO()
+    try:
+        setup_logging("INFO", "json", stream=stream)
+        server = await start()
+        for _ in range(3):
+            target = url(server, f"/ws/orchestrator/{new_session_id()}", "ws")
+            async with http.ws_connect(target, protocols=("graphql-ws", "mqtt")) as ws:
+                assert ws.protocol is None
+        assert "Client protocols" not in stream.getvalue()
+        setup_logging("DEBUG", "json", stream=stream)
+        async with http.ws_connect(target, protocols=("graphql-ws",)):
+            pass
+        records = [json.loads(line) for line in stream.getvalue().splitlines()]
+        offered = [r for r in records if "Client protocols" in r["message"]]
+        assert offered and {r["level"] for r in offered} == {"DEBUG"}
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
 def aiohttp_server_error(error: Exception, msg: str, *args: object) -> logging.LogRecord:
     """The record aiohttp's server logs for ``error``: ERROR, with its traceback."""
     return logging.LogRecord(
