@@ -66,8 +66,13 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     recursion limit are all "not valid JSON", never a 500.
     """
     try:
-        async with asyncio.timeout(request.app[STREAM_CONTEXT].settings.body_timeout):
+        if request.content.is_eof():
+            # All of it came with the headers (a published event mostly does): no timer,
+            # which would cost a publish a twentieth of its time.
             raw = await request.read()
+        else:
+            async with asyncio.timeout(request.app[STREAM_CONTEXT].settings.body_timeout):
+                raw = await request.read()
     except TimeoutError:
         raise BodyTimeout() from None
     except RequestPayloadError:  # a body its Content-Encoding (gzip, deflate) does not decode
