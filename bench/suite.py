@@ -245,8 +245,17 @@ def machine() -> JSON:
     }
 
 
+# What a run says about correctness: added up over rounds, never a median, so a loss in
+# one round of three shows in the row (a median would make it 0).
+_INTEGRITY_COUNTS = frozenset({"lost", "duplicated", "reordered", "starved", "publish_failed"})
+
+
 def aggregate(runs: list[JSON]) -> JSON:
-    """Medians over repeats, field by field (numbers only; the rest from the first run).
+    """Measurements are medians over repeats, field by field; what says whether the run
+    was sound is never a median: integrity counts (lost, duplicated, reordered, starved,
+    failed publishes) and control events are added up over the rounds, and a flag
+    (drained, server survived) holds only if it held in every round. Each round's own
+    result is kept under ``rounds``.
 
     A run that failed is left out of the medians, and the row names its error
     (``failed_runs``): a median of fewer runs than asked for must say so.
@@ -254,10 +263,21 @@ def aggregate(runs: list[JSON]) -> JSON:
     if len(runs) == 1:
         return runs[0]
 
-    def merge(values: list[Any]) -> Any:
+    def total(values: list[Any]) -> Any:
         if all(isinstance(v, dict) for v in values):
-            keys = values[0].keys()
-            return {k: merge([v.get(k) for v in values]) for k in keys}
+            keys = dict.fromkeys(k for v in values for k in v)
+            return {k: sum(v.get(k, 0) for v in values) for k in keys}
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        return sum(numbers) if numbers else values[0]
+
+    def merge(values: list[Any], key: str = "") -> Any:
+        if key in _INTEGRITY_COUNTS or key == "controls":
+            return total(values)
+        if all(isinstance(v, dict) for v in values):
+            keys = dict.fromkeys(k for v in values for k in v)  # every round's, in order
+            return {k: merge([v.get(k) for v in values], k) for k in keys}
+        if all(isinstance(v, bool) for v in values):
+            return all(values)
         numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
         if numbers and len(numbers) == len(values):
             median = statistics.median(numbers)
@@ -272,6 +292,7 @@ def aggregate(runs: list[JSON]) -> JSON:
         return {**runs[0], "repeats": 0}  # every run failed: the row is the first failure
     merged: JSON = merge(completed) if len(completed) > 1 else dict(completed[0])
     merged["repeats"] = len(completed)
+    merged["rounds"] = runs
     failed = [run["error"] for run in runs if "error" in run]
     if failed:
         merged["failed_runs"] = failed

@@ -17,11 +17,42 @@ def run(p99_ms: float, lost: int = 0) -> dict[str, object]:
 
 
 def test_a_row_is_the_median_of_its_runs_field_by_field() -> None:
-    row = aggregate([run(9.0), run(7.0, lost=2), run(8.0)])
+    row = aggregate([run(9.0), run(7.0), run(8.0)])
     assert row["fixed"] == {"latency": {"p99_ms": 8.0}, "cpu_us_per_delivery": 4.0}
     assert row["lost"] == 0 and isinstance(row["lost"], int)
     assert row["repeats"] == 3
     assert "failed_runs" not in row
+
+
+def test_what_goes_wrong_in_one_round_shows_in_the_row() -> None:
+    """Losses, duplicates, reordering and failed publishes are added up over the rounds,
+    control events too, and a flag holds only if it held in every round: a median of
+    three would turn one bad round into a clean row. Each round is kept as it was."""
+    clean = {**run(8.0), "controls": {"heartbeat": 3}, "server_survived": True}
+    bad = {
+        **run(9.0, lost=3712),
+        "duplicated": 40,
+        "reordered": 5,
+        "publish_failed": 12,
+        "controls": {"heartbeat": 3, "slow_consumer": 1},
+        "saturation": {"drained": False},
+        "server_survived": False,
+    }
+    clean = {**clean, "duplicated": 0, "reordered": 0, "publish_failed": 0}
+    clean["saturation"] = {"drained": True}
+    row = aggregate([clean, bad, clean])
+    assert (row["lost"], row["duplicated"], row["reordered"], row["publish_failed"]) == (
+        3712,
+        40,
+        5,
+        12,
+    )
+    assert row["controls"] == {"heartbeat": 9, "slow_consumer": 1}
+    assert row["saturation"]["drained"] is False and row["server_survived"] is False
+    assert row["fixed"]["latency"]["p99_ms"] == 8.0  # measurements stay medians
+    assert row["rounds"] == [clean, bad, clean]
+    (line,) = [line for line in report.throughput_table([row]) if line.startswith("| fanout")]
+    assert "slow_consumer" in line and "server died" in line
 
 
 def test_a_failed_run_is_left_out_of_the_medians_and_named_in_the_row() -> None:
