@@ -150,14 +150,16 @@ class MemoryBroker:
     def sweep(self) -> int:
         """Forget sessions untouched for ``session_ttl``; return how many were dropped.
 
-        A session whose workflow still runs here (its lease is held) is kept however long
-        its agents stay silent: its history must outlive the run, as the Redis broker's
-        lease renewals keep it there."""
+        A session whose workflow still runs here (its lease is held, no final event yet)
+        is kept however long its agents stay silent: its history must outlive the run, as
+        the Redis broker's lease renewals keep it there. Once it has ended, a lease left
+        behind (a final event published by another service ends the run without a
+        release) protects it no longer."""
         deadline = self._clock() - self._ttl
         expired = [
             sid
             for sid, s in self._streams.items()
-            if s.touched <= deadline and sid not in self._leases
+            if s.touched <= deadline and (sid not in self._leases or s.final_id is not None)
         ]
         for sid in expired:
             del self._streams[sid]

@@ -256,3 +256,11 @@ async def test_memory_sweep_keeps_a_running_workflows_session() -> None:
     now[0] += 61
     assert broker.sweep() == 1
     assert await broker.info(running) is None
+
+    # Ended by another service's final event, the run stops without releasing its lease:
+    # the ended session goes all the same.
+    assert await broker.claim(running, Lease("me", 30))
+    await broker.append(running, "complete", body(1), True)
+    now[0] += 61
+    assert broker.sweep() == 1
+    assert await broker.info(running) is None
