@@ -406,8 +406,10 @@ async def paced(
 ) -> None:
     """Publish ``rate`` events/s, round robin over ``order``, for ``duration`` s.
 
-    Requests are written on time whether or not earlier answers came back
-    (no coordinated omission); at most 2,000 may be unanswered.
+    Requests are written on time whether or not earlier answers came back, at most
+    2,000 unanswered, and each event carries the time it was due, not the time it was
+    written: latency counts from the schedule, so a load generator running late (or
+    held at the cap) adds its delay instead of hiding it (no coordinated omission).
 
     Event k is due at a random moment in the first ``_JITTER_S`` of its own
     ``1/rate`` slot: the rate is exact and consecutive events stay at least
@@ -424,12 +426,14 @@ async def paced(
     rng = random.Random(phase)
     due = [k * slot + rng.random() * jitter for k in range(total)]
     start = time.monotonic()
+    start_ns = time.time_ns()  # the same moment on the clock the receivers stamp with
     hard_stop = start + duration * 3 + 5
     sent = 0
     while sent < total and time.monotonic() < hard_stop:
         now = time.monotonic() - start
         while sent < total and due[sent] <= now and len(publisher.in_flight) < 2000:
-            publisher.publish(order[sent % len(order)], phase)
+            due_ns = start_ns + round(due[sent] * 1e9)
+            publisher.publish(order[sent % len(order)], phase, due_ns)
             sent += 1
         if sent < total:
             await asyncio.sleep(max(0.0, start + due[sent] - time.monotonic()))

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from bench.peers import PEER_BACKLOG
+
 WS_TRANSPORTS = web.AppKey("ws_transports", dict[str, set[asyncio.Transport]])
 SSE_TRANSPORTS = web.AppKey("sse_transports", dict[str, set[asyncio.Transport]])
 SEQUENCES = web.AppKey("sequences", dict[str, int])
@@ -123,6 +125,7 @@ def main() -> None:
         host=args.host,
         port=args.port,
         handler_cancellation=True,
+        backlog=PEER_BACKLOG,
         access_log=None,
         print=None,
     )

@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from bench.peers import PEER_BACKLOG
+
 WS_SUBSCRIBERS = web.AppKey("ws_subscribers", dict[str, set[web.WebSocketResponse]])
 SSE_SUBSCRIBERS = web.AppKey("sse_subscribers", dict[str, set[web.StreamResponse]])
 SEQUENCES = web.AppKey("sequences", dict[str, int])
@@ -108,6 +110,7 @@ def main() -> None:
         host=args.host,
         port=args.port,
         handler_cancellation=True,
+        backlog=PEER_BACKLOG,
         access_log=None,
         print=None,
     )

@@ -32,6 +32,8 @@ import uvicorn  # noqa: E402
 from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect  # noqa: E402
 from pydantic import BaseModel, Field, ValidationError  # noqa: E402
 
+from bench.peers import PEER_BACKLOG  # noqa: E402
+
 # --- backend/app/schemas/websocket_messages.py ---------------------------------------------
 
 
@@ -204,6 +206,7 @@ def main() -> None:
         http="h11",
         log_level="warning",
         access_log=False,
+        backlog=PEER_BACKLOG,
     )
 
 
