@@ -304,7 +304,7 @@ async def throughput(cfg: JSON, server: psutil.Process) -> JSON:
             await publisher.reconnect()
             before = list(publisher.n)
             meter = Meter(server)
-            await paced(publisher, live, cfg["rate"], cfg["fixed_s"], phase=1)
+            late = await paced(publisher, live, cfg["rate"], cfg["fixed_s"], phase=1)
             await publisher.settle(5.0)
             expected1 = sum(receivers[s] * (publisher.n[s] - before[s]) for s in range(sessions))
             fixed = recorder.phases[1]
@@ -322,6 +322,7 @@ async def throughput(cfg: JSON, server: psutil.Process) -> JSON:
                 "user_us_per_delivery": _user_per_delivery(window, fixed.deliveries),
                 "latency": percentiles(fixed.latencies),
                 "latency_app": percentiles(fixed.app_latencies),
+                "sent_late": percentiles(late),
                 **_spread(fixed),
             }
 
@@ -403,8 +404,10 @@ _JITTER_S = 0.010
 
 async def paced(
     publisher: Publisher, order: Sequence[int], rate: float, duration: float, phase: int
-) -> None:
-    """Publish ``rate`` events/s, round robin over ``order``, for ``duration`` s.
+) -> list[int]:
+    """Publish ``rate`` events/s, round robin over ``order``, for ``duration`` s; return
+    how late each was written after it was due (ns): what of the latency is the load
+    generator's own.
 
     Requests are written on time whether or not earlier answers came back, at most
     2,000 unanswered, and each event carries the time it was due, not the time it was
@@ -429,14 +432,17 @@ async def paced(
     start_ns = time.time_ns()  # the same moment on the clock the receivers stamp with
     hard_stop = start + duration * 3 + 5
     sent = 0
+    late: list[int] = []
     while sent < total and time.monotonic() < hard_stop:
         now = time.monotonic() - start
         while sent < total and due[sent] <= now and len(publisher.in_flight) < 2000:
             due_ns = start_ns + round(due[sent] * 1e9)
             publisher.publish(order[sent % len(order)], phase, due_ns)
+            late.append(time.time_ns() - due_ns)
             sent += 1
         if sent < total:
             await asyncio.sleep(max(0.0, start + due[sent] - time.monotonic()))
+    return late
 
 
 async def saturate(
