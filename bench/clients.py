@@ -650,18 +650,12 @@ class Publisher:
             if conn.transport is not None:
                 conn.transport.close()
 
-    def publish(
-        self, session: int, phase: int, due_ns: int | None = None
-    ) -> asyncio.Future[tuple[int, bytes]]:
-        """Publish the session's next event now; returns the future of the answer.
-
-        ``due_ns``: when the schedule wanted it sent (wall clock). Its latency is counted
-        from then, so a load generator that sends late does not hide the wait."""
+    def publish(self, session: int, phase: int) -> asyncio.Future[tuple[int, bytes]]:
+        """Publish the session's next event now; returns the future of the answer."""
         n = self.n[session] = self.n[session] + 1
-        stamp = time.time_ns() if due_ns is None else due_ns
         body = (
             b'{"type":"progress","agent":"bench","status":"benchmark event","progress":1,'
-            b'"data":{"t":%d,"n":%d,"p":%d}}' % (stamp, n, phase)
+            b'"data":{"t":%d,"n":%d,"p":%d}}' % (time.time_ns(), n, phase)
         )
         raw = (
             b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"

@@ -64,8 +64,8 @@ def _integrity_note(row: JSON) -> str:
         first = _get(row, "fixed", "first_arrival", "p50_ms")
         notes.append(f"p50 first arrival {first:.2f} ms, then {spread:.2f} ms to the last")
     late = _get(row, "fixed", "sent_late", "p99_ms")
-    if late is not None and late >= 1.0:  # a millisecond of the p99 is the load generator's
-        notes.append(f"sends late by up to {late:.2f} ms (p99), counted in the latency")
+    if late is not None and late >= 5.0:  # the event loop's timer alone makes about 2.3
+        notes.append(f"load generator behind its schedule: sends {late:.2f} ms late (p99)")
     util = _get(row, "saturation", "loadgen_cpu_util")
     if util is not None and util >= 0.9:
         notes.append("load generator saturated")
