@@ -49,7 +49,9 @@ def answer_error(request: web.Request, exc: Exception) -> web.Response:
         code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
         if exc.status == 413:  # the body is over client_max_size (max_body_size)
             request.app[STREAM_CONTEXT].metrics.refused(code)
-        return error_body(exc.status, code, message, reference_id())
+        # A 405 says which methods the address takes (RFC 9110: it must).
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_body(exc.status, code, message, reference_id(), allow)
     if isinstance(exc, StreamError):
         ref = reference_id()
         reason = refusal_reason(exc)

@@ -634,6 +634,16 @@ async def test_every_error_body_is_error_code_reference_and_leaks_nothing(
     await error_of(response, status)
 
 
+async def test_a_wrong_method_is_told_which_methods_the_address_takes(client: AppClient) -> None:
+    """405 carries ``Allow`` (RFC 9110 requires it), beside the JSON error shape."""
+    response = await client.request("PUT", events_path("session-0001"))
+    await error_of(response, 405, "method_not_allowed")
+    assert response.headers["Allow"] == "POST"
+    response = await client.get(RUN)
+    await error_of(response, 405)
+    assert "POST" in response.headers["Allow"].split(",")
+
+
 async def test_references_differ_between_errors(client: AppClient) -> None:
     """Each error gets its own reference id, to find its log line."""
     references = set()
