@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -185,6 +186,9 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if str(f.type) in ("int", "float"):
+                _check_number(f.name, getattr(self, f.name))
         for name in _SECRETS:
             value = getattr(self, name)
             if value is not None and not value.strip():
@@ -211,6 +215,22 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+# Numbers that may be 0 (the least each may be); every other must be above 0. A zero or
+# negative interval, size or limit would not fail at start but serve oddly: a heartbeat
+# interval of 0 turns the heartbeat timer into a busy loop, a buffer of 0 replays nothing.
+_MAY_BE_ZERO = ("port", "shutdown_grace")
+_MAX_PORT = 65535
+
+
+def _check_number(name: str, value: float) -> None:
+    flag = f"--{name.replace('_', '-')}, {ENV_PREFIX}{name.upper()}"
+    if not math.isfinite(value) or value < 0 or (value == 0 and name not in _MAY_BE_ZERO):
+        least = "0 or more" if name in _MAY_BE_ZERO else "above 0"
+        raise ValueError(f"{name} must be a number {least}, not {value!r} ({flag})")
+    if name == "port" and value > _MAX_PORT:
+        raise ValueError(f"port must be 0 to {_MAX_PORT}, not {value!r} ({flag})")
 
 
 def _converter(f: dataclasses.Field[Any]) -> Any:

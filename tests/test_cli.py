@@ -183,6 +183,36 @@ async def test_invalid_flag_value_is_refused() -> None:
     assert "--buffer-size" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--heartbeat-interval", "0"),  # the heartbeat timer would be a busy loop
+        ("--heartbeat-interval", "nan"),
+        ("--buffer-size", "0"),  # nothing would be replayed
+        ("--sse-retry-ms", "-5"),
+        ("--agent-timeout", "-1"),  # every agent would time out at once
+        ("--lease-ttl", "0"),  # was a traceback
+        ("--max-connections", "0"),
+        ("--shutdown-grace", "-1"),
+        ("--port", "70000"),  # was a traceback from bind()
+    ],
+)
+def test_a_number_out_of_its_range_is_refused_with_its_name(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sizes, limits and intervals must be above 0 (the port and the shutdown grace may be
+    0), and finite: out of range, the server does not start with settings that would serve
+    oddly or fail later with a traceback; it stops with status 2 naming the flag and its
+    variable."""
+    with pytest.raises(SystemExit) as stopped:
+        Settings.from_args([flag, value], clean_environ())
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    variable = "ORCHESTRATOR_" + flag.removeprefix("--").replace("-", "_").upper()
+    assert flag in err and variable in err and value in err, err
+    assert Settings.from_args(["--shutdown-grace", "0", "--port", "0"], clean_environ())
+
+
 # --- a real server process --------------------------------------------------------------------
 
 
