@@ -7,6 +7,7 @@ import asyncio
 import json
 
 from aiohttp import ClientSession
+from aiohttp.test_utils import BaseTestServer
 
 from server.messages import ProgressEvent
 from tests.hardening.clients import (
@@ -174,6 +175,15 @@ async def test_a_frame_over_max_frame_size_closes_1009_and_other_streams_go_on(
         assert event is not None and event["seq"] == 1
 
 
+async def assert_a_publish_is_served(http: ClientSession, server: BaseTestServer) -> None:
+    """A normal request right after a refusal is served: the refusal left nothing behind."""
+    async with http.post(
+        url(server, f"/api/sessions/{new_session_id()}/events"),
+        json={"type": "progress", "agent": "demand", "status": "ok", "progress": 1},
+    ) as response:
+        assert response.status == 202
+
+
 async def test_a_body_over_max_body_size_gets_413_in_the_json_error_shape(
     start: StartServer, http: ClientSession
 ) -> None:
@@ -190,11 +200,7 @@ async def test_a_body_over_max_body_size_gets_413_in_the_json_error_shape(
             assert response.content_type == "application/json"
             assert_error_body(await response.json(), "payload_too_large")
     assert metric(ctx, "orchestrator_refusals_total", reason="payload_too_large") == 2
-    async with http.post(
-        url(server, f"/api/sessions/{new_session_id()}/events"),
-        json={"type": "progress", "agent": "demand", "status": "ok", "progress": 1},
-    ) as response:
-        assert response.status == 202
+    await assert_a_publish_is_served(http, server)
 
 
 async def test_a_body_that_stops_arriving_gets_408_and_its_connection_closed(
@@ -225,11 +231,7 @@ async def test_a_body_that_stops_arriving_gets_408_and_its_connection_closed(
     paths = ("/api/orchestrator/run-workflow", f"/api/sessions/{new_session_id()}/events")
     await asyncio.gather(*(stall(path) for path in paths))
     assert metric(ctx, "orchestrator_refusals_total", reason="request_timeout") == 2
-    async with http.post(
-        url(server, f"/api/sessions/{new_session_id()}/events"),
-        json={"type": "progress", "agent": "demand", "status": "ok", "progress": 1},
-    ) as response:
-        assert response.status == 202
+    await assert_a_publish_is_served(http, server)
 
 
 async def test_a_strategy_over_max_strategy_length_gets_422_in_the_json_error_shape(
