@@ -168,7 +168,7 @@ async def get_session(request: web.Request) -> web.Response:
             code="session_not_found",
             status=404,
         )
-    return web.json_response(session_snapshot(session_id, replay.info, replay.events))
+    return web.json_response(await session_snapshot(session_id, replay.info, replay.events))
 
 
 # Headers a reverse proxy adds: a request that carries one was relayed for someone else,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from .brokers.base import SessionInfo
@@ -10,7 +11,13 @@ from .messages import StoredEvent
 ORCHESTRATOR = "orchestrator"
 
 
-def session_snapshot(
+# Bytes of stored events read before the fold lets the event loop run other work: a
+# session may hold a thousand events of 256 KiB, and reading them all in one go held the
+# loop six seconds.
+_YIELD_EVERY_BYTES = 1 << 20
+
+
+async def session_snapshot(
     session_id: str, info: SessionInfo, events: list[StoredEvent]
 ) -> dict[str, Any]:
     """``state`` is ``pending`` (nothing published yet), ``running``, ``complete`` or
@@ -20,7 +27,12 @@ def session_snapshot(
     result: Any = None
     error: dict[str, Any] | None = None
     state = "pending" if info.last_seq == 0 else "running"
+    unyielded = 0
     for stored in events:
+        unyielded += len(stored.payload)
+        if unyielded >= _YIELD_EVERY_BYTES:
+            unyielded = 0
+            await asyncio.sleep(0)
         event = stored.to_dict()
         agent = event.get("agent")
         if event["type"] in ("agent_status", "progress", "complete") and agent != ORCHESTRATOR:

@@ -26,6 +26,11 @@ from ..hub import Frame, Sink, Subscription
 from ..messages import SLOW_CONSUMER, ControlEvent, StoredEvent
 from ..metrics import Metrics
 
+# Bytes a connection's task sends before it lets the event loop run other work. A replay
+# of large events the socket takes at once (and frames built for it on first use) would
+# otherwise hold the loop: 1,000 stored events of 256 KiB held it half a second.
+_YIELD_EVERY_BYTES = 1 << 20
+
 
 def slow_consumer_notice(session_id: str) -> ControlEvent:
     return ControlEvent.error(
@@ -76,6 +81,7 @@ async def pump(outlet: Outlet, *, park: bool = False) -> bool | None:
     calls ``subscription.detach()``."""
     subscription = outlet.subscription
     socket = outlet.socket
+    unyielded = 0
     while not subscription.finished:
         frame = subscription.get_nowait()
         if frame is None:
@@ -95,4 +101,8 @@ async def pump(outlet: Outlet, *, park: bool = False) -> bool | None:
         if isinstance(frame, StoredEvent):
             outlet.delivered.inc()
             outlet.latency.sent(frame)
+        unyielded += len(frame.payload)
+        if unyielded >= _YIELD_EVERY_BYTES:
+            unyielded = 0
+            await asyncio.sleep(0)
     return True
