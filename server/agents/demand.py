@@ -230,9 +230,14 @@ class DemandAgent:
     ) -> None:
         self._executor = executor
         self._load = load
+        # One thread reads the history at a time: the first workflows after a start would
+        # each parse the CSVs at once (the cache fills only when one is done), and threads
+        # parsing side by side kept the event loop waiting for the GIL (125 ms with 20).
+        self._loading = asyncio.Lock()
 
     async def __call__(self, params: ForecastParameters, report: Reporter) -> DemandForecast:
-        history = await asyncio.to_thread(self._load)
+        async with self._loading:
+            history = await asyncio.to_thread(self._load)
         products = history.select(params.product_category)
         if not products:
             raise ValueError(f"no products in category {params.product_category!r}")

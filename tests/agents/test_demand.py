@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -169,3 +171,30 @@ async def test_the_event_loop_keeps_ticking_while_models_are_fitted(
     assert len(result.products) == 5
     assert len(gaps) > 5
     assert max(gaps) < MAX_LOOP_GAP, f"loop stalled {max(gaps):.3f}s during a {elapsed:.2f}s run"
+
+
+async def test_concurrent_first_runs_read_the_history_one_thread_at_a_time(
+    forecast_executor: ForecastExecutor,
+) -> None:
+    """The first workflows after a start all need the history before it is cached: they
+    read it one thread at a time, not side by side (threads parsing at once kept the
+    event loop waiting for the GIL)."""
+    inside = most = 0
+    count = threading.Lock()
+
+    def slow_load() -> Any:
+        nonlocal inside, most
+        with count:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.05)  # a parse that takes a while (the CSVs, cold)
+        with count:
+            inside -= 1
+        raise RuntimeError("stop here: only the reading is under test")
+
+    agent = DemandAgent(forecast_executor, load=slow_load)
+    recorder = Recorder()
+    runs = [agent(ForecastParameters(), recorder) for _ in range(5)]
+    outcomes = await asyncio.gather(*runs, return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    assert most == 1
