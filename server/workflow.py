@@ -128,40 +128,16 @@ class WorkflowRunner:
             # Only close() cancels a run (shutdown). Its subscribers get a final event, and
             # the run ends with that outcome rather than as cancelled, so a `?wait=true`
             # request still waiting on it is answered instead of dropped.
-            ref = reference_id()
-            log.warning(
-                "workflow of session %s interrupted: the server is shutting down [ref %s]",
-                session_id,
-                ref,
-                extra={"reference": ref},
+            return await self._interrupt(
+                session_id, "interrupted: the server is shutting down", "the server is restarting"
             )
-            error = await self._fail(
-                session_id,
-                WORKFLOW_INTERRUPTED,
-                "The forecast was interrupted because the server is restarting. "
-                "Please run it again.",
-                ref,
-            )
-            self._metrics.workflows.labels(outcome="interrupted").inc()
-            return WorkflowOutcome("failed", error=error)
         except ServiceUnavailable:
             # The event store could not be reached, even after the broker's retries.
-            ref = reference_id()
-            log.warning(
-                "workflow of session %s stopped: the event store is unavailable [ref %s]",
+            return await self._interrupt(
                 session_id,
-                ref,
-                extra={"reference": ref},
+                "stopped: the event store is unavailable",
+                "the event store was unavailable",
             )
-            error = await self._fail(
-                session_id,
-                WORKFLOW_INTERRUPTED,
-                "The forecast was interrupted because the event store was unavailable. "
-                "Please run it again.",
-                ref,
-            )
-            self._metrics.workflows.labels(outcome="interrupted").inc()
-            return WorkflowOutcome("failed", error=error)
         except SessionEnded:
             # Another process ended the session: this one could not renew its lease for
             # lease_ttl, and it was taken for dead. Subscribers have their final event.
@@ -203,6 +179,22 @@ class WorkflowRunner:
         )
         self._metrics.workflows.labels(outcome="complete").inc()
         return WorkflowOutcome("complete", result=result)
+
+    async def _interrupt(self, session_id: str, what: str, because: str) -> WorkflowOutcome:
+        """End a run with ``workflow_interrupted``: a warning naming the reference that its
+        final error event shows, then that event, counted as interrupted."""
+        ref = reference_id()
+        log.warning(
+            "workflow of session %s %s [ref %s]", session_id, what, ref, extra={"reference": ref}
+        )
+        error = await self._fail(
+            session_id,
+            WORKFLOW_INTERRUPTED,
+            f"The forecast was interrupted because {because}. Please run it again.",
+            ref,
+        )
+        self._metrics.workflows.labels(outcome="interrupted").inc()
+        return WorkflowOutcome("failed", error=error)
 
     async def _finish(self, session_id: str, event: StorableEvent) -> None:
         """Store the final event and release the lease; if the event store is down the
