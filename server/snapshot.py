@@ -6,15 +6,10 @@ import asyncio
 from typing import Any
 
 from .brokers.base import SessionInfo
+from .loop_share import ByteBudget
 from .messages import StoredEvent
 
 ORCHESTRATOR = "orchestrator"
-
-
-# Bytes of stored events read before the fold lets the event loop run other work: a
-# session may hold a thousand events of 256 KiB, and reading them all in one go held the
-# loop six seconds.
-_YIELD_EVERY_BYTES = 1 << 20
 
 
 async def session_snapshot(
@@ -27,11 +22,9 @@ async def session_snapshot(
     result: Any = None
     error: dict[str, Any] | None = None
     state = "pending" if info.last_seq == 0 else "running"
-    unyielded = 0
+    budget = ByteBudget()  # a thousand events of 256 KiB: see server.loop_share
     for stored in events:
-        unyielded += len(stored.payload)
-        if unyielded >= _YIELD_EVERY_BYTES:
-            unyielded = 0
+        if budget.spent(len(stored.payload)):
             await asyncio.sleep(0)
         event = stored.to_dict()
         agent = event.get("agent")

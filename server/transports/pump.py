@@ -23,13 +23,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from ..hub import Frame, Sink, Subscription
+from ..loop_share import ByteBudget
 from ..messages import SLOW_CONSUMER, ControlEvent, StoredEvent
 from ..metrics import Metrics
-
-# Bytes a connection's task sends before it lets the event loop run other work. A replay
-# of large events the socket takes at once (and frames built for it on first use) would
-# otherwise hold the loop: 1,000 stored events of 256 KiB held it half a second.
-_YIELD_EVERY_BYTES = 1 << 20
 
 
 def slow_consumer_notice(session_id: str) -> ControlEvent:
@@ -81,7 +77,7 @@ async def pump(outlet: Outlet, *, park: bool = False) -> bool | None:
     calls ``subscription.detach()``."""
     subscription = outlet.subscription
     socket = outlet.socket
-    unyielded = 0
+    budget = ByteBudget()  # a replay of large events the socket takes at once: loop_share
     while not subscription.finished:
         frame = subscription.get_nowait()
         if frame is None:
@@ -101,8 +97,6 @@ async def pump(outlet: Outlet, *, park: bool = False) -> bool | None:
         if isinstance(frame, StoredEvent):
             outlet.delivered.inc()
             outlet.latency.sent(frame)
-        unyielded += len(frame.payload)
-        if unyielded >= _YIELD_EVERY_BYTES:
-            unyielded = 0
+        if budget.spent(len(frame.payload)):
             await asyncio.sleep(0)
     return True
