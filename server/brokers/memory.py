@@ -159,7 +159,7 @@ class MemoryBroker:
         expired = [
             sid
             for sid, s in self._streams.items()
-            if s.touched <= deadline and (sid not in self._leases or s.final_id is not None)
+            if s.touched <= deadline and self._lease_state(sid) != "held"
         ]
         for sid in expired:
             del self._streams[sid]
