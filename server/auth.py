@@ -43,7 +43,8 @@ def _signature(secret: str, session_id: str, expires: int) -> bytes:
 def issue_stream_token(
     secret: str, session_id: str, ttl: float, *, now: float | None = None
 ) -> str:
-    """A token that lets its holder stream ``session_id`` for ``ttl`` seconds."""
+    """A token that lets its holder open streams of ``session_id`` for ``ttl`` seconds
+    (an open stream is not cut off when it expires)."""
     expires = int((time.time() if now is None else now) + ttl)
     return f"{expires}.{_signature(secret, session_id, expires).decode()}"
 

@@ -164,7 +164,10 @@ class Settings:
         },
     )
     stream_token_ttl: float = field(
-        default=3600.0, metadata={"help": "seconds a stream token stays valid"}
+        default=3600.0,
+        metadata={
+            "help": "seconds a stream token may open streams (one already open is not cut off)"
+        },
     )
     shutdown_grace: float = field(
         default=10.0,

@@ -3,6 +3,7 @@ version banner in responses."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from unittest import mock
 
@@ -13,7 +14,7 @@ from aiohttp.test_utils import make_mocked_request
 from server.api import _may_publish
 from server.auth import check_stream_token, issue_stream_token, origin_allowed
 from server.errors import Unauthorized
-from server.messages import ProgressEvent
+from server.messages import CompleteEvent, ProgressEvent
 from tests.hardening.clients import (
     assert_error_body,
     read_until_final,
@@ -26,6 +27,7 @@ from tests.hardening.conftest import StartServer
 from tests.hardening.support import (
     RawConnection,
     context_of,
+    events_in,
     metric,
     new_session_id,
 )
@@ -154,6 +156,51 @@ async def test_a_stream_without_a_valid_token_is_refused(
         assert response.status == 401
         assert_error_body(await response.json(), "unauthorized")
     assert metric(context_of(server), "orchestrator_refusals_total", reason="unauthorized") == 3
+
+
+async def test_a_token_is_checked_when_a_stream_opens_not_while_it_runs(
+    start: StartServer, http: ClientSession
+) -> None:
+    """A stream opened with a valid token goes on past the token's expiry, to the session's
+    final event (the README: cutting it off mid-workflow would leave its user with no way
+    back in); a stream opened after the expiry is refused."""
+    server = await start(stream_token_secret=SECRET)
+    hub = context_of(server).hub
+    session_id = new_session_id()
+    token = issue_stream_token(SECRET, session_id, 1)  # expires within two seconds
+    query = f"?token={token}"
+
+    async with (
+        http.ws_connect(ws_url(server, session_id, query)) as ws,
+        http.get(sse_url(server, session_id, query)) as sse,
+    ):
+        assert sse.status == 200
+        await hub.publish(
+            ProgressEvent(session_id=session_id, agent="demand", status="s", progress=1)
+        )
+        assert (await ws.receive_json(timeout=5))["seq"] == 1  # both streams passed the check
+        while not (await sse.content.readline()).startswith(b"data: "):
+            pass
+
+        while True:  # the clock, not the server, is what this waits for
+            try:
+                check_stream_token(SECRET, session_id, token)
+            except Unauthorized:
+                break
+            await asyncio.sleep(0.05)
+
+        await hub.publish(
+            ProgressEvent(session_id=session_id, agent="demand", status="s", progress=50)
+        )
+        await hub.publish(CompleteEvent(session_id=session_id, agent="orchestrator", final=True))
+        assert [event["seq"] for event in await read_until_final(ws)] == [2, 3]
+        assert [event["seq"] for event in events_in(await sse.text())] == [2, 3]
+
+    notice, code = await refused_ws(http, ws_url(server, session_id, query))
+    assert code == POLICY_VIOLATION
+    assert notice is not None and notice["code"] == "unauthorized"
+    async with http.get(sse_url(server, session_id, query)) as response:
+        assert response.status == 401
 
 
 # --- the WebSocket Origin check -------------------------------------------------------------------
