@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 ORCHESTRATOR = "orchestrator"
 
 
+def _session_exists() -> Conflict:
+    return Conflict(
+        "This session already has a workflow. Start a new session to run another.",
+        code="session_exists",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class WorkflowOutcome:
     status: Literal["complete", "failed"]
@@ -73,6 +80,7 @@ class WorkflowRunner:
         self._handoff = handoff
         self._metrics = metrics
         self._tasks: dict[str, asyncio.Task[WorkflowOutcome]] = {}
+        self._claiming: set[str] = set()  # claims on their way to the broker
         self._closing = False
         self.leases = WorkflowLeases(hub, lease_ttl, retry_finals_for=retry_finals_for)
         self.monitor = LeaseMonitor(hub, self.leases, lease_check_interval)
@@ -85,11 +93,18 @@ class WorkflowRunner:
                 "The server is shutting down; please start the forecast again in a moment.",
                 code="shutting_down",
             )
-        if not await self._hub.broker.claim(session_id, self.leases.lease):
-            raise Conflict(
-                "This session already has a workflow. Start a new session to run another.",
-                code="session_exists",
-            )
+        # Asked here first, since the claim lets this process take back a claim of its own
+        # that nothing acted on (the broker's claim): never one it is still acting on.
+        busy = session_id in self._tasks or session_id in self._claiming
+        if busy or self.leases.holds(session_id):
+            raise _session_exists()
+        self._claiming.add(session_id)
+        try:
+            claimed = await self._hub.broker.claim(session_id, self.leases.lease)
+        finally:
+            self._claiming.discard(session_id)
+        if not claimed:
+            raise _session_exists()
         self.leases.hold(session_id)
         task = asyncio.create_task(self._run(session_id, strategy), name=f"workflow-{session_id}")
         self._tasks[session_id] = task

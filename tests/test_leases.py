@@ -25,6 +25,7 @@ from server.app import create_app
 from server.brokers.base import Lease, LeaseState
 from server.brokers.redis import RedisBroker
 from server.config import Settings
+from server.errors import Conflict
 from server.hub import Subscription
 from server.leases import QUIET_ROUNDS
 from server.messages import CompleteEvent, ControlEvent, ProgressEvent, StoredEvent
@@ -130,6 +131,32 @@ async def test_a_running_workflow_keeps_its_lease_and_releases_it_after_the_fina
     assert isinstance(broker, RedisBroker)
     async with Redis.from_url(broker._url) as redis:
         assert await redis.exists(broker._lease_key(session_id)) == 0
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "memory"])
+async def test_one_process_asked_twice_at_once_runs_one_workflow(
+    start: Start, gated: FakeAgents
+) -> None:
+    """Two run-workflows for one session reach one process at once: one runs, the other gets
+    409. (A process may claim again a claim of its own that nothing acted on; never one
+    it is acting on.) While it runs, and once it has ended, a third gets 409 too."""
+    server = await start(gated)
+    runner = runner_of(server)
+    session_id = new_session_id()
+    results = await asyncio.gather(
+        runner.start(session_id, "chairs"),
+        runner.start(session_id, "chairs"),
+        return_exceptions=True,
+    )
+    tasks = [r for r in results if isinstance(r, asyncio.Task)]
+    conflicts = [r for r in results if isinstance(r, Conflict)]
+    assert len(tasks) == 1 and len(conflicts) == 1, results
+    with pytest.raises(Conflict):
+        await runner.start(session_id, "chairs")
+    gated.gate.set()  # type: ignore[union-attr]
+    assert (await tasks[0]).status == "complete"
+    with pytest.raises(Conflict):
+        await runner.start(session_id, "chairs")
 
 
 @pytest.mark.parametrize("broker_kind", ["redis"])

@@ -128,13 +128,18 @@ class Broker(Protocol):
 
         With ``lease``, a successful claim takes the session's workflow lease in
         the same atomic step, so no process ever sees the session claimed but
-        not leased."""
+        not leased. A claim that nobody acted on (taken with a lease, nothing
+        stored, not ended, its lease lapsed or ``lease.owner``'s) may be claimed
+        again with a lease: its answer was lost on the way to its process, or
+        that process died before storing anything. The caller must not be running
+        a workflow of the session itself."""
 
-    async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> None:
+    async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> set[str]:
         """Extend ``lease`` on each of ``session_ids`` to ``lease.ttl`` from now, in one
         pipelined call (a fixed number of round trips, whatever their number). A lease
         that expired meanwhile is taken again (the session is still running here),
-        unless the session has ended or another owner holds it. Raises
+        unless the session has ended or another owner holds it. Returns the sessions
+        whose lease ``lease.owner`` holds now. Raises
         :class:`~server.errors.ServiceUnavailable` if the store cannot be reached."""
 
     async def release_lease(self, session_id: str, owner: str) -> None:

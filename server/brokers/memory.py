@@ -115,8 +115,10 @@ class MemoryBroker:
             self._leases[session_id] = lease.owner
         return True
 
-    async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> None:
+    async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> set[str]:
         """Nothing expires while this process lives; a lease stays until released."""
+        mine = (s for s in session_ids if self._leases.get(s) == lease.owner)
+        return {s for s in mine if self._lease_state(s) == "held"}
 
     async def release_lease(self, session_id: str, owner: str) -> None:
         if self._leases.get(session_id) == owner:

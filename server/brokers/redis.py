@@ -475,13 +475,15 @@ class RedisBroker:
 
         return await self._call(what, attempt)
 
-    async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> None:
+    async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> set[str]:
+        ids = list(session_ids)
         args = [lease.owner, _milliseconds(lease.ttl), self._ttl_ms]
 
         def keys(s: str) -> list[str]:
             return [self._state_key(s), self._lease_key(s), self._stream_key(s)]
 
-        await self._per_session("renew", self._renew_script, session_ids, args, keys)
+        answers = await self._per_session("renew", self._renew_script, ids, args, keys)
+        return {s for s, held in zip(ids, answers, strict=True) if held == 1}
 
     async def release_lease(self, session_id: str, owner: str) -> None:
         client = self._require_client()

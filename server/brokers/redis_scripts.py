@@ -96,15 +96,32 @@ return {epoch, last, final, 1, redis.call('XRANGE', KEYS[2], '-', '+')}
 
 # KEYS: state, stream, lease, nonces. ARGV: fresh epoch, ttl_ms, nonce, lease owner ('' for
 # no lease), lease ttl_ms. Returns 1 for the first caller.
+#
+# A claim is also taken over when nobody acts on it: claimed with a lease, nothing stored
+# (seq 0), not ended, and its lease lapsed or held by the caller's own process. That is a
+# claim whose answer never reached its process (the client got 503; a retry with the same
+# id must not get 409 for session_ttl), or whose process died before its first event. The
+# caller's process checks first that it runs no workflow of the session (WorkflowRunner).
 CLAIM_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HGET', KEYS[1], 'claimed') == ARGV[3] then
-    return 1  -- our own earlier attempt, whose answer was lost (it took the lease too)
+  local st = redis.call('HMGET', KEYS[1], 'claimed', 'seq', 'final', 'leased')
+  if st[1] == ARGV[3] then
+    -- our own earlier attempt, whose answer was lost: its lease may have lapsed since
+    if ARGV[4] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5]) end
+    return 1
   end
-  return 0
+  if ARGV[4] == '' or not st[4] or st[2] ~= '0' or st[3] then
+    return 0
+  end
+  local holder = redis.call('GET', KEYS[3])
+  if holder and holder ~= ARGV[4] then
+    return 0
+  end
+  redis.call('HSET', KEYS[1], 'claimed', ARGV[3])  -- taken over: same epoch, nothing in it
+else
+  redis.call('DEL', KEYS[2], KEYS[4])
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0, 'claimed', ARGV[3])
 end
-redis.call('DEL', KEYS[2], KEYS[4])
-redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0, 'claimed', ARGV[3])
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'leased', 1)
   redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])

@@ -1,4 +1,5 @@
-"""Test support for the Redis broker: a recorder standing in for the hub. The
+"""Test support for the Redis broker: a recorder standing in for the hub, and wrappers of
+a call to Redis that count its calls or lose its answers. The
 ``redis-server`` the tests control is in :mod:`tests.redis_support`."""
 
 from __future__ import annotations
@@ -7,10 +8,12 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
+
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.brokers.redis import RedisBroker
 from server.messages import StoredEvent
@@ -103,12 +106,14 @@ async def eventually(check: Callable[[], Any], timeout: float = TIMEOUT) -> None
 class FreezingProxy:
     """A TCP proxy in front of Redis whose open connections can be frozen: they stay open
     and carry nothing more either way, as over a network path that died without a reset
-    (a half-open connection). Connections opened afterwards work."""
+    (a half-open connection). Connections opened afterwards work. Or cut: every connection
+    is reset, and new ones too until :meth:`restore` (Redis unreachable from behind it)."""
 
     target: tuple[str, int]
     server: asyncio.Server | None = None
     links: list[asyncio.Task[None]] = field(default_factory=list)
     held: list[asyncio.StreamWriter] = field(default_factory=list)  # frozen, kept open
+    refusing: bool = False
 
     @classmethod
     async def start(cls, redis_url: str) -> FreezingProxy:
@@ -127,6 +132,9 @@ class FreezingProxy:
         return urlunsplit(parts._replace(netloc=netloc))
 
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self.held += [writer, up_writer]
         self.links += [
@@ -149,6 +157,17 @@ class FreezingProxy:
             task.cancel()
         await asyncio.gather(*links, return_exceptions=True)
 
+    async def cut(self) -> None:
+        """Reset every connection, and every new one until :meth:`restore`."""
+        self.refusing = True
+        await self.freeze()
+        held, self.held = self.held, []
+        for writer in held:
+            writer.transport.abort()
+
+    def restore(self) -> None:
+        self.refusing = False
+
     async def close(self) -> None:
         await self.freeze()
         for writer in self.held:
@@ -156,3 +175,39 @@ class FreezingProxy:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+
+class CountCalls:
+    """Wrap a call to Redis and count its calls, retries included."""
+
+    def __init__(self, call: Callable[..., Awaitable[Any]]) -> None:
+        self.call = call
+        self.calls = 0
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return await self.call(*args, **kwargs)
+
+
+class LoseFirstAnswer(CountCalls):
+    """Wrap a call to Redis so that its first ``lost`` calls run in Redis but their answers
+    are "lost", each after ``meanwhile()`` (what else reaches Redis before the retry)."""
+
+    def __init__(
+        self,
+        call: Callable[..., Awaitable[Any]],
+        lost: int = 1,
+        meanwhile: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        super().__init__(call)
+        self.lost = lost
+        self.meanwhile = meanwhile
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        this_call = self.calls + 1  # several may be on their way at once
+        result = await super().__call__(*args, **kwargs)
+        if this_call <= self.lost:
+            if self.meanwhile is not None:
+                await self.meanwhile()
+            raise RedisConnectionError("connection lost before the reply")
+        return result

@@ -12,6 +12,7 @@ from server.brokers.memory import MemoryBroker
 from server.errors import ServiceUnavailable
 
 from .redis_support import (
+    LoseFirstAnswer,
     NodeFactory,
     ServerFactory,
     body,
@@ -60,12 +61,12 @@ async def test_renewal_keeps_a_lease_past_its_ttl_and_takes_a_lapsed_one_again(
     sid = new_session_id()
     lease = Lease("owner-a", 30)
     assert await a.broker.claim(sid, Lease("owner-a", SHORT))
-    await a.broker.renew_leases([sid], lease)
+    assert await a.broker.renew_leases([sid], lease) == {sid}
     assert 1000 < await raw_redis.pttl(a.broker._lease_key(sid)) <= 30_000
 
     await raw_redis.delete(a.broker._lease_key(sid))  # it lapsed
     assert await b.broker.lease_states([sid]) == {sid: "lost"}
-    await a.broker.renew_leases([sid], lease)
+    assert await a.broker.renew_leases([sid], lease) == {sid}
     assert await b.broker.lease_states([sid]) == {sid: "held"}
 
 
@@ -81,9 +82,84 @@ async def test_renewal_leaves_ended_sessions_and_other_owners_alone(
     await raw_redis.delete(a.broker._lease_key(ended))
     await raw_redis.set(a.broker._lease_key(other), "owner-b")
 
-    await a.broker.renew_leases([ended, other], Lease("owner-a", 30))
+    assert await a.broker.renew_leases([ended, other], Lease("owner-a", 30)) == set()
     assert await raw_redis.exists(a.broker._lease_key(ended)) == 0
     assert await raw_redis.get(a.broker._lease_key(other)) == "owner-b"
+
+
+async def test_a_claim_nobody_acted_on_is_claimed_again_once_its_lease_lapsed(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """A session claimed with a lease and nothing stored in it (its process never got the
+    claim's answer, or died first) is claimed by nobody else while its lease is held; once
+    the lease lapses, the next claim takes it over with its own lease, in the same epoch,
+    and the first owner's renewal no longer holds it."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    assert await a.broker.claim(sid, Lease("owner-a", 30))
+    epoch = (await a.broker.info(sid)).epoch  # type: ignore[union-attr]
+    assert not await b.broker.claim(sid, Lease("owner-b", 30))
+    assert not await b.broker.claim(sid)  # without a lease, never
+
+    await raw_redis.delete(a.broker._lease_key(sid))  # it lapsed
+    assert await b.broker.claim(sid, Lease("owner-b", 30))
+    assert await raw_redis.get(a.broker._lease_key(sid)) == "owner-b"
+    assert (await b.broker.info(sid)).epoch == epoch  # type: ignore[union-attr]
+    assert not await a.broker.claim(sid, Lease("owner-a", 30))
+    assert await a.broker.renew_leases([sid], Lease("owner-a", 30)) == set()
+    assert await raw_redis.get(a.broker._lease_key(sid)) == "owner-b"
+
+
+async def test_a_process_claims_again_a_claim_of_its_own_that_nobody_acted_on(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """Its lease still held by the same owner (the process whose claim's answers were all
+    lost), the session is that owner's to claim again at once; another owner's is not."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    assert await a.broker.claim(sid, Lease("owner-a", 30))
+    assert not await b.broker.claim(sid, Lease("owner-b", 30))
+    assert await a.broker.claim(sid, Lease("owner-a", 30))
+    assert await raw_redis.get(a.broker._lease_key(sid)) == "owner-a"
+
+
+async def test_a_claim_with_events_an_end_or_no_lease_is_never_claimed_again(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """Once something is stored in a claimed session (its workflow runs), once it has ended,
+    or when it was claimed without a lease (nothing would ever say it was abandoned), no
+    claim takes it, even with its lease gone."""
+    a, b = await make_node(), await make_node()
+    running, ended, unleased = new_session_id(), new_session_id(), new_session_id()
+    assert await a.broker.claim(running, Lease("owner-a", 30))
+    await a.broker.append(running, "progress", body(1), False)
+    assert await a.broker.claim(ended, Lease("owner-a", 30))
+    await a.broker.append(ended, "complete", body(1), True)
+    assert await a.broker.claim(unleased)
+    for sid in (running, ended, unleased):
+        await raw_redis.delete(a.broker._lease_key(sid))
+        assert not await b.broker.claim(sid, Lease("owner-b", 30)), sid
+        assert not await a.broker.claim(sid, Lease("owner-a", 30)), sid
+
+
+async def test_a_claim_whose_answer_was_lost_takes_its_lease_again(
+    make_node: NodeFactory, raw_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim retried after its answer was lost finds its own first attempt; if the lease
+    that attempt took has lapsed meanwhile (a lease ttl shorter than the retries), the retry
+    takes it again, so the running workflow is not taken for abandoned."""
+    a = await make_node()
+    sid = new_session_id()
+
+    async def lease_lapses() -> None:
+        await raw_redis.delete(a.broker._lease_key(sid))
+
+    lossy = LoseFirstAnswer(a.broker._claim_script, meanwhile=lease_lapses)
+    monkeypatch.setattr(a.broker, "_claim_script", lossy)
+    assert await a.broker.claim(sid, Lease("owner-a", 30))
+    assert lossy.calls == 2
+    assert await raw_redis.get(a.broker._lease_key(sid)) == "owner-a"
+    assert await a.broker.lease_states([sid]) == {sid: "held"}
 
 
 async def test_release_only_by_the_owner(make_node: NodeFactory) -> None:
@@ -199,7 +275,7 @@ async def test_memory_leases_are_held_until_released_and_never_lost() -> None:
     assert await broker.claim(sid, Lease("me", 0.001))
     assert await broker.claim(other, Lease("me", 0.001))
     await broker.append(published, "progress", body(1), False)
-    await broker.renew_leases([sid, other], Lease("me", 0.001))
+    assert await broker.renew_leases([sid, other, published], Lease("me", 0.001)) == {sid, other}
     states = await broker.lease_states([sid, other, published, "session-0004"])
     assert states == {sid: "held", other: "held", published: "none", "session-0004": "gone"}
     await broker.append(sid, "complete", body(1), True)

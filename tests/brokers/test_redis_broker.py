@@ -11,13 +11,12 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.brokers.memory import MemoryBroker
 from server.brokers.redis import RedisBroker
@@ -28,7 +27,9 @@ from server.metrics import Metrics
 
 from .redis_support import (
     TIMEOUT,
+    CountCalls,
     FreezingProxy,
+    LoseFirstAnswer,
     Node,
     NodeFactory,
     ServerFactory,
@@ -57,42 +58,6 @@ async def stream_bodies(redis: Redis, broker: RedisBroker, session_id: str) -> l
 def keys_of(broker: RedisBroker, session_id: str) -> tuple[str, str]:
     """A session's state and events (its lease and its append nonces live shorter)."""
     return broker._state_key(session_id), broker._stream_key(session_id)
-
-
-class CountCalls:
-    """Wrap a call to Redis and count its calls, retries included."""
-
-    def __init__(self, call: Callable[..., Awaitable[Any]]) -> None:
-        self.call = call
-        self.calls = 0
-
-    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
-        return await self.call(*args, **kwargs)
-
-
-class LoseFirstAnswer(CountCalls):
-    """Wrap a call to Redis so that its first ``lost`` calls run in Redis but their answers
-    are "lost", each after ``meanwhile()`` (what else reaches Redis before the retry)."""
-
-    def __init__(
-        self,
-        call: Callable[..., Awaitable[Any]],
-        lost: int = 1,
-        meanwhile: Callable[[], Awaitable[object]] | None = None,
-    ) -> None:
-        super().__init__(call)
-        self.lost = lost
-        self.meanwhile = meanwhile
-
-    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        this_call = self.calls + 1  # several may be on their way at once
-        result = await super().__call__(*args, **kwargs)
-        if this_call <= self.lost:
-            if self.meanwhile is not None:
-                await self.meanwhile()
-            raise RedisConnectionError("connection lost before the reply")
-        return result
 
 
 # --- storage -------------------------------------------------------------------------------

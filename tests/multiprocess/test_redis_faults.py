@@ -15,7 +15,11 @@ What is promised, and tested here:
   endless wait;
 * the processes recover without a restart: ``/readyz`` is 200 again, new streams open,
   new workflows run;
-* a client resuming with an id from before gets ``replay_gap``, never a silent skip.
+* a client resuming with an id from before gets ``replay_gap``, never a silent skip;
+* a claim that Redis took but whose answers were lost (run-workflow answered 503) does
+  not keep its session id from being used: the client's retry runs the workflow; and a
+  process that could not reach Redis does not store the final event it owes into a
+  session that another process claimed again meanwhile.
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import BaseTestServer
+from redis.asyncio import Redis
 
 from server.api import WORKFLOW_RUNNER
 from server.app import create_app
 from server.brokers.redis import RedisBroker
 from server.config import Settings
+from server.messages import ErrorEvent
 from server.workflow import WorkflowRunner
+from tests.brokers.redis_support import FreezingProxy, LoseFirstAnswer
 from tests.clients import (
     Event,
     EventStream,
@@ -49,6 +56,7 @@ from tests.clients import (
     wait_until,
     ws_url,
 )
+from tests.conftest import hub_of
 from tests.hardening.support import FakeAgents
 from tests.redis_support import RedisServer, ServerFactory
 from tests.timing import EVENT_TIMEOUT
@@ -85,9 +93,9 @@ async def start(
         lease_check_interval=0.1,
     )
 
-    async def factory(agents: FakeAgents | None = None) -> BaseTestServer:
+    async def factory(agents: FakeAgents | None = None, url: str | None = None) -> BaseTestServer:
         broker = RedisBroker(
-            redis.url,
+            url or redis.url,
             changed.buffer_size,
             changed.session_ttl,
             key_prefix=changed.redis_key_prefix,
@@ -271,3 +279,75 @@ async def test_while_redis_is_down_requests_fail_cleanly_and_work_again_once_it_
         await run_workflow(http, server, session_id)
         story = stored(await read_to_end(ws))
     assert story[-1]["type"] == "complete" and story[0]["seq"] == 1
+
+
+async def test_a_retry_of_a_run_workflow_answered_503_after_redis_took_its_claim_runs(
+    start: Start, http: ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis runs the claim, but every answer is lost until the retry budget is spent:
+    run-workflow answers a clean 503. The client retries with the same session id, as the
+    503 tells it to, and gets 202 and the whole workflow, not 409 "already has a workflow"
+    until the claim expires (session_ttl)."""
+    server = await start()
+    broker = hub_of(server).broker
+    assert isinstance(broker, RedisBroker)
+    lossy = LoseFirstAnswer(broker._claim_script, lost=1_000_000)
+    monkeypatch.setattr(broker, "_claim_script", lossy)
+    session_id = new_session_id()
+    async with http.post(
+        http_url(server, "/api/orchestrator/run-workflow"),
+        json={"strategy_description": "chairs", "session_id": session_id},
+    ) as response:
+        assert response.status == 503
+        body = await response.json()
+        assert body["code"] == "service_unavailable" and response.headers["Retry-After"]
+    assert lossy.calls >= 2  # each attempt ran in Redis
+    async with Redis.from_url(broker._url) as redis:
+        assert await redis.hget(broker._state_key(session_id), "claimed")
+
+    lossy.lost = 0
+    async with open_aiohttp_ws(http, ws_url(server, f"/ws/orchestrator/{session_id}")) as ws:
+        await run_workflow(http, server, session_id)
+        story = stored(await read_to_end(ws))
+    assert story[0]["seq"] == 1 and story[-1]["type"] == "complete" and story[-1]["final"]
+
+
+async def test_a_final_event_owed_for_a_session_claimed_again_elsewhere_is_not_stored(
+    start: Start, redis: RedisServer
+) -> None:
+    """A claims a session, then loses Redis before storing anything: the final event of its
+    run is owed. Its lease lapses and B claims the session (a claim nobody acted on). When A
+    reaches Redis again, its renewal finds the lease B's, and A drops the event instead of
+    ending B's run with it."""
+    proxy = await FreezingProxy.start(redis.url)
+    try:
+        a = await start(url=proxy.url(redis.url))
+        b = await start()
+        leases = runner_of(a).leases
+        session_id = new_session_id()
+        assert await hub_of(a).broker.claim(session_id, leases.lease)
+        leases.hold(session_id)
+
+        await proxy.cut()  # A cannot reach Redis
+        final = ErrorEvent(
+            session_id=session_id,
+            agent="orchestrator",
+            code="workflow_interrupted",
+            error="The forecast was interrupted.",
+            final=True,
+        )
+        assert not await leases.finish(session_id, final)
+        assert leases.owed == 1
+        b_broker = hub_of(b).broker
+        async with asyncio.timeout(EVENT_TIMEOUT + LEASE_TTL):
+            while await b_broker.lease_states([session_id]) != {session_id: "lost"}:
+                await asyncio.sleep(LEASE_TTL / 10)  # the lease lapsing: time passing
+        assert await b_broker.claim(session_id, runner_of(b).leases.lease)
+
+        proxy.restore()
+        await wait_until(lambda: leases.owed == 0, "A to settle its owed final event")
+        assert not leases.holds(session_id)
+        assert (await b_broker.read(session_id, None)).events == []
+        assert await b_broker.lease_states([session_id]) == {session_id: "held"}
+    finally:
+        await proxy.close()
