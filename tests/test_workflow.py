@@ -17,7 +17,7 @@ from server.agents import register_agents
 from server.agents.handoff import AgentFailed, AgentHandoffManager, Reporter
 from server.brokers.memory import MemoryBroker
 from server.context import STREAM_CONTEXT
-from server.errors import Conflict
+from server.errors import Conflict, ServiceUnavailable, SessionEnded
 from server.hub import Hub
 from server.messages import ProgressEvent, StoredEvent
 from server.metrics import Metrics
@@ -237,6 +237,35 @@ async def test_handoff_reports_through_the_reporter_and_logs_durations() -> None
     with pytest.raises(AgentFailed):
         await manager.call_agent("broken", None, session_id="handoff-0001")
     assert published[-1].type == "error" and published[-1].code == "agent_failed"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [SessionEnded("handoff-0002"), ServiceUnavailable("The event store is unavailable.")],
+    ids=["session ended elsewhere", "store unavailable"],
+)
+async def test_a_report_the_event_store_refuses_is_not_the_agents_failure(
+    answer: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the store refuses an agent's own report (the session was ended elsewhere, the
+    store cannot be reached), that answer reaches the runner as it is: no agent error is
+    logged with a traceback, nor an ``agent_failed`` event published."""
+    published: list[Any] = []
+
+    async def publish(event: Any) -> None:
+        if event.type == "agent_status" and event.progress == 50:
+            raise answer
+        published.append(event)
+
+    async def agent(context: Any, report: Reporter) -> None:
+        await report("Halfway", 50)
+
+    manager = AgentHandoffManager(publish)
+    manager.register("demand", agent)
+    with pytest.raises(type(answer)):
+        await manager.call_agent("demand", None, session_id="handoff-0002")
+    assert [e.type for e in published] == ["agent_status"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_a_running_forecast_does_not_delay_another_sessions_stream(

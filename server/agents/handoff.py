@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from ..errors import reference_id
+from ..errors import ServiceUnavailable, SessionEnded, reference_id
 from ..messages import AgentStatusEvent, CompleteEvent, ErrorEvent, StorableEvent
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,11 @@ class AgentHandoffManager:
                     ref,
                 )
                 raise AgentFailed(name, outcome, ref) from None
-            except AgentFailed:
+            except (AgentFailed, SessionEnded, ServiceUnavailable):
+                # The last two are the event store's answers to the agent's own reports
+                # (the session was ended elsewhere, the store cannot be reached), not a
+                # failure of the agent's: the runner ends the run for them, without an
+                # agent error event that could not be stored anyway.
                 raise
             except Exception:
                 ref = reference_id()
