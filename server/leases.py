@@ -176,8 +176,13 @@ class WorkflowLeases:
             pass  # it lapses by itself after its ttl; the final event is stored already
 
     async def _keep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.interval
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            # Counted from this tick's start: the time a tick takes (a slow store, a busy
+            # event loop) is not added to the time between two renewals.
+            next_at = loop.time() + self.interval
             await self.tick()
 
     async def tick(self) -> None:

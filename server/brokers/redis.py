@@ -20,8 +20,8 @@ with a gap.
 The scripts are in :mod:`.redis_scripts`. Each process keeps one connection
 (:mod:`.redis_live`) that carries both its appends and the live events of the
 sessions it watches, and the appending process hands its own events to its hub as
-soon as Redis has stored them. Replays, claims and leases use a pool of ordinary
-connections.
+soon as Redis has stored them. Replays, claims and lease checks use a pool of
+ordinary connections; lease renewals have a small pool of their own.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ T = TypeVar("T")
 
 # Sessions whose lease scripts go in one round trip (see RedisBroker._per_session).
 _SESSIONS_PER_ROUND_TRIP = 100
+# The renewals' own connections: one call per lease_ttl / 3; a second for a call
+# whose attempt was cut off while the first is being given back.
+_RENEWAL_CONNECTIONS = 2
 # Appends that go in one pipeline (see RedisBroker._store_batch).
 _APPENDS_PER_ROUND_TRIP = 64
 
@@ -159,6 +162,7 @@ class RedisBroker:
 
         self._client: Redis | None = None
         self._live_client: Redis | None = None
+        self._renewal_client: Redis | None = None
         self._append_script: Any = None
         self._appends: Batcher[_Append, StoredEvent] | None = None
         self._read_script: Any = None
@@ -232,6 +236,10 @@ class RedisBroker:
             raise RuntimeError("RedisBroker.start() called twice")
         self._client = self._make_client(self._max_connections, protocol=2)
         self._live_client = self._make_client(1, protocol=3)
+        # Renewals never wait in line for the pool behind replays and claims: in a storm
+        # of 3,000 reconnecting clients they waited there for over a second, and a lease
+        # of a few seconds lapsed under a workflow that was running.
+        self._renewal_client = self._make_client(_RENEWAL_CONNECTIONS, protocol=2)
         self._append_script = self._client.register_script(APPEND_LUA)
         self._appends = Batcher(
             self._store_batch,
@@ -252,11 +260,11 @@ class RedisBroker:
         await self._live.close()
         if self._appends is not None:
             await self._appends.close()
-        for client in (self._live_client, self._client):
+        for client in (self._live_client, self._renewal_client, self._client):
             if client is not None:
                 with contextlib.suppress(*FAILURES):
                     await client.aclose()
-        self._client = self._live_client = None
+        self._client = self._live_client = self._renewal_client = None
 
     # --- commands ---------------------------------------------------------------------
 
@@ -426,6 +434,7 @@ class RedisBroker:
         session_ids: Collection[str],
         args: list[Any],
         keys: Callable[[str], list[str]],
+        client: Redis | None = None,
     ) -> list[Any]:
         """Run a one-session script (it touches the keys of one session only: one hash
         slot) for each session, pipelined, ``_SESSIONS_PER_ROUND_TRIP`` at a time.
@@ -436,8 +445,9 @@ class RedisBroker:
         largest part of what Redis added to p99 with many sessions. Packed and parsed by
         hiredis (see :mod:`.resp`), a chunk at a time, the loop is never held for more
         than a fraction of a millisecond. The scripts may run twice (a retry, or after
-        ``NOSCRIPT``): they only read, or set what they set before."""
-        client = self._require_client()
+        ``NOSCRIPT``): they only read, or set what they set before. ``client``: whose
+        connections to use (the pool's by default)."""
+        pool = (client or self._require_client()).connection_pool
         ids = list(session_ids)
         if not ids:
             return []
@@ -451,7 +461,7 @@ class RedisBroker:
             return commands
 
         async def attempt(_: int) -> list[Any]:
-            stream = await RespStream.open(client.connection_pool)
+            stream = await RespStream.open(pool)
             answers: list[Any] = []
             try:
                 for start in range(0, len(ids), _SESSIONS_PER_ROUND_TRIP):
@@ -482,7 +492,11 @@ class RedisBroker:
         def keys(s: str) -> list[str]:
             return [self._state_key(s), self._lease_key(s), self._stream_key(s)]
 
-        answers = await self._per_session("renew", self._renew_script, ids, args, keys)
+        renewals = self._renewal_client
+        if renewals is None:
+            raise ServiceUnavailable(UNAVAILABLE_MESSAGE)
+        script = self._renew_script
+        answers = await self._per_session("renew", script, ids, args, keys, renewals)
         return {s for s, held in zip(ids, answers, strict=True) if held == 1}
 
     async def release_lease(self, session_id: str, owner: str) -> None:

@@ -4,6 +4,8 @@ instances ("processes"), and the trivial in-memory version."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from redis.asyncio import Redis
 
@@ -12,6 +14,7 @@ from server.brokers.memory import MemoryBroker
 from server.errors import ServiceUnavailable
 
 from .redis_support import (
+    TIMEOUT,
     LoseFirstAnswer,
     NodeFactory,
     ServerFactory,
@@ -245,6 +248,41 @@ async def test_a_lease_check_held_past_its_time_out_gives_its_connection_back(
             assert (await a.broker.info(sid)) is not None
     finally:
         await admin.aclose()
+
+
+async def test_a_renewal_does_not_wait_for_the_pool_behind_other_calls(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """With every pooled connection taken by other calls (a storm of replays and claims),
+    a renewal still goes through at once on connections of its own, where it used to wait
+    in line for the pool (over a second with 3,000 clients reconnecting) while the lease
+    ran out under a running workflow."""
+    a = await make_node(max_connections=2, op_timeout=0.2, retry_budget=0.3)
+    sid = new_session_id()
+    lease = Lease("owner-a", 30)
+    assert await a.broker.claim(sid, lease)
+    client = a.broker._require_client()
+
+    async def hold_a_connection() -> None:
+        await client.blpop([f"busy-{sid}"], 30)
+
+    busy = [asyncio.create_task(hold_a_connection()) for _ in range(2)]
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while not await blocked(raw_redis, 2):
+                await asyncio.sleep(0.01)
+        with pytest.raises(ServiceUnavailable):
+            await a.broker.info(sid)  # the pool is taken
+        assert await a.broker.renew_leases([sid], lease) == {sid}
+    finally:
+        await raw_redis.rpush(f"busy-{sid}", 1, 2)
+        await asyncio.gather(*busy)
+
+
+async def blocked(redis: Redis, count: int) -> bool:
+    """``count`` or more clients of this Redis wait in a blocking command."""
+    info = await redis.info("clients")
+    return int(info["blocked_clients"]) >= count
 
 
 async def test_a_stream_recreated_under_a_running_workflow_is_leased_again(
