@@ -22,8 +22,9 @@ forever. So:
   ended, is looked at only every :data:`QUIET_ROUNDS` rounds (next paragraph).
 * **Quiet sessions.** A session whose state says it never had a workflow
   (``none``: other services publish into it) or that has ended stays so: a claim
-  only succeeds on a session the store does not have, or on one claimed with a
-  lease and nothing in it (see the broker's ``claim``). It can only change if the
+  only succeeds on a session the store does not have (or, for the process that
+  claimed it, on its own claim with nothing in it: see the broker's ``claim``). It
+  can only change if the
   store loses the session (it expired, or Redis restarted empty) and a workflow
   then claims its id again. So the monitor asks about such sessions every
   :data:`QUIET_ROUNDS` rounds instead of every round: a process streaming 1,000
@@ -46,8 +47,8 @@ forever. So:
   ``retry_finals_for`` seconds), so subscribers get it once the store is back. If
   this process dies meanwhile, its lease lapses and the monitors take over. If,
   once the store is back, the renewal finds the session ended or its lease another
-  process's (a claim that nothing was stored in may be claimed again), the event
-  is dropped: it is not this process's to store any more.
+  process's (the store lost the session, and another workflow claimed its id), the
+  event is dropped: it is not this process's to store any more.
 
 With the in-memory broker all of this runs too, trivially: there is one process,
 and a lease is never lost while it lives (see :mod:`server.brokers.memory`).
@@ -183,23 +184,29 @@ class WorkflowLeases:
             # Counted from this tick's start: the time a tick takes (a slow store, a busy
             # event loop) is not added to the time between two renewals.
             next_at = loop.time() + self.interval
-            await self.tick()
+            try:
+                await self.tick()
+            except Exception:  # a bug here must not stop every renewal for good
+                log.exception("lease renewal failed")
 
     async def tick(self) -> None:
         """Renew every held lease (one pipelined call), then retry the owed final events."""
         if not self._held:
             return
+        asked = sorted(self._held)
         try:
-            held = await self._hub.broker.renew_leases(sorted(self._held), self.lease)
+            held = await self._hub.broker.renew_leases(asked, self.lease)
         except ServiceUnavailable:
-            log.debug("could not renew %d workflow lease(s)", len(self._held))
+            log.debug("could not renew %d workflow lease(s)", len(asked))
             return  # the store is down: owed events would fail too
         now = time.monotonic()
         for session_id, (event, deadline) in list(self._owed.items()):
+            if session_id not in asked:
+                continue  # owed since the renewal was sent: asked about at the next tick
             if session_id not in held:
-                # Ended elsewhere, or (nothing stored in it) claimed again by another
-                # process once this one's lease lapsed: its final event is not ours to store.
-                log.warning("session %s was ended or taken over elsewhere", session_id)
+                # Ended elsewhere, or the store lost the session and another workflow
+                # claimed its id: this final event is not ours to store any more.
+                log.warning("session %s was ended or claimed elsewhere", session_id)
                 self.drop(session_id)
                 continue
             if now > deadline:

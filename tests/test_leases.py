@@ -23,12 +23,14 @@ from redis.asyncio import Redis
 from server.api import WORKFLOW_RUNNER
 from server.app import create_app
 from server.brokers.base import Lease, LeaseState
+from server.brokers.memory import MemoryBroker
 from server.brokers.redis import RedisBroker
 from server.config import Settings
-from server.errors import Conflict
-from server.hub import Subscription
-from server.leases import QUIET_ROUNDS
+from server.errors import Conflict, ServiceUnavailable
+from server.hub import Hub, Subscription
+from server.leases import QUIET_ROUNDS, WorkflowLeases
 from server.messages import CompleteEvent, ControlEvent, ProgressEvent, StoredEvent
+from server.metrics import Metrics
 from server.workflow import WorkflowRunner
 from tests.clients import app_of, new_session_id
 from tests.conftest import hub_of
@@ -343,3 +345,93 @@ async def test_in_memory_a_running_workflow_is_never_taken_for_lost(
         gated.gate.set()  # type: ignore[union-attr]
         events = await until_final(sub)
     assert events[-1]["type"] == "complete"
+
+
+# --- the renewal task, on a store that fails when told ----------------------------------------
+
+
+class FlakyStore(MemoryBroker):
+    """The in-memory store, whose appends fail while ``down`` and whose renewals wait,
+    once they have their answer, until the test lets them return."""
+
+    def __init__(self) -> None:
+        super().__init__(100, 60.0)
+        self.down = False
+        self.renewing = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def append(self, session_id: str, type: str, body: str, final: bool) -> StoredEvent:
+        if self.down:
+            raise ServiceUnavailable("The event store is unavailable; try again shortly.")
+        return await super().append(session_id, type, body, final)
+
+    async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> set[str]:
+        held = await super().renew_leases(session_ids, lease)
+        self.renewing.set()
+        await self.answer.wait()
+        return held
+
+
+async def test_a_final_event_owed_while_a_renewal_is_on_its_way_is_kept() -> None:
+    """A workflow claims, runs and owes its final event (the store is down) while a renewal
+    that did not ask about it is on its way: that renewal's answer does not count as
+    "not held", so the event is kept and stored once the store is back."""
+    store = FlakyStore()
+    hub = Hub(store, queue_size=100, metrics=Metrics())
+    leases = WorkflowLeases(hub, 30.0)
+    first, second = new_session_id(), new_session_id()
+    assert await store.claim(first, leases.lease)
+    leases.hold(first)
+    renewal = asyncio.create_task(leases.tick())
+    await store.renewing.wait()  # asked about the first session only
+
+    assert await store.claim(second, leases.lease)
+    leases.hold(second)
+    store.down = True
+    final = CompleteEvent(session_id=second, agent="orchestrator", final=True)
+    assert not await leases.finish(second, final)
+    assert leases.owed == 1
+    store.down = False
+    store.answer.set()
+    await renewal
+    assert leases.owed == 1 and leases.holds(second)  # kept for the next tick
+
+    await leases.tick()
+    assert leases.owed == 0
+    replay = await store.read(second, None)
+    assert [e.final for e in replay.events] == [True]
+    await leases.close()
+
+
+class BrokenOnce(MemoryBroker):
+    """The in-memory store, whose first renewal fails as a bug would."""
+
+    def __init__(self) -> None:
+        super().__init__(100, 60.0)
+        self.calls = 0
+        self.renewed = asyncio.Event()
+
+    async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> set[str]:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("a bug in a renewal")
+        self.renewed.set()
+        return await super().renew_leases(session_ids, lease)
+
+
+async def test_an_unexpected_error_in_a_renewal_does_not_stop_the_renewals(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A renewal that raises what it should not is logged, and the next tick renews again:
+    otherwise every lease of the process would lapse and other processes would end its
+    running workflows."""
+    store = BrokenOnce()
+    leases = WorkflowLeases(Hub(store, queue_size=100, metrics=Metrics()), 0.03)
+    session_id = new_session_id()
+    assert await store.claim(session_id, leases.lease)
+    leases.hold(session_id)  # starts the renewal task
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        await store.renewed.wait()
+    assert store.calls >= 2
+    assert "lease renewal failed" in caplog.text
+    await leases.close()

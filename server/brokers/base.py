@@ -128,11 +128,10 @@ class Broker(Protocol):
 
         With ``lease``, a successful claim takes the session's workflow lease in
         the same atomic step, so no process ever sees the session claimed but
-        not leased. A claim that nobody acted on (taken with a lease, nothing
-        stored, not ended, its lease lapsed or ``lease.owner``'s) may be claimed
-        again with a lease: its answer was lost on the way to its process, or
-        that process died before storing anything. The caller must not be running
-        a workflow of the session itself."""
+        not leased. A claim ``lease.owner`` made and still holds the lease of,
+        with nothing stored in it and not ended, may be claimed again by it: its
+        answers were lost on the way back. The caller must not be running a
+        workflow of the session itself."""
 
     async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> set[str]:
         """Extend ``lease`` on each of ``session_ids`` to ``lease.ttl`` from now, in one

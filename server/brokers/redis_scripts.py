@@ -97,11 +97,13 @@ return {epoch, last, final, 1, redis.call('XRANGE', KEYS[2], '-', '+')}
 # KEYS: state, stream, lease, nonces. ARGV: fresh epoch, ttl_ms, nonce, lease owner ('' for
 # no lease), lease ttl_ms. Returns 1 for the first caller.
 #
-# A claim is also taken over when nobody acts on it: claimed with a lease, nothing stored
-# (seq 0), not ended, and its lease lapsed or held by the caller's own process. That is a
-# claim whose answer never reached its process (the client got 503; a retry with the same
-# id must not get 409 for session_ttl), or whose process died before its first event. The
-# caller's process checks first that it runs no workflow of the session (WorkflowRunner).
+# A claim is also taken again by the process that made it, while its lease holds, if
+# nothing was stored in it and it has not ended: a claim whose answers never reached
+# that process (its client got 503; a retry with the same id must not get 409 for
+# session_ttl). The process checks first that it runs no workflow of the session
+# (WorkflowRunner). Never another process's: one that stalled between its claim and its
+# first event would run the session alongside; nor once the lease has lapsed, when a
+# lease monitor may be ending the session.
 CLAIM_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   local st = redis.call('HMGET', KEYS[1], 'claimed', 'seq', 'final', 'leased')
@@ -113,11 +115,10 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   if ARGV[4] == '' or not st[4] or st[2] ~= '0' or st[3] then
     return 0
   end
-  local holder = redis.call('GET', KEYS[3])
-  if holder and holder ~= ARGV[4] then
+  if redis.call('GET', KEYS[3]) ~= ARGV[4] then
     return 0
   end
-  redis.call('HSET', KEYS[1], 'claimed', ARGV[3])  -- taken over: same epoch, nothing in it
+  redis.call('HSET', KEYS[1], 'claimed', ARGV[3])  -- taken again: same epoch, nothing in it
 else
   redis.call('DEL', KEYS[2], KEYS[4])
   redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0, 'claimed', ARGV[3])
