@@ -19,6 +19,7 @@ from .context import STREAM_CONTEXT, StreamContext
 from .contract import add_contract_routes
 from .error_answers import answer_error
 from .hub import Hub
+from .keep_alives import KeepAlives
 from .limits import Admission
 from .logs import SESSION_ID
 from .messages import is_valid_session_id
@@ -65,12 +66,29 @@ def errors_middleware(request: web.Request, handler: Handler) -> Awaitable[web.S
     340 bytes: for the hours of a stream, on every connection. So the two stream
     handlers catch their own errors, with the same :func:`answer_error`, in their own
     frame, and only the other routes are awaited here."""
-    if request.match_info.handler in _ANSWER_THEIR_OWN_ERRORS:
+    if request.match_info.handler in _STREAM_HANDLERS:
         return handler(request)
     return _answering_errors(request, handler)
 
 
-_ANSWER_THEIR_OWN_ERRORS = frozenset({websocket_handler, sse_handler})
+# The streams' handlers: they answer their own errors, and their connections are never
+# kept alive for another request.
+_STREAM_HANDLERS = frozenset({websocket_handler, sse_handler})
+
+
+def keep_alives_middleware(keep_alives: KeepAlives) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Counts the requests in progress on each connection (answered: the response hook);
+    a stream's connection is forgotten (it carries no other request)."""
+
+    @web.middleware
+    def middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+        if request.match_info.handler in _STREAM_HANDLERS:
+            keep_alives.forget(request)
+        else:
+            keep_alives.started(request)
+        return handler(request)
+
+    return middleware
 
 
 async def _answering_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -105,10 +123,13 @@ async def _preflight() -> web.StreamResponse:
     )
 
 
-def _on_response_prepare(allowed: tuple[str, ...]) -> Callable[..., Awaitable[None]]:
+def _on_response_prepare(
+    allowed: tuple[str, ...], keep_alives: KeepAlives
+) -> Callable[..., Awaitable[None]]:
     """One hook for every response, streams included (it runs once per published event)."""
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        keep_alives.answered(request)
         # aiohttp's default "Server: Python/3.x aiohttp/3.x" tells an attacker what to look up.
         response.headers.popall("Server", None)
         if not allowed:
@@ -170,9 +191,10 @@ def create_app(
         live=lambda: admission.sessions,
     )
 
+    keep_alives = KeepAlives()
     app = web.Application(
         client_max_size=settings.max_body_size,
-        middlewares=[log_context_middleware, errors_middleware]
+        middlewares=[keep_alives_middleware(keep_alives), log_context_middleware, errors_middleware]
         # Without allowed origins there is no preflight to answer: no layer for it.
         + ([cors_middleware(settings.cors_origins)] if settings.cors_origins else []),
     )
@@ -198,6 +220,8 @@ def create_app(
         # handlers. Running workflows get the grace period, then end with a final
         # workflow_interrupted error, so their subscribers get a last event; every other
         # stream then ends (WebSocket 1001, SSE end of response) so clients resume elsewhere.
+        # First, the REST connections idle between two requests: see server/keep_alives.py.
+        keep_alives.close_idle()
         await runner.close(settings.shutdown_grace)
         hub.close_all("shutdown")
         # The streams are no longer aiohttp's: it would not wait for them.
@@ -205,7 +229,7 @@ def create_app(
 
     app.cleanup_ctx.append(lifetime)
     app.on_shutdown.append(on_shutdown)
-    app.on_response_prepare.append(_on_response_prepare(settings.cors_origins))
+    app.on_response_prepare.append(_on_response_prepare(settings.cors_origins, keep_alives))
 
     app.router.add_get(f"/ws/orchestrator/{SESSION_ID_SEGMENT}", websocket_handler)
     app.router.add_get(f"/sse/orchestrator/{SESSION_ID_SEGMENT}", sse_handler)

@@ -22,6 +22,7 @@ from tests.hardening.clients import assert_error_body, next_event, read_until_fi
 from tests.hardening.conftest import StartServer
 from tests.hardening.support import (
     FakeAgents,
+    RawConnection,
     context_of,
     events_in,
     new_session_id,
@@ -244,6 +245,42 @@ async def test_a_workflow_that_finishes_within_the_grace_period_completes(
     async with asyncio.timeout(EVENT_TIMEOUT):
         await shutdown
     assert context_of(server).hub.subscriber_count == 0
+
+
+async def test_idle_keep_alive_connections_are_closed_when_shutdown_begins(
+    start: StartServer, http: ClientSession, agents: FakeAgents
+) -> None:
+    """A REST connection kept alive between requests is closed as shutdown begins, while a
+    workflow still runs its grace period: its client's next request fails as a closed
+    connection and goes to another process, where aiohttp alone would leave the socket
+    open and drop that request unanswered until the grace is over. A stream opened on a
+    connection that served a request before is not cut (it ends with the others)."""
+    agents.gate = asyncio.Event()
+    server = await start(shutdown_grace=60.0)
+    async with http.post(
+        url(server, "/api/orchestrator/run-workflow"), json={"strategy_description": "chairs"}
+    ) as response:
+        session_id = (await response.json())["session_id"]
+    idle, reused = await RawConnection.open(server), await RawConnection.open(server)
+    for connection in (idle, reused):
+        head = await connection.request_head("/healthz")
+        assert head["status"] == 200
+        await connection.reader.readexactly(int(head["headers"]["Content-Length"]))
+    assert await reused.websocket(f"/ws/orchestrator/{session_id}") == 101
+    try:
+        closing = asyncio.create_task(server.close())
+        await wait_until(lambda: app_of(server)[WORKFLOW_RUNNER].closing)
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            assert await idle.reader.read() == b""  # closed, while the workflow runs on
+        assert not closing.done()
+        assert not reused.writer.transport.is_closing()
+        assert not reused.reader.at_eof()
+    finally:
+        agents.gate.set()
+        await idle.close()
+        reused.abort()
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        await closing
 
 
 async def test_an_sse_client_that_stopped_reading_does_not_hold_shutdown_up(
