@@ -66,26 +66,20 @@ def errors_middleware(request: web.Request, handler: Handler) -> Awaitable[web.S
     340 bytes: for the hours of a stream, on every connection. So the two stream
     handlers catch their own errors, with the same :func:`answer_error`, in their own
     frame, and only the other routes are awaited here."""
-    if request.match_info.handler in _STREAM_HANDLERS:
+    if request.match_info.handler in _ANSWER_THEIR_OWN_ERRORS:
         return handler(request)
     return _answering_errors(request, handler)
 
 
-# The streams' handlers: they answer their own errors, and their connections are never
-# kept alive for another request.
-_STREAM_HANDLERS = frozenset({websocket_handler, sse_handler})
+_ANSWER_THEIR_OWN_ERRORS = frozenset({websocket_handler, sse_handler})
 
 
 def keep_alives_middleware(keep_alives: KeepAlives) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Counts the requests in progress on each connection (answered: the response hook);
-    a stream's connection is forgotten (it carries no other request)."""
+    """Lets shutdown find aiohttp's connections (server/keep_alives.py)."""
 
     @web.middleware
     def middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
-        if request.match_info.handler in _STREAM_HANDLERS:
-            keep_alives.forget(request)
-        else:
-            keep_alives.started(request)
+        keep_alives.seen(request)
         return handler(request)
 
     return middleware
@@ -123,13 +117,10 @@ async def _preflight() -> web.StreamResponse:
     )
 
 
-def _on_response_prepare(
-    allowed: tuple[str, ...], keep_alives: KeepAlives
-) -> Callable[..., Awaitable[None]]:
+def _on_response_prepare(allowed: tuple[str, ...]) -> Callable[..., Awaitable[None]]:
     """One hook for every response, streams included (it runs once per published event)."""
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-        keep_alives.answered(request)
         # aiohttp's default "Server: Python/3.x aiohttp/3.x" tells an attacker what to look up.
         response.headers.popall("Server", None)
         if not allowed:
@@ -229,7 +220,7 @@ def create_app(
 
     app.cleanup_ctx.append(lifetime)
     app.on_shutdown.append(on_shutdown)
-    app.on_response_prepare.append(_on_response_prepare(settings.cors_origins, keep_alives))
+    app.on_response_prepare.append(_on_response_prepare(settings.cors_origins))
 
     app.router.add_get(f"/ws/orchestrator/{SESSION_ID_SEGMENT}", websocket_handler)
     app.router.add_get(f"/sse/orchestrator/{SESSION_ID_SEGMENT}", sse_handler)

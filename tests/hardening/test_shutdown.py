@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientConnectorError, ClientSession, ClientWebSocketResponse
+from aiohttp.test_utils import BaseTestServer
 
 from server.api import WORKFLOW_RUNNER
+from server.app import STATIC_DIR
 from tests.clients import app_of
 from tests.hardening.clients import assert_error_body, next_event, read_until_final, url
 from tests.hardening.conftest import StartServer
@@ -250,11 +252,12 @@ async def test_a_workflow_that_finishes_within_the_grace_period_completes(
 async def test_idle_keep_alive_connections_are_closed_when_shutdown_begins(
     start: StartServer, http: ClientSession, agents: FakeAgents
 ) -> None:
-    """A REST connection kept alive between requests is closed as shutdown begins, while a
-    workflow still runs its grace period: its client's next request fails as a closed
-    connection and goes to another process, where aiohttp alone would leave the socket
-    open and drop that request unanswered until the grace is over. A stream opened on a
-    connection that served a request before is not cut (it ends with the others)."""
+    """A REST connection kept alive between requests, or opened and not used yet, is closed
+    as shutdown begins, while a workflow still runs its grace period: its client's next
+    request fails as a closed connection and goes to another process, where aiohttp alone
+    would leave the socket open and drop that request unanswered until the grace is over.
+    A stream opened on a connection that served a request before is not cut (it ends
+    with the others)."""
     agents.gate = asyncio.Event()
     server = await start(shutdown_grace=60.0)
     async with http.post(
@@ -267,20 +270,93 @@ async def test_idle_keep_alive_connections_are_closed_when_shutdown_begins(
         assert head["status"] == 200
         await connection.reader.readexactly(int(head["headers"]["Content-Length"]))
     assert await reused.websocket(f"/ws/orchestrator/{session_id}") == 101
+    fresh = await RawConnection.open(server)
+    await wait_until(lambda: accepted(server, fresh))
     try:
         closing = asyncio.create_task(server.close())
         await wait_until(lambda: app_of(server)[WORKFLOW_RUNNER].closing)
         async with asyncio.timeout(EVENT_TIMEOUT):
             assert await idle.reader.read() == b""  # closed, while the workflow runs on
+            assert await fresh.reader.read() == b""
         assert not closing.done()
         assert not reused.writer.transport.is_closing()
         assert not reused.reader.at_eof()
     finally:
         agents.gate.set()
         await idle.close()
+        await fresh.close()
         reused.abort()
     async with asyncio.timeout(EVENT_TIMEOUT):
         await closing
+
+
+def aiohttp_connections(server: BaseTestServer) -> list[Any]:
+    """aiohttp's request handlers, one per connection it has (not the streams')."""
+    assert server.runner is not None and server.runner.server is not None
+    return list(server.runner.server.connections)
+
+
+def accepted(server: BaseTestServer, connection: RawConnection) -> bool:
+    """aiohttp has this connection among its own."""
+    ours = connection.writer.get_extra_info("sockname")
+    return any(
+        h.transport is not None and h.transport.get_extra_info("peername") == ours
+        for h in aiohttp_connections(server)
+    )
+
+
+async def test_a_file_still_being_sent_when_shutdown_begins_arrives_whole(
+    start: StartServer, http: ClientSession, agents: FakeAgents
+) -> None:
+    """A response still on its way when shutdown begins (a static file sent with sendfile
+    to a client that reads slowly) is not taken for an idle connection: it arrives whole."""
+    agents.gate = asyncio.Event()
+    server = await start(shutdown_grace=60.0)
+    async with http.post(
+        url(server, "/api/orchestrator/run-workflow"), json={"strategy_description": "chairs"}
+    ) as response:
+        assert response.status == 202
+    expected = (STATIC_DIR / "app.js").read_bytes()
+    slow = await RawConnection.open(server, receive_buffer=1024)
+    await wait_until(lambda: accepted(server, slow))
+    for handler in aiohttp_connections(server):  # small buffers both ways: sendfile waits
+        handler.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+    head = await slow.request_head("/static/app.js")
+    assert head["status"] == 200 and int(head["headers"]["Content-Length"]) == len(expected)
+    # Its response is still being sent (sendfile waits for the client to read).
+    busy = [h for h in aiohttp_connections(server) if h._request_in_progress]
+    peers = [h.transport.get_extra_info("peername") for h in busy]
+    assert peers == [slow.writer.get_extra_info("sockname")]
+    try:
+        closing = asyncio.create_task(server.close())
+        await wait_until(lambda: app_of(server)[WORKFLOW_RUNNER].closing)
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            assert await slow.reader.readexactly(len(expected)) == expected
+    finally:
+        agents.gate.set()
+        await slow.close()
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        await closing
+
+
+async def test_aiohttp_still_has_what_closing_idle_connections_rests_on(
+    start: StartServer, http: ClientSession
+) -> None:
+    """server/keep_alives.py reads aiohttp's request handlers' private state: if aiohttp
+    changes it, this fails at once (and the shutdown tests above with it)."""
+    server = await start()
+    async with http.get(url(server, "/healthz")) as response:
+        assert response.status == 200
+    handlers = aiohttp_connections(server)
+    assert handlers
+    for handler in handlers:
+        assert handler._manager is server.runner.server  # type: ignore[union-attr]
+        assert handler._request_in_progress is False
+        assert not handler._messages
+        task = handler._task_handler
+        assert handler._waiter is not None or task is None or task.done()
 
 
 async def test_an_sse_client_that_stopped_reading_does_not_hold_shutdown_up(
