@@ -219,17 +219,27 @@ async def test_a_request_waiting_on_its_workflow_is_answered_when_shutdown_inter
     assert await server.process.wait() == 0
 
 
+async def a_workflow_in_its_grace(
+    start: StartServer, http: ClientSession, agents: FakeAgents
+) -> tuple[BaseTestServer, str, asyncio.Event]:
+    """A server with a long grace period, running a workflow that waits for the returned
+    gate (so that a shutdown spends its grace on it); and that workflow's session id."""
+    agents.gate = gate = asyncio.Event()
+    server = await start(shutdown_grace=60.0)
+    async with http.post(
+        url(server, "/api/orchestrator/run-workflow"), json={"strategy_description": "chairs"}
+    ) as response:
+        assert response.status == 202
+        session_id: str = (await response.json())["session_id"]
+    return server, session_id, gate
+
+
 async def test_a_workflow_that_finishes_within_the_grace_period_completes(
     start: StartServer, http: ClientSession, agents: FakeAgents
 ) -> None:
     """During the grace period the workflow runs on and ends with ``complete``; a new
     workflow is refused with 503 ``shutting_down``; shutdown returns once it has ended."""
-    agents.gate = asyncio.Event()
-    server = await start(shutdown_grace=60.0)
-    async with http.post(
-        url(server, "/api/orchestrator/run-workflow"), json={"strategy_description": "chairs"}
-    ) as response:
-        session_id = (await response.json())["session_id"]
+    server, session_id, gate = await a_workflow_in_its_grace(start, http, agents)
     async with http.ws_connect(url(server, f"/ws/orchestrator/{session_id}", "ws")) as ws:
         await until_event(ws, lambda e: e.get("agent") == "demand")
         shutdown = asyncio.create_task(app_of(server).shutdown())
@@ -241,7 +251,7 @@ async def test_a_workflow_that_finishes_within_the_grace_period_completes(
             assert response.headers["Retry-After"]
             assert_error_body(await response.json(), "shutting_down")
         assert not shutdown.done()
-        agents.gate.set()
+        gate.set()
         events = await read_until_final(ws)
     assert events[-1]["type"] == "complete" and events[-1]["final"] is True
     async with asyncio.timeout(EVENT_TIMEOUT):
@@ -258,12 +268,7 @@ async def test_idle_keep_alive_connections_are_closed_when_shutdown_begins(
     would leave the socket open and drop that request unanswered until the grace is over.
     A stream opened on a connection that served a request before is not cut (it ends
     with the others)."""
-    agents.gate = asyncio.Event()
-    server = await start(shutdown_grace=60.0)
-    async with http.post(
-        url(server, "/api/orchestrator/run-workflow"), json={"strategy_description": "chairs"}
-    ) as response:
-        session_id = (await response.json())["session_id"]
+    server, session_id, gate = await a_workflow_in_its_grace(start, http, agents)
     idle, reused = await RawConnection.open(server), await RawConnection.open(server)
     for connection in (idle, reused):
         head = await connection.request_head("/healthz")
@@ -282,7 +287,7 @@ async def test_idle_keep_alive_connections_are_closed_when_shutdown_begins(
         assert not reused.writer.transport.is_closing()
         assert not reused.reader.at_eof()
     finally:
-        agents.gate.set()
+        gate.set()
         await idle.close()
         await fresh.close()
         reused.abort()
@@ -310,12 +315,7 @@ async def test_a_file_still_being_sent_when_shutdown_begins_arrives_whole(
 ) -> None:
     """A response still on its way when shutdown begins (a static file sent with sendfile
     to a client that reads slowly) is not taken for an idle connection: it arrives whole."""
-    agents.gate = asyncio.Event()
-    server = await start(shutdown_grace=60.0)
-    async with http.post(
-        url(server, "/api/orchestrator/run-workflow"), json={"strategy_description": "chairs"}
-    ) as response:
-        assert response.status == 202
+    server, _, gate = await a_workflow_in_its_grace(start, http, agents)
     expected = (STATIC_DIR / "app.js").read_bytes()
     slow = await RawConnection.open(server, receive_buffer=1024)
     await wait_until(lambda: accepted(server, slow))
@@ -335,7 +335,7 @@ async def test_a_file_still_being_sent_when_shutdown_begins_arrives_whole(
         async with asyncio.timeout(EVENT_TIMEOUT):
             assert await slow.reader.readexactly(len(expected)) == expected
     finally:
-        agents.gate.set()
+        gate.set()
         await slow.close()
     async with asyncio.timeout(EVENT_TIMEOUT):
         await closing
