@@ -37,13 +37,12 @@ class KeepAlives:
         if self._server is None:
             self._server = getattr(request.protocol, "_manager", None)
 
-    def close_idle(self) -> int:
-        """Close every connection with no request read and unanswered, and nothing left
-        to send after its last answer; returns how many."""
+    def close_idle(self) -> None:
+        """Close every connection with no request read and unanswered (what its last
+        answer still has buffered is sent first)."""
         server = self._server
         if server is None:
-            return 0
-        closed = 0
+            return
         for handler in list(server.connections):
             transport = handler.transport
             if transport is None or transport.is_closing():
@@ -53,6 +52,4 @@ class KeepAlives:
             task = handler._task_handler
             if handler._waiter is None and task is not None and not task.done():
                 continue  # between a request read and its handler: it will be answered
-            transport.close()  # what is still buffered is sent first
-            closed += 1
-        return closed
+            transport.close()

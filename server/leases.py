@@ -193,9 +193,9 @@ class WorkflowLeases:
         """Renew every held lease (one pipelined call), then retry the owed final events."""
         if not self._held:
             return
-        asked = sorted(self._held)
+        asked = frozenset(self._held)  # held may grow while the renewal is on its way
         try:
-            held = await self._hub.broker.renew_leases(asked, self.lease)
+            held = await self._hub.broker.renew_leases(sorted(asked), self.lease)
         except ServiceUnavailable:
             log.debug("could not renew %d workflow lease(s)", len(asked))
             return  # the store is down: owed events would fail too

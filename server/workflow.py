@@ -94,9 +94,10 @@ class WorkflowRunner:
                 code="shutting_down",
             )
         # Asked here first, since the claim lets this process take back a claim of its own
-        # that nothing acted on (the broker's claim): never one it is still acting on.
-        busy = session_id in self._tasks or session_id in self._claiming
-        if busy or self.leases.holds(session_id):
+        # that nothing acted on (the broker's claim): never one it is still acting on
+        # (running, being claimed, or owing its final event).
+        acting = session_id in self._tasks or session_id in self._claiming
+        if acting or self.leases.holds(session_id):
             raise _session_exists()
         self._claiming.add(session_id)
         try:

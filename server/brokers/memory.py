@@ -117,8 +117,8 @@ class MemoryBroker:
 
     async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> set[str]:
         """Nothing expires while this process lives; a lease stays until released."""
-        mine = (s for s in session_ids if self._leases.get(s) == lease.owner)
-        return {s for s in mine if self._lease_state(s) == "held"}
+        held = (s for s in session_ids if self._lease_state(s) == "held")
+        return {s for s in held if self._leases[s] == lease.owner}
 
     async def release_lease(self, session_id: str, owner: str) -> None:
         if self._leases.get(session_id) == owner:
