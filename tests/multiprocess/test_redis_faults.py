@@ -131,12 +131,17 @@ async def wait_readyz(http: ClientSession, server: BaseTestServer, status: int) 
                 return body
 
 
-async def run_workflow(http: ClientSession, server: BaseTestServer, session_id: str) -> None:
+async def run_workflow(
+    http: ClientSession, server: BaseTestServer, session_id: str, status: int = 202
+) -> tuple[Any, str]:
+    """Start a workflow and check the answer's status; its headers and body."""
     async with http.post(
         http_url(server, "/api/orchestrator/run-workflow"),
         json={"strategy_description": "chairs", "session_id": session_id},
     ) as response:
-        assert response.status == 202, await response.text()
+        text = await response.text()
+        assert response.status == status, text
+        return response.headers, text
 
 
 def demand_started(event: Event) -> bool:
@@ -258,12 +263,8 @@ async def test_while_redis_is_down_requests_fail_cleanly_and_work_again_once_it_
         assert set(body) == {"error", "code", "reference"}
         assert response.headers["Retry-After"]
         assert_sanitized(await response.text(), redis)
-    async with http.post(
-        http_url(server, "/api/orchestrator/run-workflow"),
-        json={"strategy_description": "chairs", "session_id": session_id},
-    ) as response:
-        assert response.status == 503
-        assert_sanitized(await response.text(), redis)
+    _, text = await run_workflow(http, server, session_id, 503)
+    assert_sanitized(text, redis)
     async with open_aiohttp_sse(http, http_url(server, f"/sse/orchestrator/{session_id}")) as sse:
         assert sse.status == 503
         assert_sanitized((await sse.read_body()).decode(), redis)
@@ -294,13 +295,8 @@ async def test_a_retry_of_a_run_workflow_answered_503_after_redis_took_its_claim
     lossy = LoseFirstAnswer(broker._claim_script, lost=1_000_000)
     monkeypatch.setattr(broker, "_claim_script", lossy)
     session_id = new_session_id()
-    async with http.post(
-        http_url(server, "/api/orchestrator/run-workflow"),
-        json={"strategy_description": "chairs", "session_id": session_id},
-    ) as response:
-        assert response.status == 503
-        body = await response.json()
-        assert body["code"] == "service_unavailable" and response.headers["Retry-After"]
+    headers, text = await run_workflow(http, server, session_id, 503)
+    assert json.loads(text)["code"] == "service_unavailable" and headers["Retry-After"]
     assert lossy.calls >= 2  # each attempt ran in Redis
     async with Redis.from_url(broker._url) as redis:
         assert await redis.hget(broker._state_key(session_id), "claimed")
