@@ -266,6 +266,50 @@ async def test_a_report_the_event_store_refuses_is_not_the_agents_failure(
         await manager.call_agent("demand", None, session_id="handoff-0002")
     assert [e.type for e in published] == ["agent_status"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # Nor is it counted as one, in the log behind the agent metrics.
+    assert [r.outcome for r in manager.execution_log] == ["interrupted"]
+
+
+async def test_an_agent_cancelled_with_its_run_is_interrupted_not_failed() -> None:
+    """A run cancelled around an agent (shutdown, the session ended) is not the agent's
+    failure: no ``agent_failed`` event, and the call is recorded as ``interrupted``."""
+    published: list[Any] = []
+    started = asyncio.Event()
+
+    async def publish(event: Any) -> None:
+        published.append(event)
+
+    async def agent(context: Any, report: Reporter) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    manager = AgentHandoffManager(publish)
+    manager.register("demand", agent)
+    call = asyncio.create_task(manager.call_agent("demand", None, session_id="handoff-0003"))
+    await started.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert [e.type for e in published] == ["agent_status"]
+    assert [r.outcome for r in manager.execution_log] == ["interrupted"]
+
+
+async def test_an_agent_that_answered_succeeded_though_its_complete_was_refused() -> None:
+    """The agent did its work; the store refusing its ``complete`` ends the run, but the
+    call is recorded as the agent's success."""
+
+    async def publish(event: Any) -> None:
+        if event.type == "complete":
+            raise SessionEnded("handoff-0004")
+
+    async def agent(context: Any, report: Reporter) -> int:
+        return 1
+
+    manager = AgentHandoffManager(publish)
+    manager.register("demand", agent)
+    with pytest.raises(SessionEnded):
+        await manager.call_agent("demand", None, session_id="handoff-0004")
+    assert [r.outcome for r in manager.execution_log] == ["success"]
 
 
 async def test_a_running_forecast_does_not_delay_another_sessions_stream(

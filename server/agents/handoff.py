@@ -39,7 +39,9 @@ class Summarizable(Protocol):
 
 Agent = Callable[[Any, Reporter], Awaitable[Any]]
 Publish = Callable[[StorableEvent], Awaitable[object]]
-Outcome = Literal["success", "timeout", "failed"]
+# "interrupted": the run was stopped around the agent (cancelled at shutdown, the
+# session ended elsewhere, the event store refused its report), not by it.
+Outcome = Literal["success", "timeout", "failed", "interrupted"]
 
 
 class AgentFailed(Exception):
@@ -133,7 +135,9 @@ class AgentHandoffManager:
         limit = self._default_timeout if timeout is None else timeout
         report = self._reporter(name, session_id)
         started_at, start = time.time(), time.perf_counter()
-        outcome: Outcome = "failed"
+        # Until the agent has answered, whatever stops the call comes from around it:
+        # a cancellation, the event store refusing a report.
+        outcome: Outcome = "interrupted"
         try:
             await report(f"Starting {name} agent", 0)
             try:
@@ -157,13 +161,17 @@ class AgentHandoffManager:
                     ref,
                 )
                 raise AgentFailed(name, outcome, ref) from None
-            except (AgentFailed, SessionEnded, ServiceUnavailable):
-                # The last two are the event store's answers to the agent's own reports
-                # (the session was ended elsewhere, the store cannot be reached), not a
-                # failure of the agent's: the runner ends the run for them, without an
-                # agent error event that could not be stored anyway.
+            except AgentFailed:
+                outcome = "failed"
+                raise
+            except (SessionEnded, ServiceUnavailable):
+                # The event store's answers to the agent's own reports (the session was
+                # ended elsewhere, the store cannot be reached), not a failure of the
+                # agent's: the runner ends the run for them, without an agent error
+                # event that could not be stored anyway.
                 raise
             except Exception:
+                outcome = "failed"
                 ref = reference_id()
                 log.exception("agent %s failed [ref %s]", name, ref, extra={"reference": ref})
                 await self._publish_error(
@@ -174,6 +182,7 @@ class AgentHandoffManager:
                     ref,
                 )
                 raise AgentFailed(name, outcome, ref) from None
+            outcome = "success"
             if session_id is not None:
                 await self._publish(
                     CompleteEvent(
@@ -183,7 +192,6 @@ class AgentHandoffManager:
                         data=_summarize(result),
                     )
                 )
-            outcome = "success"
             return result
         finally:
             record = ExecutionRecord(
