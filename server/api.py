@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import hmac
 import ipaddress
 import json
+import re
 import uuid
 from typing import Any
 
@@ -16,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from .auth import check_stream_access, issue_stream_token
+from .brokers.base import IdempotencyKey, Repeated
 from .context import STREAM_CONTEXT
 from .errors import (
     BodyTimeout,
@@ -30,6 +33,7 @@ from .messages import (
     PUBLISHABLE_ADAPTER,
     SESSION_ID_PATTERN,
     ErrorEvent,
+    StorableEvent,
     is_valid_session_id,
 )
 from .snapshot import session_snapshot
@@ -224,7 +228,11 @@ async def publish_event(request: web.Request) -> web.Response:
             status=422,
         )
     try:
-        stored = await ctx.hub.publish(event)
+        key = _idempotency_key(request, event)
+        stored = await ctx.hub.publish(event, key)
+    except Repeated as first:
+        # Sent before and stored then: the same answer, and nothing stored again.
+        return _published(first.id, first.seq, {"Idempotent-Replayed": "true"})
     except PydanticSerializationError:
         # The event is written as JSON before anything is stored. What passes validation
         # but cannot be written is in `data`, whose values are any JSON: a lone surrogate
@@ -234,10 +242,35 @@ async def publish_event(request: web.Request) -> web.Response:
             "nested too deep.",
             status=422,
         ) from None
+    return _published(stored.id, stored.seq)
+
+
+def _published(id: str, seq: int, headers: dict[str, str] | None = None) -> web.Response:
     # Built by hand, not json.dumps'd: an id is "<hex epoch>-<seq>", nothing to escape, and
     # this answer is the one response per published event.
-    answer = f'{{"id":"{stored.id}","seq":{stored.seq}}}'.encode()
-    return web.Response(body=answer, status=202, content_type="application/json")
+    answer = f'{{"id":"{id}","seq":{seq}}}'.encode()
+    return web.Response(body=answer, status=202, content_type="application/json", headers=headers)
+
+
+# Visible ASCII and spaces: UUIDs, ULIDs, and the draft standard's quoted strings.
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,128}")
+
+
+def _idempotency_key(request: web.Request, event: StorableEvent) -> IdempotencyKey | None:
+    """The publisher's ``Idempotency-Key`` (IETF draft-ietf-httpapi-idempotency-key-header),
+    with a digest of the event it names: the event as validated, less the timestamp the
+    server fills in, so that the same event sent again, however its JSON is laid out,
+    is the same event."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidRequest(
+            "The Idempotency-Key header must be 1 to 128 printable ASCII characters.",
+            code="invalid_idempotency_key",
+        )
+    content = event.model_dump_json(exclude={"timestamp"}).encode()
+    return IdempotencyKey(key, hashlib.blake2b(content, digest_size=16).hexdigest())
 
 
 async def healthz(request: web.Request) -> web.Response:

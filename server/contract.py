@@ -536,22 +536,43 @@ def _openapi() -> JsonObject:
                     "operationId": "publishEvent",
                     "summary": "Publish one event into a session (for other services)",
                     "description": "The server fills in `session_id`, `timestamp`, `id` and "
-                    "`seq`; sending them is an error.",
-                    "parameters": [session_id],
+                    "`seq`; sending them is an error. With an `Idempotency-Key`, an event "
+                    "sent again with its key is stored once: the retry gets the first answer.",
+                    "parameters": [
+                        session_id,
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "description": "The publisher's name for this event, unique in "
+                            "the session; remembered for the session's last `buffer_size` "
+                            "keys, for as long as it lives.",
+                            "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,128}$"},
+                        },
+                    ],
                     "security": [{}, {"publishToken": []}],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("PublishEventRequest")}},
                     },
                     "responses": {
-                        "202": _json(_ref("PublishAccepted"), "Stored and delivered."),
-                        "400": _error("Invalid session id or body that is not JSON."),
+                        "202": _json(
+                            _ref("PublishAccepted"),
+                            "Stored and delivered; or, with `Idempotent-Replayed: true`, "
+                            "stored before with this Idempotency-Key (nothing stored now).",
+                        ),
+                        "400": _error(
+                            "Invalid session id, body that is not JSON, or malformed "
+                            "Idempotency-Key."
+                        ),
                         "401": _error("A publish token is configured and was not given."),
                         "403": _error("No token is configured and the client is not local."),
                         "408": _error("The body did not arrive within body_timeout."),
                         "409": _error("The session has ended."),
                         "413": _error("The body is too large."),
-                        "422": _error("The body is not a valid event."),
+                        "422": _error(
+                            "The body is not a valid event, or its Idempotency-Key was used "
+                            "for another event in this session."
+                        ),
                         "503": overloaded,
                     },
                 }

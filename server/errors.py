@@ -7,6 +7,7 @@
     │   ├── Unauthorized        401/403 missing or wrong credentials
     │   ├── PayloadTooLarge     413
     │   ├── BodyTimeout         408 the body did not arrive within body_timeout
+    │   ├── IdempotencyKeyReused 422 an Idempotency-Key sent again with another event
     │   └── Conflict            409 session already ran, or already ended
     │       └── SessionEnded    409 publishing after the final event
     └── ServiceUnavailable      503 the broker cannot be reached, or shutting down (retry later)
@@ -76,6 +77,16 @@ class BodyTimeout(ClientError):
 
     def __init__(self) -> None:
         super().__init__("The request body did not arrive in time; send it again.")
+
+
+class IdempotencyKeyReused(ClientError):
+    status = 422
+    code = "idempotency_key_reused"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This Idempotency-Key was already used in this session for a different event."
+        )
 
 
 class Conflict(ClientError):

@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal
 
-from .brokers.base import Broker, Replay
+from .brokers.base import Broker, IdempotencyKey, Replay
 from .messages import (
     REPLAY_GAP,
     CompleteEvent,
@@ -432,15 +432,16 @@ class Hub:
 
     # --- publishing -----------------------------------------------------------------------
 
-    async def publish(self, event: StorableEvent) -> StoredEvent:
+    async def publish(self, event: StorableEvent, key: IdempotencyKey | None = None) -> StoredEvent:
         """Validate-once, encode-once, store: the event then reaches every subscriber.
 
         Raises ``SessionEnded`` after the final event and ``ServiceUnavailable``
-        when the broker cannot be reached.
+        when the broker cannot be reached; with a ``key`` the session has stored,
+        ``Repeated`` or ``IdempotencyKeyReused`` (see :meth:`Broker.append`).
         """
         final = isinstance(event, CompleteEvent | ErrorEvent) and event.final
         stored = await self.broker.append(
-            event.session_id, event.type, event.model_dump_json(), final
+            event.session_id, event.type, event.model_dump_json(), final, key
         )
         self._metrics.published.labels(type=event.type).inc()
         return stored

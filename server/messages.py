@@ -217,6 +217,7 @@ class StoredEvent(_Framed):
         "session_id",
         "type",
     )
+    id: str  # a stored event always has one
 
     def __init__(
         self, session_id: str, epoch: str, seq: int, type: str, final: bool, body: str

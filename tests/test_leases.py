@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from server.api import WORKFLOW_RUNNER
 from server.app import create_app
-from server.brokers.base import Lease, LeaseState
+from server.brokers.base import IdempotencyKey, Lease, LeaseState
 from server.brokers.memory import MemoryBroker
 from server.brokers.redis import RedisBroker
 from server.config import Settings
@@ -360,10 +360,17 @@ class FlakyStore(MemoryBroker):
         self.renewing = asyncio.Event()
         self.answer = asyncio.Event()
 
-    async def append(self, session_id: str, type: str, body: str, final: bool) -> StoredEvent:
+    async def append(
+        self,
+        session_id: str,
+        type: str,
+        body: str,
+        final: bool,
+        key: IdempotencyKey | None = None,
+    ) -> StoredEvent:
         if self.down:
             raise ServiceUnavailable("The event store is unavailable; try again shortly.")
-        return await super().append(session_id, type, body, final)
+        return await super().append(session_id, type, body, final, key)
 
     async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> set[str]:
         held = await super().renew_leases(session_ids, lease)

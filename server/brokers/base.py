@@ -45,6 +45,28 @@ class SessionInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """A publisher's name for one event, so that sending it again stores it once.
+
+    ``key`` is the publisher's (unique within the session); ``fingerprint`` is a digest
+    of what it asked to store, to tell a retry from a different event reusing the key.
+    """
+
+    key: str
+    fingerprint: str
+
+
+class Repeated(Exception):
+    """An append whose :class:`IdempotencyKey` the session has stored before: nothing was
+    stored now, and ``id``/``seq`` are what the first append stored."""
+
+    def __init__(self, id: str, seq: int) -> None:
+        super().__init__(id)
+        self.id = id
+        self.seq = seq
+
+
+@dataclass(frozen=True, slots=True)
 class Lease:
     """A workflow lease: "process ``owner`` is running this session's workflow".
 
@@ -99,7 +121,14 @@ class Broker(Protocol):
     async def close(self) -> None:
         """Stop delivery and release connections and tasks. Idempotent."""
 
-    async def append(self, session_id: str, type: str, body: str, final: bool) -> StoredEvent:
+    async def append(
+        self,
+        session_id: str,
+        type: str,
+        body: str,
+        final: bool,
+        key: IdempotencyKey | None = None,
+    ) -> StoredEvent:
         """Store one event and return it with its ``seq`` and ``id``.
 
         ``body`` is the event's JSON without ``id``/``seq``. Atomic: the next
@@ -108,6 +137,12 @@ class Broker(Protocol):
         the session's expiry. Raises :class:`~server.errors.SessionEnded` if the
         session's final event is already stored, and
         :class:`~server.errors.ServiceUnavailable` if the store cannot be reached.
+
+        With a ``key`` the session has stored before (among its last ``buffer_size``
+        keys, for as long as the session lives), stores nothing and raises
+        :class:`Repeated`, even after the final event; with that key and another
+        fingerprint, :class:`~server.errors.IdempotencyKeyReused`. The check and the
+        append are one atomic step.
         """
 
     async def read(self, session_id: str, after: StreamPosition | None) -> Replay:

@@ -18,13 +18,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection
 
-from ..errors import SessionEnded
-from ..messages import StoredEvent, StreamPosition
-from .base import EventListener, Lease, LeaseState, Replay, SessionInfo
+from ..errors import IdempotencyKeyReused, SessionEnded
+from ..messages import StoredEvent, StreamPosition, make_event_id
+from .base import EventListener, IdempotencyKey, Lease, LeaseState, Repeated, Replay, SessionInfo
 
 
 class _Stream:
-    __slots__ = ("epoch", "events", "final_id", "last_seq", "touched")
+    __slots__ = ("epoch", "events", "final_id", "keys", "last_seq", "touched")
 
     def __init__(self, buffer_size: int, now: float) -> None:
         self.epoch = secrets.token_hex(4)
@@ -32,6 +32,8 @@ class _Stream:
         self.last_seq = 0
         self.final_id: str | None = None
         self.touched = now
+        # Idempotency key -> (seq, fingerprint), oldest first; made on the first keyed append.
+        self.keys: dict[str, tuple[int, str]] | None = None
 
     def info(self) -> SessionInfo:
         return SessionInfo(self.epoch, self.last_seq, self.final_id is not None, self.final_id)
@@ -67,17 +69,36 @@ class MemoryBroker:
             await asyncio.wait({self._sweeper})  # never swallows close()'s own cancellation
             self._sweeper = None
 
-    async def append(self, session_id: str, type: str, body: str, final: bool) -> StoredEvent:
+    async def append(
+        self,
+        session_id: str,
+        type: str,
+        body: str,
+        final: bool,
+        key: IdempotencyKey | None = None,
+    ) -> StoredEvent:
         now = self._clock()
         stream = self._streams.get(session_id)
         if stream is None:
             stream = self._streams[session_id] = _Stream(self._buffer_size, now)
-        elif stream.final_id is not None:
-            raise SessionEnded(session_id)
+        else:
+            if key is not None and stream.keys is not None and key.key in stream.keys:
+                seq, fingerprint = stream.keys[key.key]
+                if fingerprint != key.fingerprint:
+                    raise IdempotencyKeyReused()
+                raise Repeated(make_event_id(stream.epoch, seq), seq)
+            if stream.final_id is not None:
+                raise SessionEnded(session_id)
         stream.last_seq += 1
         event = StoredEvent(session_id, stream.epoch, stream.last_seq, type, final, body)
         stream.events.append(event)  # the deque's maxlen trims the oldest
         stream.touched = now
+        if key is not None:
+            if stream.keys is None:
+                stream.keys = {}
+            stream.keys[key.key] = (event.seq, key.fingerprint)
+            if len(stream.keys) > self._buffer_size:
+                del stream.keys[next(iter(stream.keys))]
         if final:
             stream.final_id = event.id
         if self._on_event is not None:

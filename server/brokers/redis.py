@@ -3,8 +3,11 @@
 Keys of one session share a hash tag (``{<session_id>}``) so they live in one
 cluster slot and one Lua script may touch them all::
 
-    <prefix>:{<sid>}:state    hash: epoch, seq (last seq), final (id), claimed, leased
+    <prefix>:{<sid>}:state    hash: epoch, seq (last seq), final (id), claimed, leased,
+                              keyed, and "k:<idempotency key>" = "<seq>:<fingerprint>"
     <prefix>:{<sid>}:events   stream, entry id "<seq>-0", fields t f n b, MAXLEN = buffer_size
+    <prefix>:{<sid>}:nonces   stream: "<nonce>:<seq>" per append of the retry window
+    <prefix>:{<sid>}:keys     list: the idempotency keys of the state hash, oldest first
     <prefix>:{<sid>}:lease    string: the owner of the workflow lease, expiring after its ttl
     <prefix>:{<sid>}:live     pub/sub channel: "<seq>|<epoch>|<type>|<final>|<body>"
 
@@ -42,9 +45,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from ..errors import ServiceUnavailable, SessionEnded
-from ..messages import StoredEvent, StreamPosition
-from .base import EventListener, Lease, LeaseState, Replay, SessionInfo
+from ..errors import IdempotencyKeyReused, ServiceUnavailable, SessionEnded
+from ..messages import StoredEvent, StreamPosition, make_event_id
+from .base import EventListener, IdempotencyKey, Lease, LeaseState, Repeated, Replay, SessionInfo
 from .batching import Batcher
 from .redis_live import LiveChannels
 from .redis_scripts import (
@@ -87,10 +90,13 @@ class _Append:
     body: str
     keys: list[str]
     settings: list[Any]  # ARGV 4 to 9: maxlen, ttl_ms, fresh epoch, channel, nonce, window
+    key: IdempotencyKey | None
 
     def arguments(self, retry: bool) -> list[Any]:
         final = "1" if self.final else "0"
-        return [self.type, final, self.body, *self.settings, "1" if retry else "0"]
+        retried = "1" if retry else "0"
+        key = ("", "") if self.key is None else (self.key.key, self.key.fingerprint)
+        return [self.type, final, self.body, *self.settings, retried, *key]
 
     def stored(self, epoch: str, seq: int) -> StoredEvent:
         return StoredEvent(self.session_id, epoch, seq, self.type, self.final, self.body)
@@ -198,6 +204,9 @@ class RedisBroker:
     def _nonces_key(self, session_id: str) -> str:
         return f"{self._prefix}:{{{session_id}}}:nonces"
 
+    def _keys_key(self, session_id: str) -> str:
+        return f"{self._prefix}:{{{session_id}}}:keys"
+
     def channel(self, session_id: str) -> str:
         return f"{self._prefix}:{{{session_id}}}:live"
 
@@ -301,21 +310,37 @@ class RedisBroker:
                 log.warning("redis %s refused: %s", what, error_code(exc))
                 raise ServiceUnavailable(UNAVAILABLE_MESSAGE) from None
 
-    async def append(self, session_id: str, type: str, body: str, final: bool) -> StoredEvent:
+    async def append(
+        self,
+        session_id: str,
+        type: str,
+        body: str,
+        final: bool,
+        key: IdempotencyKey | None = None,
+    ) -> StoredEvent:
         self._require_client()
         assert self._appends is not None
-        return await self._appends.submit(self._append_request(session_id, type, body, final))
+        request = self._append_request(session_id, type, body, final, key)
+        return await self._appends.submit(request)
 
-    def _append_request(self, session_id: str, type: str, body: str, final: bool) -> _Append:
+    def _append_request(
+        self,
+        session_id: str,
+        type: str,
+        body: str,
+        final: bool,
+        key: IdempotencyKey | None = None,
+    ) -> _Append:
         keys = [
             self._state_key(session_id),
             self._stream_key(session_id),
             self._nonces_key(session_id),
+            self._keys_key(session_id),
         ]
         settings = [self._buffer_size, self._ttl_ms, new_epoch(), self.channel(session_id)]
         settings.append(secrets.token_hex(6))  # the nonce a retry looks for
         settings.append(self._retry_window_ms)
-        return _Append(session_id, type, final, body, keys, settings)
+        return _Append(session_id, type, final, body, keys, settings, key)
 
     async def _store_batch(self, batch: list[_Append]) -> list[StoredEvent | Exception]:
         """Run the append script for each append of the batch in one pipeline (one round
@@ -336,6 +361,11 @@ class RedisBroker:
                 results.append(ServiceUnavailable(UNAVAILABLE_MESSAGE))
             elif answer[0] == 0:
                 results.append(SessionEnded(request.session_id))
+            elif answer[0] == 2:
+                epoch, seq = str(answer[1]), int(answer[2])
+                results.append(Repeated(make_event_id(epoch, seq), seq))
+            elif answer[0] == 3:
+                results.append(IdempotencyKeyReused())
             else:
                 stored = request.stored(str(answer[1]), int(answer[2]))
                 # This process's subscribers have it by now: Redis sends the event's pub/sub
@@ -363,7 +393,7 @@ class RedisBroker:
         sha = self._append_script.sha
         # hiredis packs in C: 2.5 µs a command here, against 16.6 for redis-py's packer.
         return [
-            hiredis.pack_command(("EVALSHA", sha, 3, *r.keys, *r.arguments(retry))) for r in batch
+            hiredis.pack_command(("EVALSHA", sha, 4, *r.keys, *r.arguments(retry))) for r in batch
         ]
 
     async def read(self, session_id: str, after: StreamPosition | None) -> Replay:
@@ -415,6 +445,7 @@ class RedisBroker:
             self._stream_key(session_id),
             self._lease_key(session_id),
             self._nonces_key(session_id),
+            self._keys_key(session_id),
         ]
         args = [new_epoch(), self._ttl_ms, secrets.token_hex(8)]
         args += ["", 0] if lease is None else [lease.owner, _milliseconds(lease.ttl)]
@@ -490,7 +521,7 @@ class RedisBroker:
         args = [lease.owner, _milliseconds(lease.ttl), self._ttl_ms]
 
         def keys(s: str) -> list[str]:
-            return [self._state_key(s), self._lease_key(s), self._stream_key(s)]
+            return [self._state_key(s), self._lease_key(s), self._stream_key(s), self._keys_key(s)]
 
         renewals = self._renewal_client
         if renewals is None:

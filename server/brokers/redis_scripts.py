@@ -10,14 +10,24 @@ from __future__ import annotations
 
 from .base import LeaseState
 
-# KEYS: state, stream, nonces. ARGV: type, final (0|1), body, maxlen, ttl_ms, fresh epoch,
-# channel, nonce, retry window ms, retry (0|1). Returns {1, epoch, seq}, or {0, final_id}
-# once ended. Every append leaves "<nonce>:<seq>" in the nonces stream, whose entry ids
-# are Redis's clock, kept for the retry window: a retry finds its first attempt however
-# many appends came in between.
+# KEYS: state, stream, nonces, keys. ARGV: type, final (0|1), body, maxlen, ttl_ms, fresh
+# epoch, channel, nonce, retry window ms, retry (0|1), idempotency key ('' for none), its
+# fingerprint. Returns {1, epoch, seq}, {0, final_id} once ended, {2, epoch, seq} for a key
+# stored before (nothing stored now), {3} for a key stored before with another fingerprint.
+#
+# Every append leaves "<nonce>:<seq>" in the nonces stream, whose entry ids are Redis's
+# clock, kept for the retry window: a retry finds its first attempt however many appends
+# came in between.
+#
+# A publisher's idempotency key is a field of the state hash, "k:<key>" = "<seq>:<fp>",
+# so it lives and dies with the session; the keys list holds them oldest first, and the
+# oldest goes once there are more than maxlen. 'keyed' marks a state with any: the list's
+# expiry then follows the state's.
 APPEND_LUA = """
-local state, stream, nonces = KEYS[1], KEYS[2], KEYS[3]
-local epoch = redis.call('HGET', state, 'epoch')
+local state, stream, nonces, keys = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local key = ARGV[11]
+local st = redis.call('HMGET', state, 'epoch', 'final', 'keyed', 'k:' .. key)
+local epoch = st[1]
 if epoch and ARGV[10] == '1' then
   -- A retry: the first attempt may have been stored and its answer lost.
   local mine = ARGV[8] .. ':'
@@ -29,14 +39,20 @@ if epoch and ARGV[10] == '1' then
   end
 end
 if not epoch then
-  -- A new life of the stream: drop any orphan entries and nonces of an earlier one.
-  redis.call('DEL', stream, nonces)
+  -- A new life of the stream: drop any orphan entries, nonces and keys of an earlier one.
+  redis.call('DEL', stream, nonces, keys)
   epoch = ARGV[6]
   redis.call('HSET', state, 'epoch', epoch, 'seq', 0)
 else
-  local final = redis.call('HGET', state, 'final')
-  if final then
-    return {0, final}
+  if key ~= '' and st[4] then
+    local seq, fingerprint = string.match(st[4], '^(%d+):(.*)$')
+    if fingerprint ~= ARGV[12] then
+      return {3}
+    end
+    return {2, epoch, tonumber(seq)}
+  end
+  if st[2] then
+    return {0, st[2]}
   end
 end
 local seq = redis.call('HINCRBY', state, 'seq', 1)
@@ -45,8 +61,17 @@ redis.call('XADD', stream, 'MAXLEN', '=', ARGV[4], seq .. '-0',
 if ARGV[2] == '1' then
   redis.call('HSET', state, 'final', epoch .. '-' .. seq)
 end
+if key ~= '' then
+  redis.call('HSET', state, 'k:' .. key, seq .. ':' .. ARGV[12], 'keyed', 1)
+  if redis.call('RPUSH', keys, key) > tonumber(ARGV[4]) then
+    redis.call('HDEL', state, 'k:' .. redis.call('LPOP', keys))
+  end
+end
 redis.call('PEXPIRE', state, ARGV[5])
 redis.call('PEXPIRE', stream, ARGV[5])
+if key ~= '' or st[3] then
+  redis.call('PEXPIRE', keys, ARGV[5])
+end
 local noted = redis.call('XADD', nonces, '*', 'n', ARGV[8] .. ':' .. seq)
 if seq % 16 == 0 then
   -- Trimmed every 16th append: a few notes past the window cost less than a trim each time.
@@ -94,7 +119,7 @@ end
 return {epoch, last, final, 1, redis.call('XRANGE', KEYS[2], '-', '+')}
 """
 
-# KEYS: state, stream, lease, nonces. ARGV: fresh epoch, ttl_ms, nonce, lease owner ('' for
+# KEYS: state, stream, lease, nonces, keys. ARGV: fresh epoch, ttl_ms, nonce, lease owner ('' for
 # no lease), lease ttl_ms. Returns 1 for the first caller.
 #
 # A claim is also taken again by the process that made it, while its lease holds, if
@@ -120,7 +145,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   end
   redis.call('HSET', KEYS[1], 'claimed', ARGV[3])  -- taken again: same epoch, nothing in it
 else
-  redis.call('DEL', KEYS[2], KEYS[4])
+  redis.call('DEL', KEYS[2], KEYS[4], KEYS[5])
   redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0, 'claimed', ARGV[3])
 end
 if ARGV[4] ~= '' then
@@ -131,7 +156,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: state, lease, events. ARGV: owner, lease ttl_ms, session ttl_ms. Returns 1 when
+# KEYS: state, lease, events, keys. ARGV: owner, lease ttl_ms, session ttl_ms. Returns 1 when
 # the lease is held now. An expired lease is taken again (its workflow still runs); an
 # ended session's is not, nor one another owner holds. 'leased' is set again on a stream
 # that was recreated. The session's keys get session_ttl again, as an append gives them:
@@ -149,6 +174,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'leased', 1)
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
+  redis.call('PEXPIRE', KEYS[4], ARGV[3])
 end
 return 1
 """

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from server.brokers.base import Lease
+from server.brokers.base import IdempotencyKey, Lease
 from server.brokers.memory import MemoryBroker
 from server.errors import ServiceUnavailable
 
@@ -326,15 +326,15 @@ async def test_a_renewal_keeps_a_running_workflows_history_from_expiring(
     make_node: NodeFactory, raw_redis: Redis
 ) -> None:
     """Agents may stay silent longer than ``session_ttl`` (a short ttl, a slow model):
-    each renewal gives the session's state and events ``session_ttl`` again, as an
+    each renewal gives the session's state, events and keys ``session_ttl`` again, as an
     append does, so what the workflow published stays replayable while it runs. Once
     the final event is stored, renewals no longer extend it."""
     a = await make_node(session_ttl=60)
     sid = new_session_id()
     lease = Lease("owner-a", 30)
     assert await a.broker.claim(sid, lease)
-    await a.broker.append(sid, "progress", body(1), False)
-    session_keys = (a.broker._state_key(sid), a.broker._stream_key(sid))
+    await a.broker.append(sid, "progress", body(1), False, IdempotencyKey("k-1", "f"))
+    session_keys = (a.broker._state_key(sid), a.broker._stream_key(sid), a.broker._keys_key(sid))
     for key in session_keys:
         await raw_redis.pexpire(key, 1000)  # the ttl nearly spent in silence
     await a.broker.renew_leases([sid], lease)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from server.brokers.base import IdempotencyKey, Repeated
 from server.brokers.memory import MemoryBroker
 from server.brokers.redis import RedisBroker
 from server.errors import ServiceUnavailable, SessionEnded
@@ -270,6 +271,50 @@ async def test_batches_whose_answers_were_all_lost_are_each_stored_once(
     assert sorted(e.seq for e in results) == list(range(1, 201))
     stored = await stream_bodies(raw_redis, node.broker, sid)
     assert sorted(json.loads(b)["n"] for b in stored) == list(range(200))
+
+
+KEY = IdempotencyKey("k-1", "fingerprint-1")
+
+
+async def test_a_keyed_append_answered_503_then_sent_again_is_stored_once(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch, raw_redis: Redis
+) -> None:
+    """What idempotency keys are for: Redis stores the event, every answer is lost until the
+    retry budget is spent (the publisher gets 503), and the publisher sends it again with
+    its key: it learns the first seq, and the event is stored once."""
+    node = await make_node(op_timeout=0.2, retry_budget=0.3)
+    sid = new_session_id()
+    lossy = LoseFirstAnswer(node.broker._run_appends, lost=1_000_000)
+    monkeypatch.setattr(node.broker, "_run_appends", lossy)
+    with pytest.raises(ServiceUnavailable):
+        await node.broker.append(sid, "progress", body(1), False, KEY)
+    assert lossy.calls >= 2
+    lossy.lost = 0
+    with pytest.raises(Repeated) as repeated:
+        await node.broker.append(sid, "progress", body(1), False, KEY)
+    assert repeated.value.seq == 1
+    assert await stream_bodies(raw_redis, node.broker, sid) == [body(1)]
+
+
+async def test_a_sessions_keys_expire_with_it_and_a_new_life_starts_without_them(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """The keys list follows the state's expiry, refreshed by unkeyed appends too (its
+    oldest keys must stay removable for as long as the state lives); once the session is
+    forgotten, a key it had is a new event in the stream's new life."""
+    node = await make_node(session_ttl=60)
+    sid = new_session_id()
+    first = await node.broker.append(sid, "progress", body(1), False, KEY)
+    keys = node.broker._keys_key(sid)
+    assert 1000 < await raw_redis.pttl(keys) <= 60_000
+    await raw_redis.pexpire(keys, 1000)
+    await append_many(node.broker, sid, 1, start=2)
+    assert 1000 < await raw_redis.pttl(keys) <= 60_000
+
+    await raw_redis.delete(*keys_of(node.broker, sid))  # as when the session expires
+    again = await node.broker.append(sid, "progress", body(1), False, KEY)
+    assert again.seq == 1 and again.epoch != first.epoch
+    assert await raw_redis.lrange(keys, 0, -1) == [KEY.key]
 
 
 async def test_nonces_are_kept_only_for_the_retry_window(
@@ -639,6 +684,10 @@ async def serves_every_path(make_node: NodeFactory, url: str, **options: Any) ->
     replay = await b.broker.read(sid, None)
     assert [e.id for e in replay.events] == [e.id for e in stored]
     assert await a.broker.lease_states([sid]) == {sid: "none"}
+    keyed = await a.broker.append(sid, "progress", body(4), False, KEY)
+    with pytest.raises(Repeated):
+        await b.broker.append(sid, "progress", body(4), False, KEY)
+    await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2, 3, keyed.seq])
     return keys_of(a.broker, sid)
 
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from server.app import create_app
-from server.brokers.base import Broker
+from server.brokers.base import Broker, IdempotencyKey
 from server.brokers.memory import MemoryBroker
 from server.config import Settings
 from server.context import STREAM_CONTEXT
@@ -82,8 +82,15 @@ class PausingBroker(MemoryBroker):
         self.paused = asyncio.Event()
         self._resume = asyncio.Event()
 
-    async def append(self, session_id: str, type: str, body: str, final: bool) -> StoredEvent:
-        stored = await super().append(session_id, type, body, final)
+    async def append(
+        self,
+        session_id: str,
+        type: str,
+        body: str,
+        final: bool,
+        key: IdempotencyKey | None = None,
+    ) -> StoredEvent:
+        stored = await super().append(session_id, type, body, final, key)
         if not self.paused.is_set() and self._pause_after(json.loads(body)):
             self.paused.set()
             await self._resume.wait()
