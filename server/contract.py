@@ -585,6 +585,13 @@ def _openapi() -> JsonObject:
                     "parameters": [
                         session_id,
                         {"name": "last_event_id", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "lastEventId",
+                            "in": "query",
+                            "description": "An EventSource polyfill's resume position (also "
+                            "`lastEventID`): wins over `last_event_id`.",
+                            "schema": {"type": "string"},
+                        },
                         {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
                         token,
                     ],

@@ -13,13 +13,14 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 
-def query_value(request: web.Request, name: str) -> str | None:
-    """The first value of ``name`` in the query string (decoded as ``request.query`` does),
-    or ``None``."""
+def query_value(request: web.Request, *names: str) -> str | None:
+    """The first value of the first of ``names`` in the query string that has one (decoded
+    as ``request.query`` does), or ``None``."""
     query = request.rel_url.raw_query_string
     if not query:
         return None
+    found: dict[str, str] = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
-        if key == name:
-            return value
-    return None
+        if key in names:
+            found.setdefault(key, value)
+    return next((found[name] for name in names if name in found), None)

@@ -25,3 +25,22 @@ QUERIES = [
 def test_query_value_reads_what_request_query_reads(query: str, name: str) -> None:
     request = make_mocked_request("GET", f"/sse/orchestrator/s-0000001?{query}")
     assert query_value(request, name) == request.query.get(name)
+
+
+@pytest.mark.parametrize(
+    ("query", "value"),
+    [
+        ("last_event_id=a&lastEventId=b", "b"),
+        ("lastEventId=b&last_event_id=a", "b"),
+        ("lastEventID=c&last_event_id=a", "c"),
+        ("lastEventId=b&lastEventID=c", "b"),
+        ("last_event_id=a", "a"),
+        ("lastEventId=&last_event_id=a", ""),
+        ("other=1", None),
+    ],
+)
+def test_query_value_of_several_names_takes_the_first_name_present(
+    query: str, value: str | None
+) -> None:
+    request = make_mocked_request("GET", f"/sse/orchestrator/s-0000001?{query}")
+    assert query_value(request, "lastEventId", "lastEventID", "last_event_id") == value

@@ -56,9 +56,16 @@ def _chunk_encoded(response: web.StreamResponse) -> bool:
     return response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"
 
 
+# EventSource polyfills, which do not send Last-Event-ID, resume with a query parameter
+# of their own, added to the URL the page gave them, so it is newer than that URL's last_event_id:
+# "lastEventId" (Yaffle's event-source-polyfill, by default), "lastEventID" (Mercure's).
+_RESUME_PARAMETERS = ("lastEventId", "lastEventID", "last_event_id")
+
+
 def resume_point(request: web.Request) -> str | None:
-    """The ``Last-Event-ID`` header wins over ``?last_event_id=`` (PROTOCOL.md)."""
-    return request.headers.get("Last-Event-ID") or query_value(request, "last_event_id") or None
+    """The ``Last-Event-ID`` header wins over the query (PROTOCOL.md); there, a polyfill's
+    parameter wins over ``?last_event_id=``."""
+    return request.headers.get("Last-Event-ID") or query_value(request, *_RESUME_PARAMETERS) or None
 
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:

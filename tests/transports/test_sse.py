@@ -269,6 +269,21 @@ async def test_header_wins_over_the_query_parameter(client: AppClient, open_sse:
         assert seqs(await read_to_end(sse)) == [4, 5]
 
 
+@pytest.mark.parametrize("name", ["lastEventId", "lastEventID"])
+async def test_an_eventsource_polyfills_resume_parameter_wins_over_the_pages(
+    client: AppClient, open_sse: SSEOpener, name: str
+) -> None:
+    """EventSource polyfills that send no headers resume by adding a parameter of their
+    own to the page's URL (Yaffle's ``lastEventId``, Mercure's ``lastEventID``): it is
+    newer than the URL's ``last_event_id``, so it is the resume point."""
+    session_id = new_session_id()
+    answers = await published_story(client, session_id, 4)
+    path = f"{sse_path(session_id, answers[0]['id'])}&{name}={answers[2]['id']}"
+    async with open_sse(client.server, path) as sse:
+        await publish(client, session_id, final())
+        assert seqs(await read_to_end(sse)) == [4, 5]
+
+
 async def test_empty_last_event_id_means_from_the_start(client: AppClient) -> None:
     """An empty (or all-blank) ``Last-Event-ID`` or ``?last_event_id=`` is no resume point:
     the whole story, with no ``replay_gap``."""
