@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import secrets
@@ -70,6 +71,10 @@ _SESSIONS_PER_ROUND_TRIP = 100
 # The renewals' own connections: one call per lease_ttl / 3; a second for a call
 # whose attempt was cut off while the first is being given back.
 _RENEWAL_CONNECTIONS = 2
+# Sessions whose last stored position is remembered (see RedisBroker._note_stored): a
+# running workflow's session stays among them unless this many others were appended to
+# since its last event. About 200 bytes each.
+_STORED_SESSIONS = 4096
 # Appends that go in one pipeline (see RedisBroker._store_batch).
 _APPENDS_PER_ROUND_TRIP = 64
 
@@ -91,15 +96,28 @@ class _Append:
     keys: list[str]
     settings: list[Any]  # ARGV 4 to 9: maxlen, ttl_ms, fresh epoch, channel, nonce, window
     key: IdempotencyKey | None
+    seen: tuple[str, int] | None  # how far this process has seen the stream go
 
     def arguments(self, retry: bool) -> list[Any]:
         final = "1" if self.final else "0"
         retried = "1" if retry else "0"
         key = ("", "") if self.key is None else (self.key.key, self.key.fingerprint)
-        return [self.type, final, self.body, *self.settings, retried, *key]
+        seen = self.seen or ("", 0)
+        return [self.type, final, self.body, *self.settings, retried, *key, *seen]
 
     def stored(self, epoch: str, seq: int) -> StoredEvent:
         return StoredEvent(self.session_id, epoch, seq, self.type, self.final, self.body)
+
+
+def _log_lost_writes(session_id: str, seen: tuple[str, int] | None, epoch: str) -> None:
+    seen_id = "?" if seen is None else make_event_id(*seen)
+    log.warning(
+        "redis lost writes: session %s holds less than this process saw (up to %s); "
+        "it goes on under a new epoch %s, and its subscribers are told of the gap",
+        session_id,
+        seen_id,
+        epoch,
+    )
 
 
 def _milliseconds(seconds: float) -> int:
@@ -177,10 +195,15 @@ class RedisBroker:
         self._release_script: Any = None
         self._lease_state_script: Any = None
         self._closed = False
+        # The (epoch, seq) this process last stored, for the sessions it appended to most
+        # recently. With the positions the live connection delivered, how far this
+        # process has seen a stream go: a stream found behind that lost writes (see
+        # APPEND_LUA), and takes a new epoch rather than reuse its seqs.
+        self._stored: dict[str, tuple[str, int]] = {}
         self._live = LiveChannels(
             channel=self.channel,
             session_of=self._session_of,
-            read=self._read,
+            read=functools.partial(self._read, seen=True),
             connect_timeout=connect_timeout,
             op_timeout=op_timeout,
             watch_timeout=watch_timeout,
@@ -340,7 +363,8 @@ class RedisBroker:
         settings = [self._buffer_size, self._ttl_ms, new_epoch(), self.channel(session_id)]
         settings.append(secrets.token_hex(6))  # the nonce a retry looks for
         settings.append(self._retry_window_ms)
-        return _Append(session_id, type, final, body, keys, settings, key)
+        seen = self._stored.get(session_id) or self._live.delivered(session_id)
+        return _Append(session_id, type, final, body, keys, settings, key, seen)
 
     async def _store_batch(self, batch: list[_Append]) -> list[StoredEvent | Exception]:
         """Run the append script for each append of the batch in one pipeline (one round
@@ -368,6 +392,9 @@ class RedisBroker:
                 results.append(IdempotencyKeyReused())
             else:
                 stored = request.stored(str(answer[1]), int(answer[2]))
+                self._note_stored(stored)
+                if answer[3] == 1:
+                    _log_lost_writes(request.session_id, request.seen, stored.epoch)
                 # This process's subscribers have it by now: Redis sends the event's pub/sub
                 # message on the same connection, before this reply, and should a Redis send
                 # them the other way round, it is delivered here. Whichever of the two comes
@@ -377,6 +404,15 @@ class RedisBroker:
                 self._live.deliver(stored)
                 results.append(stored)
         return results
+
+    def _note_stored(self, event: StoredEvent) -> None:
+        """Remember ``event`` as the newest this process stored in its session, for the
+        ``_STORED_SESSIONS`` sessions appended to most recently (a dict keeps insertion
+        order: re-inserted, a session is the newest; the oldest is dropped first)."""
+        self._stored.pop(event.session_id, None)
+        self._stored[event.session_id] = (event.epoch, event.seq)
+        if len(self._stored) > _STORED_SESSIONS:
+            del self._stored[next(iter(self._stored))]
 
     async def _run_appends(self, client: Redis, batch: list[_Append], retry: bool) -> list[Any]:
         """Write the batch's EVALSHA calls together on the live connection and return
@@ -400,10 +436,16 @@ class RedisBroker:
         await self._live.settled(session_id)
         return await self._read(session_id, after)
 
-    async def _read(self, session_id: str, after: StreamPosition | None) -> Replay:
+    async def _read(
+        self, session_id: str, after: StreamPosition | None, seen: bool = False
+    ) -> Replay:
+        """``seen``: ``after`` is where this process's live connection stands, not a
+        client's word, so a stream behind it lost writes (see READ_LUA)."""
         client = self._require_client()
         keys = [self._state_key(session_id), self._stream_key(session_id)]
         args = ["", ""] if after is None else [after.epoch, str(after.seq)]
+        if seen and after is not None:
+            args.append(new_epoch())
 
         async def attempt(_: int) -> list[Any]:
             result: list[Any] = await self._read_script(keys=keys, args=args, client=client)
@@ -414,6 +456,8 @@ class RedisBroker:
             return Replay([], gap=after is not None, info=None)
         epoch, last_seq, final_id, gap, entries = result
         epoch = str(epoch)
+        if gap == 2 and after is not None:
+            _log_lost_writes(session_id, (after.epoch, after.seq), epoch)
         info = SessionInfo(epoch, int(last_seq), bool(final_id), final_id or None)
         events = [self._event_from_entry(session_id, epoch, entry) for entry in entries]
         return Replay(events, gap=after is not None and bool(gap), info=info)

@@ -125,7 +125,8 @@ class LiveChannels:
     share, and its reader.
 
     ``channel`` and ``session_of`` name a session's channel and back; ``read`` reads a
-    session's stream after a position (for the catch-up). Timeouts are the broker's
+    session's stream after a position this connection delivered (for the catch-up: a
+    stream found behind it lost writes, and takes a new epoch). Timeouts are the broker's
     (see :class:`~server.brokers.redis.RedisBroker`).
     """
 
@@ -273,6 +274,10 @@ class LiveChannels:
                 await future
         except TimeoutError:
             raise ServiceUnavailable(UNAVAILABLE_MESSAGE) from None
+
+    def delivered(self, session_id: str) -> tuple[str, int] | None:
+        """The (epoch, seq) of the newest event delivered for a watched session."""
+        return self._delivered.get(session_id)
 
     async def unwatch(self, session_id: str) -> None:
         """Unsubscribe; never raises (the next reconnect only subscribes watched sessions)."""

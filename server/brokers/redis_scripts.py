@@ -12,8 +12,10 @@ from .base import LeaseState
 
 # KEYS: state, stream, nonces, keys. ARGV: type, final (0|1), body, maxlen, ttl_ms, fresh
 # epoch, channel, nonce, retry window ms, retry (0|1), idempotency key ('' for none), its
-# fingerprint. Returns {1, epoch, seq}, {0, final_id} once ended, {2, epoch, seq} for a key
-# stored before (nothing stored now), {3} for a key stored before with another fingerprint.
+# fingerprint, the epoch and seq this process has seen the stream reach ('', 0). Returns
+# {1, epoch, seq, rewound} (rewound: 1 when it took a new epoch for lost writes, below),
+# {0, final_id} once ended, {2, epoch, seq} for a key stored before (nothing stored now),
+# {3} for a key stored before with another fingerprint.
 #
 # Every append leaves "<nonce>:<seq>" in the nonces stream, whose entry ids are Redis's
 # clock, kept for the retry window: a retry finds its first attempt however many appends
@@ -23,18 +25,24 @@ from .base import LeaseState
 # so it lives and dies with the session; the keys list holds them oldest first, and the
 # oldest goes once there are more than maxlen. 'keyed' marks a state with any: the list's
 # expiry then follows the state's.
+#
+# A stream behind what this process has seen of it lost writes: Redis came back from an
+# older snapshot, or failed over to a replica that lagged. Its next seqs would name
+# events other than those its subscribers have; it takes a fresh epoch instead (keeping
+# its entries, now under the new epoch), so that every subscriber gets a gap notice.
 APPEND_LUA = """
 local state, stream, nonces, keys = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local key = ARGV[11]
-local st = redis.call('HMGET', state, 'epoch', 'final', 'keyed', 'k:' .. key)
+local st = redis.call('HMGET', state, 'epoch', 'final', 'keyed', 'k:' .. key, 'seq')
 local epoch = st[1]
+local rewound = 0
 if epoch and ARGV[10] == '1' then
   -- A retry: the first attempt may have been stored and its answer lost.
   local mine = ARGV[8] .. ':'
   for _, entry in ipairs(redis.call('XRANGE', nonces, '-', '+')) do
     local noted = entry[2][2]
     if string.sub(noted, 1, #mine) == mine then
-      return {1, epoch, tonumber(string.sub(noted, #mine + 1))}
+      return {1, epoch, tonumber(string.sub(noted, #mine + 1)), 0}
     end
   end
 end
@@ -53,6 +61,11 @@ else
   end
   if st[2] then
     return {0, st[2]}
+  end
+  if epoch == ARGV[13] and tonumber(st[5]) < tonumber(ARGV[14]) then
+    epoch = ARGV[6]
+    redis.call('HSET', state, 'epoch', epoch)
+    rewound = 1
   end
 end
 local seq = redis.call('HINCRBY', state, 'seq', 1)
@@ -81,11 +94,14 @@ end
 redis.call('PEXPIRE', nonces, ARGV[9])
 redis.call('PUBLISH', ARGV[7],
            seq .. '|' .. epoch .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3])
-return {1, epoch, seq}
+return {1, epoch, seq, rewound}
 """
 
-# KEYS: state, stream. ARGV: after epoch ('' for none), after seq.
-# Returns {} when there is no stream, else {epoch, last_seq, final_id or '', gap, entries}.
+# KEYS: state, stream. ARGV: after epoch ('' for none), after seq, and a fresh epoch when
+# 'after' is what this process has seen of the stream (its live connection's catch-up).
+# Returns {} when there is no stream, else {epoch, last_seq, final_id or '', gap, entries};
+# gap is 2 when the stream was behind such a position: it lost writes, and took the fresh
+# epoch (see APPEND_LUA).
 READ_LUA = """
 local st = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'final')
 local epoch = st[1]
@@ -98,6 +114,12 @@ if ARGV[1] == '' then
   return {epoch, last, final, 0, redis.call('XRANGE', KEYS[2], '-', '+')}
 end
 local after = tonumber(ARGV[2])
+local gap = 1
+if ARGV[3] and ARGV[1] == epoch and after > last and final == '' then
+  epoch = ARGV[3]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  gap = 2
+end
 if ARGV[1] == epoch and after <= last then
   local entries = redis.call('XRANGE', KEYS[2], ARGV[2] .. '-0', '+')
   local first = entries[1]
@@ -116,7 +138,7 @@ if ARGV[1] == epoch and after <= last then
     end
   end
 end
-return {epoch, last, final, 1, redis.call('XRANGE', KEYS[2], '-', '+')}
+return {epoch, last, final, gap, redis.call('XRANGE', KEYS[2], '-', '+')}
 """
 
 # KEYS: state, stream, lease, nonces, keys. ARGV: fresh epoch, ttl_ms, nonce, lease owner ('' for

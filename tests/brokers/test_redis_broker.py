@@ -11,13 +11,14 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
+from server.brokers import redis as redis_broker_module
 from server.brokers.base import IdempotencyKey, Repeated
 from server.brokers.memory import MemoryBroker
 from server.brokers.redis import RedisBroker
@@ -25,6 +26,7 @@ from server.errors import ServiceUnavailable, SessionEnded
 from server.hub import Hub
 from server.messages import CompleteEvent, ProgressEvent, StoredEvent, StreamPosition
 from server.metrics import Metrics
+from tests.redis_support import RedisServer
 
 from .redis_support import (
     TIMEOUT,
@@ -767,6 +769,99 @@ async def test_redis_restarted_empty_gives_a_new_epoch_and_a_gap(
     assert replay.gap and [e.id for e in replay.events] == [after.id]
     await b.recorder.wait_until(lambda: b.recorder.of(sid)[-1].id == after.id, timeout=10)
     assert b.recorder.seqs(sid) == [1, 2, 3, 1]
+
+
+async def restart_from_snapshot(server: RedisServer, then: Callable[[], Awaitable[object]]) -> None:
+    """Stop ``server`` and start it again from its last snapshot (a ``SAVE``), losing what
+    was written after it, as a Redis that saves RDB snapshots, or appends to its AOF every
+    second, does after a crash, and a failover to a replica that lagged; then wait for
+    ``then()``."""
+    server.stop()  # with no save points configured, nothing more is written
+    server.start()  # loads dump.rdb from its directory
+    await then()
+
+
+async def save(url: str) -> None:
+    admin = Redis.from_url(url)
+    try:
+        await admin.save()
+    finally:
+        await admin.aclose()
+
+
+async def test_redis_back_from_an_older_snapshot_gives_watchers_a_new_epoch(
+    make_node: NodeFactory, own_redis: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis comes back without its last writes (seq 4 seen, seq 2 restored): the process
+    watching the session sees, catching up, that the stream is behind what it delivered,
+    and gives it a new epoch, rather than take the next events, which reuse seqs 3 and 4,
+    for ones it already delivered and drop them. Its listener gets the retained events
+    under the new epoch (the hub turns that into a gap notice), then the next ones."""
+    server = own_redis()
+    a = await make_node(server.url, retry_budget=0.3)
+    b = await make_node(server.url)
+    sid = new_session_id()
+    await b.broker.watch(sid)
+    before = await append_many(a.broker, sid, 2)
+    await save(server.url)
+    before += await append_many(a.broker, sid, 2, start=3)
+    await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2, 3, 4])
+
+    await restart_from_snapshot(server, lambda: eventually(b.broker.ping))
+    await b.recorder.wait_until(lambda: len(b.recorder.of(sid)) == 6, timeout=10)
+    caught_up = b.recorder.of(sid)[4:]
+    assert [e.seq for e in caught_up] == [1, 2]
+    assert {e.epoch for e in caught_up} != {before[0].epoch}
+    assert [e.payload for e in caught_up] != [e.payload for e in before[:2]]  # new ids
+    assert any(r.message.startswith("redis lost writes") for r in caplog.records)
+
+    await eventually(a.broker.ping)
+    after = await a.broker.append(sid, "progress", body(5), False)
+    assert (after.epoch, after.seq) == (caught_up[0].epoch, 3)
+    await b.recorder.wait_until(lambda: b.recorder.of(sid)[-1].id == after.id, timeout=10)
+
+
+async def test_a_process_appending_to_a_stream_behind_what_it_stored_starts_a_new_epoch(
+    make_node: NodeFactory, own_redis: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process (a workflow's, with no one watching the session anywhere) stored seq 4;
+    Redis comes back with seq 2. Its next append takes a new epoch instead of storing a
+    second seq 3, so that a subscriber anywhere that has the first seq 3 is told."""
+    server = own_redis()
+    a = await make_node(server.url, retry_budget=0.3)
+    sid = new_session_id()
+    before = await append_many(a.broker, sid, 2)
+    await save(server.url)
+    before += await append_many(a.broker, sid, 2, start=3)
+
+    await restart_from_snapshot(server, lambda: eventually(a.broker.ping))
+    after = await a.broker.append(sid, "progress", body(5), False)
+    assert after.seq == 3 and after.epoch != before[0].epoch
+    assert [r.message for r in caplog.records if "lost writes" in r.message] == [
+        f"redis lost writes: session {sid} holds less than this process saw (up to "
+        f"{before[-1].id}); it goes on under a new epoch {after.epoch}, and its "
+        "subscribers are told of the gap"
+    ]
+    replay = await a.broker.read(sid, before[-1].position)
+    assert replay.gap and [e.seq for e in replay.events] == [1, 2, 3]
+    assert {e.epoch for e in replay.events} == {after.epoch}
+    again = await a.broker.append(sid, "progress", body(6), False)
+    assert (again.epoch, again.seq) == (after.epoch, 4)
+
+
+async def test_a_process_remembers_where_it_stored_for_its_latest_sessions_only(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a process remembers of the streams it appended to is bounded: the sessions
+    appended to longest ago are forgotten first."""
+    monkeypatch.setattr(redis_broker_module, "_STORED_SESSIONS", 3)
+    node = await make_node()
+    sids = [new_session_id() for _ in range(4)]
+    for sid in sids:
+        await append_many(node.broker, sid, 1)
+    await append_many(node.broker, sids[1], 1, start=2)  # now the newest
+    assert list(node.broker._stored) == [sids[2], sids[3], sids[1]]
+    assert node.broker._stored[sids[1]][1] == 2
 
 
 async def test_ping_is_false_while_redis_is_down_and_recovers(

@@ -1,6 +1,6 @@
 """Redis faults (issue 5, "Faults"), with a ``redis-server`` of the test's own that it stops
-and restarts EMPTY (no persistence), and two apps in this process standing for two server
-processes on it.
+and restarts EMPTY (no persistence), or from an older snapshot, and two apps in this
+process standing for two server processes on it.
 
 What is promised, and tested here:
 
@@ -16,6 +16,9 @@ What is promised, and tested here:
 * the processes recover without a restart: ``/readyz`` is 200 again, new streams open,
   new workflows run;
 * a client resuming with an id from before gets ``replay_gap``, never a silent skip;
+* a Redis back from an older snapshot (writes lost) gives the stream a new epoch, so
+  that open streams get ``replay_gap`` rather than drop or skip the events that reuse
+  the lost seqs;
 * a claim that Redis took but whose answers were lost (run-workflow answered 503) does
   not keep its session id from being used: the client's retry runs the workflow; and a
   process that could not reach Redis does not store the final event it owes into a
@@ -347,3 +350,59 @@ async def test_a_final_event_owed_for_a_session_claimed_again_elsewhere_is_not_s
         assert await b_broker.lease_states([session_id]) == {session_id: "held"}
     finally:
         await proxy.close()
+
+
+async def test_redis_back_from_an_older_snapshot_mid_workflow_tells_every_stream(
+    start: Start, http: ClientSession, redis: RedisServer
+) -> None:
+    """Redis restarts from a snapshot older than what the streams have read (as after a
+    crash with RDB snapshots or AOF ``everysec``, or a failover to a replica that lagged):
+    the seqs after the snapshot would name new events, which subscribers on A (SSE) and B
+    (WebSocket) would drop as already read, or skip silently. The stream takes a new epoch
+    instead, so each subscriber gets ``replay_gap``, the retained events under the new
+    epoch, then the rest of the workflow to its final event."""
+    gated = FakeAgents()
+    gated.gate = asyncio.Event()
+    a, b = await start(gated), await start()
+    session_id = new_session_id()
+    async with (
+        open_aiohttp_sse(http, http_url(a, f"/sse/orchestrator/{session_id}")) as sse,
+        open_aiohttp_ws(http, ws_url(b, f"/ws/orchestrator/{session_id}")) as ws,
+    ):
+        await run_workflow(http, a, session_id)
+        streams: dict[str, EventStream] = {"sse": sse, "ws": ws}
+        for stream in streams.values():
+            await read_until(stream, demand_started)
+        async with Redis.from_url(redis.url) as admin:
+            await admin.save()
+        for n in (1, 2):  # stored after the snapshot, and read by both
+            async with http.post(
+                http_url(a, f"/api/sessions/{session_id}/events"),
+                json={"type": "agent_status", "agent": "demand", "status": "x", "progress": n},
+            ) as response:
+                assert response.status == 202
+                lost_id = (await response.json())["id"]
+
+        def is_last_lost(event: Event) -> bool:
+            return bool(event.get("id") == lost_id)
+
+        for stream in streams.values():
+            await read_until(stream, is_last_lost)
+
+        redis.stop()
+        redis.start()  # from its snapshot: without the last two events
+        for server in (a, b):
+            await wait_readyz(http, server, 200)
+        gated.gate.set()
+        after = {name: await read_to_end(s, RECOVERY_TIMEOUT) for name, s in streams.items()}
+
+    old_epoch = lost_id.rpartition("-")[0]
+    for name, events in after.items():
+        events = [event for event in events if event["type"] != "heartbeat"]
+        assert is_control_error(events[0], "replay_gap"), (name, events[0])
+        rest = stored(events[1:])
+        assert [event["seq"] for event in rest] == list(range(1, len(rest) + 1)), name
+        assert {event["id"].rpartition("-")[0] for event in rest} != {old_epoch}, name
+        assert len({event["id"].rpartition("-")[0] for event in rest}) == 1, name
+        assert rest[-1]["type"] == "complete" and rest[-1]["final"] is True, name
+    assert after["sse"][-1] == after["ws"][-1]
