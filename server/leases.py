@@ -216,7 +216,10 @@ class WorkflowLeases:
             try:
                 await self._hub.publish(event)
             except ServiceUnavailable:
-                return  # down again: next tick
+                # Down again, or refused for this session alone: next tick, after the
+                # others, which it must not hold back for ever.
+                self._owed[session_id] = self._owed.pop(session_id)
+                return
             except SessionEnded:
                 log.warning("session %s was ended elsewhere (its lease was lost)", session_id)
             else:

@@ -351,12 +351,14 @@ async def test_in_memory_a_running_workflow_is_never_taken_for_lost(
 
 
 class FlakyStore(MemoryBroker):
-    """The in-memory store, whose appends fail while ``down`` and whose renewals wait,
-    once they have their answer, until the test lets them return."""
+    """The in-memory store, whose appends fail while ``down`` (or, into the sessions in
+    ``refused``, always) and whose renewals wait, once they have their answer, until the
+    test lets them return."""
 
     def __init__(self) -> None:
         super().__init__(100, 60.0)
         self.down = False
+        self.refused: set[str] = set()
         self.renewing = asyncio.Event()
         self.answer = asyncio.Event()
 
@@ -368,7 +370,7 @@ class FlakyStore(MemoryBroker):
         final: bool,
         key: IdempotencyKey | None = None,
     ) -> StoredEvent:
-        if self.down:
+        if self.down or session_id in self.refused:
             raise ServiceUnavailable("The event store is unavailable; try again shortly.")
         return await super().append(session_id, type, body, final, key)
 
@@ -405,6 +407,30 @@ async def test_a_final_event_owed_while_a_renewal_is_on_its_way_is_kept() -> Non
 
     await leases.tick()
     assert leases.owed == 0
+    replay = await store.read(second, None)
+    assert [e.final for e in replay.events] == [True]
+    await leases.close()
+
+
+async def test_an_owed_final_event_the_store_refuses_does_not_hold_back_the_others() -> None:
+    """Two final events are owed; once the store is back, it refuses the first one's
+    session alone (say a key of its was overwritten): the second is stored at the next
+    tick rather than wait behind the first until the first is given up."""
+    store = FlakyStore()
+    store.answer.set()  # renewals answer at once
+    leases = WorkflowLeases(Hub(store, queue_size=100, metrics=Metrics()), 30.0)
+    first, second = new_session_id(), new_session_id()
+    store.down = True
+    for session_id in (first, second):
+        assert await store.claim(session_id, leases.lease)
+        leases.hold(session_id)
+        final = CompleteEvent(session_id=session_id, agent="orchestrator", final=True)
+        assert not await leases.finish(session_id, final)
+    store.down, store.refused = False, {first}
+
+    await leases.tick()  # the first is refused
+    await leases.tick()
+    assert leases.owed == 1 and leases.holds(first) and not leases.holds(second)
     replay = await store.read(second, None)
     assert [e.final for e in replay.events] == [True]
     await leases.close()

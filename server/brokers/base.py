@@ -173,8 +173,9 @@ class Broker(Protocol):
         pipelined call (a fixed number of round trips, whatever their number). A lease
         that expired meanwhile is taken again (the session is still running here),
         unless the session has ended or another owner holds it. Returns the sessions
-        whose lease ``lease.owner`` holds now. Raises
-        :class:`~server.errors.ServiceUnavailable` if the store cannot be reached."""
+        whose lease ``lease.owner`` holds now (not one whose renewal the store refused
+        alone). Raises :class:`~server.errors.ServiceUnavailable` if the store cannot be
+        reached, or refuses every one."""
 
     async def release_lease(self, session_id: str, owner: str) -> None:
         """Drop ``owner``'s lease on the session (the caller has stored its final
@@ -184,8 +185,9 @@ class Broker(Protocol):
 
     async def lease_states(self, session_ids: Collection[str]) -> dict[str, LeaseState]:
         """The :data:`LeaseState` of each session, each read atomically, all in one
-        pipelined call. Raises :class:`~server.errors.ServiceUnavailable` if the store
-        cannot be reached."""
+        pipelined call; a session the store refused to read alone is left out. Raises
+        :class:`~server.errors.ServiceUnavailable` if the store cannot be reached, or
+        refuses every one."""
 
     async def watch(self, session_id: str) -> None:
         """This process has a subscriber for ``session_id``: deliver its events."""

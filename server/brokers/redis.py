@@ -521,7 +521,8 @@ class RedisBroker:
         hiredis (see :mod:`.resp`), a chunk at a time, the loop is never held for more
         than a fraction of a millisecond. The scripts may run twice (a retry, or after
         ``NOSCRIPT``): they only read, or set what they set before. ``client``: whose
-        connections to use (the pool's by default)."""
+        connections to use (the pool's by default). A session whose script Redis
+        refuses has the refusal (a ``ResponseError``) as its answer."""
         pool = (client or self._require_client()).connection_pool
         ids = list(session_ids)
         if not ids:
@@ -548,9 +549,6 @@ class RedisBroker:
                         if isinstance(loaded, ResponseError):
                             raise loaded  # not retried: see _call
                         replies = await stream.call(packed(chunk))
-                    for reply in replies:
-                        if isinstance(reply, ResponseError):
-                            raise reply  # not retried: see _call
                     answers += replies
             except BaseException:
                 await stream.close()
@@ -558,7 +556,22 @@ class RedisBroker:
             await stream.release()
             return answers
 
-        return await self._call(what, attempt)
+        answers = await self._call(what, attempt)
+        refused = [answer for answer in answers if isinstance(answer, ResponseError)]
+        if refused:
+            # One session's keys refused (a key of another type, written by something
+            # else) must not fail the others' (every lease of the process would lapse);
+            # all refused (OOM, NOPERM...) is a store that cannot serve.
+            log.warning(
+                "redis %s refused for %d of %d session(s): %s",
+                what,
+                len(refused),
+                len(answers),
+                error_code(refused[0]),
+            )
+            if len(refused) == len(answers):
+                raise ServiceUnavailable(UNAVAILABLE_MESSAGE)
+        return answers
 
     async def renew_leases(self, session_ids: Collection[str], lease: Lease) -> set[str]:
         ids = list(session_ids)
@@ -594,6 +607,8 @@ class RedisBroker:
         answers = await self._per_session("lease states", script, ids, [], keys)
         states: dict[str, LeaseState] = {}
         for session_id, answer in zip(ids, answers, strict=True):
+            if isinstance(answer, ResponseError):
+                continue  # refused for this session alone: not known this time
             state = LEASE_STATES.get(str(answer))
             if state is None:  # never: the script answers one of them
                 raise ServiceUnavailable(UNAVAILABLE_MESSAGE)

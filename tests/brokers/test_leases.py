@@ -210,6 +210,29 @@ async def test_lease_states_of_many_sessions_in_one_call(make_node: NodeFactory)
     assert await a.broker.lease_states([]) == {}
 
 
+async def test_a_session_redis_refuses_does_not_fail_the_others_lease_calls(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """One session whose key Redis refuses the scripts for (here its state is a string,
+    written by something else) is left out of the answers: the other leases of the
+    process are renewed and read, rather than every renewal failing with it and every
+    running workflow's lease lapsing. When Redis refuses them all, the store is
+    unavailable."""
+    a = await make_node()
+    lease = Lease("owner-a", 30)
+    good, bad = new_session_id(), new_session_id()
+    for sid in (good, bad):
+        assert await a.broker.claim(sid, lease)
+    await raw_redis.set(a.broker._state_key(bad), "not a hash")
+
+    assert await a.broker.renew_leases([bad, good], lease) == {good}
+    assert await a.broker.lease_states([bad, good]) == {good: "held"}
+    with pytest.raises(ServiceUnavailable):
+        await a.broker.renew_leases([bad], lease)
+    with pytest.raises(ServiceUnavailable):
+        await a.broker.lease_states([bad])
+
+
 async def test_lease_calls_load_their_scripts_again_after_a_script_flush(
     make_node: NodeFactory, raw_redis: Redis
 ) -> None:
