@@ -237,12 +237,16 @@ async def publish_event(request: web.Request) -> web.Response:
         # The event is written as JSON before anything is stored. What passes validation
         # but cannot be written is in `data`, whose values are any JSON: a lone surrogate
         # escape ("\ud800"), or nesting deeper than the encoder goes.
-        raise InvalidRequest(
-            "'data' cannot be written as JSON: it holds a lone surrogate escape, or is "
-            "nested too deep.",
-            status=422,
-        ) from None
+        raise _unwritable_data() from None
     return _published(stored.id, stored.seq)
+
+
+def _unwritable_data() -> InvalidRequest:
+    return InvalidRequest(
+        "'data' cannot be written as JSON: it holds a lone surrogate escape, or is "
+        "nested too deep.",
+        status=422,
+    )
 
 
 def _published(id: str, seq: int, headers: dict[str, str] | None = None) -> web.Response:
@@ -259,18 +263,22 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,128}")
 def _idempotency_key(request: web.Request, event: StorableEvent) -> IdempotencyKey | None:
     """The publisher's ``Idempotency-Key`` (IETF draft-ietf-httpapi-idempotency-key-header),
     with a digest of the event it names: the event as validated, less the timestamp the
-    server fills in, so that the same event sent again, however its JSON is laid out,
-    is the same event."""
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
+    server fills in, with the fields of every object in one order, so that the same
+    event sent again, however its JSON is laid out, is the same event."""
+    keys = request.headers.getall("Idempotency-Key", [])
+    if not keys:
         return None
-    if not _IDEMPOTENCY_KEY.fullmatch(key):
+    if len(keys) > 1 or not _IDEMPOTENCY_KEY.fullmatch(keys[0]):
         raise InvalidRequest(
-            "The Idempotency-Key header must be 1 to 128 printable ASCII characters.",
+            "Send one Idempotency-Key header, of 1 to 128 printable ASCII characters.",
             code="invalid_idempotency_key",
         )
-    content = event.model_dump_json(exclude={"timestamp"}).encode()
-    return IdempotencyKey(key, hashlib.blake2b(content, digest_size=16).hexdigest())
+    try:
+        fields = event.model_dump(mode="json", exclude={"timestamp"})
+        content = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    except (ValueError, RecursionError):  # pydantic's "maximum serialization depth"
+        raise _unwritable_data() from None
+    return IdempotencyKey(keys[0], hashlib.blake2b(content, digest_size=16).hexdigest())
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -95,7 +95,7 @@ class Metrics:
         )
         self.agent_duration = Histogram(
             "orchestrator_agent_duration_seconds",
-            "Agent calls, by agent and outcome (success, timeout, failed)",
+            "Agent calls, by agent and outcome (success, timeout, failed, interrupted)",
             ["agent", "outcome"],
             buckets=_AGENT_BUCKETS,
             registry=r,

@@ -397,15 +397,20 @@ INVALID_EVENTS: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.mark.parametrize(
+    "headers", [{}, {"Idempotency-Key": "k-1"}], ids=["", "with an idempotency key"]
+)
 @pytest.mark.parametrize("case", list(INVALID_EVENTS))
 async def test_publish_of_an_invalid_event_is_422_and_stores_nothing(
-    client: AppClient, case: str
+    client: AppClient, case: str, headers: dict[str, str]
 ) -> None:
     """An event that fails validation, sets what the server fills in (id, seq,
     session_id, timestamp), or is an error under a control code, gets 422 and is not
-    stored."""
+    stored (with an ``Idempotency-Key`` too, whose digest of the event comes first)."""
     session_id = new_session_id()
-    response = await client.post(events_path(session_id), json=INVALID_EVENTS[case])
+    response = await client.post(
+        events_path(session_id), json=INVALID_EVENTS[case], headers=headers
+    )
     await error_of(response, 422)
     assert (await client.get(f"/api/sessions/{session_id}")).status == 404
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import BaseTestServer
+from multidict import CIMultiDict
 
 from server.config import Settings
 from tests.clients import (
@@ -48,17 +49,29 @@ async def last_seq(client: AppClient, session_id: str) -> int:
     return seq
 
 
+def reordered(value: Any) -> Any:
+    """``value`` with the fields of every object, at any depth, in reverse order."""
+    if isinstance(value, dict):
+        return {k: reordered(v) for k, v in reversed(list(value.items()))}
+    if isinstance(value, list):
+        return [reordered(v) for v in value]
+    return value
+
+
 async def test_an_event_sent_again_with_its_key_is_stored_and_delivered_once(
     client: AppClient,
 ) -> None:
-    """The retry (its JSON laid out differently) gets the first answer, marked replayed;
-    a subscriber gets the event once, then what was published next."""
+    """The retry (its JSON laid out differently, the fields of every object in another
+    order) gets the first answer, marked replayed; a subscriber gets the event once,
+    then what was published next."""
     session_id = new_session_id()
+    event = {**progress(1), "data": {"a": 1, "b": {"c": [1, {"d": 2, "e": 3}], "f": None}}}
     async with client.ws_connect(f"/ws/orchestrator/{session_id}") as ws:
         stream = AiohttpWS(ws)
-        status, first, replayed = await publish_with_key(client, session_id, "k-1", progress(1))
+        status, first, replayed = await publish_with_key(client, session_id, "k-1", event)
         assert (status, replayed) == (202, None)
-        again = json.dumps(dict(reversed(list(progress(1).items()))), indent=2)
+        again = json.dumps(reordered(event), indent=2)
+        assert json.loads(again) == event and again != json.dumps(event, indent=2)
         status, second, replayed = await publish_with_key(client, session_id, "k-1", again)
         assert (status, second, replayed) == (202, first, "true")
         marker = await publish(client, session_id, progress(2))
@@ -114,14 +127,22 @@ async def test_the_same_event_sent_many_times_at_once_is_stored_once(client: App
 
 
 @pytest.mark.parametrize(
-    "key",
-    ["", "k" * 129, "tab\tinside"],
-    ids=["empty", "too long", "a control character"],
+    "keys",
+    [[""], ["k" * 129], ["tab\tinside"], ["k-1", "k-2"]],
+    ids=["empty", "too long", "a control character", "two of them"],
 )
-async def test_a_malformed_key_is_refused_and_nothing_stored(client: AppClient, key: str) -> None:
+async def test_a_malformed_key_is_refused_and_nothing_stored(
+    client: AppClient, keys: list[str]
+) -> None:
     session_id = new_session_id()
-    status, answer, _ = await publish_with_key(client, session_id, key, progress(1))
-    assert status == 400 and answer["code"] == "invalid_idempotency_key"
+    response = await client.post(
+        f"/api/sessions/{session_id}/events",
+        json=progress(1),
+        headers=CIMultiDict(("Idempotency-Key", key) for key in keys),
+    )
+    assert response.status == 400
+    answer = await response.json()
+    assert answer["code"] == "invalid_idempotency_key" and "Idempotency-Key" in answer["error"]
     response = await client.get(f"/api/sessions/{session_id}")
     assert response.status == 404
 

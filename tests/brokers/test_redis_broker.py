@@ -318,6 +318,11 @@ async def test_a_sessions_keys_expire_with_it_and_a_new_life_starts_without_them
     assert again.seq == 1 and again.epoch != first.epoch
     assert await raw_redis.lrange(keys, 0, -1) == [KEY.key]
 
+    # A claim starts a new life too (run-workflow with an id used before, expired).
+    await raw_redis.delete(*keys_of(node.broker, sid))
+    assert await node.broker.claim(sid)
+    assert await raw_redis.exists(keys) == 0
+
 
 async def test_nonces_are_kept_only_for_the_retry_window(
     make_node: NodeFactory, raw_redis: Redis
