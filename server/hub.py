@@ -162,8 +162,12 @@ class Subscription:
 
     # --- producer side (the hub) --------------------------------------------------------
 
-    def _start(self, replay: Replay, gap: bool) -> None:
-        """Queue the replay (after a ``replay_gap`` notice if needed), then release held events."""
+    def _start(self, replay: Replay, gap: bool, held_before_read: int = 0) -> None:
+        """Queue the replay (after a ``replay_gap`` notice if needed), then release held
+        events. The first ``held_before_read`` of them came before the replay was read:
+        one of an epoch other than the replay's is a late message from before the stream
+        moved on (a new epoch for lost writes, a new life), not news, and is dropped;
+        passed on, it would send the subscriber to re-read, and find it again, for ever."""
         if gap:
             # In the event queue, not with the control frames that go first: the client
             # forgets what it derived when the notice comes, so events still queued from
@@ -188,7 +192,10 @@ class Subscription:
             # Resumed exactly at the final event: there is nothing left to send.
             self._final_seen = True
         held, self._pending = self._pending, None
-        for event in held or ():
+        epoch = None if replay.info is None else replay.info.epoch
+        for n, event in enumerate(held or ()):
+            if n < held_before_read and epoch is not None and event.epoch != epoch:
+                continue
             self.deliver(event)
         self._wake()
 
@@ -545,6 +552,7 @@ class Hub:
         task.add_done_callback(self._background.discard)
 
     async def _resync_one(self, subscription: Subscription) -> None:
+        held_before_read = len(subscription._pending or ())
         try:
             replay = await self.broker.read(subscription.session_id, subscription.position)
         except Exception:
@@ -553,7 +561,7 @@ class Hub:
             return
         if replay.gap:
             self._metrics.replay_gaps.inc()
-        subscription._start(replay, gap=replay.gap)
+        subscription._start(replay, gap=replay.gap, held_before_read=held_before_read)
 
     # --- heartbeats ---------------------------------------------------------------------
 

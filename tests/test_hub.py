@@ -416,6 +416,40 @@ async def test_close_all_ends_every_subscription_for_shutdown(make_hub: HubFacto
         assert closed.value.reason == "shutdown"
 
 
+@BOTH_BROKERS
+async def test_a_late_event_of_an_epoch_the_stream_left_is_dropped_not_chased(
+    make_hub: HubFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live event of an epoch the stream has moved on from (a message sent before the
+    stream took a new epoch, read late) sends its subscriber to re-read once; the re-read
+    finds the stream in its present epoch, and the late event, which came before the
+    read, is dropped, rather than passed on again to start another re-read, for ever."""
+    hub = await make_hub()
+    for i in range(1, 4):
+        await hub.publish(progress(i))
+    reads = 0
+    read = hub.broker.read
+
+    async def counted(session_id: str, after: StreamPosition | None) -> Replay:
+        nonlocal reads
+        reads += 1
+        return await read(session_id, after)
+
+    async with hub.subscribe(SID) as sub:
+        assert seqs(await drain(sub)) == [1, 2, 3]
+        monkeypatch.setattr(hub.broker, "read", counted)
+        late = StoredEvent(SID, "0123456789ab", 2, "progress", False, progress(2).model_dump_json())
+        sub.deliver(late)
+        for _ in range(10):  # each round awaits the re-reads on their way
+            if not hub._background:
+                break
+            await asyncio.gather(*list(hub._background))
+        assert not hub._background and reads == 1
+        assert await drain(sub) == []
+        await hub.publish(progress(4))
+        assert seqs(await receive(sub, 1)) == [4]
+
+
 # --- expiry: the in-memory sweep (fake clock), and Redis's own (a tiny session_ttl) ----------
 
 

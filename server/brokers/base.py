@@ -173,9 +173,9 @@ class Broker(Protocol):
         pipelined call (a fixed number of round trips, whatever their number). A lease
         that expired meanwhile is taken again (the session is still running here),
         unless the session has ended or another owner holds it. Returns the sessions
-        whose lease ``lease.owner`` holds now (not one whose renewal the store refused
-        alone). Raises :class:`~server.errors.ServiceUnavailable` if the store cannot be
-        reached, or refuses every one."""
+        whose lease ``lease.owner`` holds now, and those whose renewal the store refused
+        alone (not known to be lost). Raises :class:`~server.errors.ServiceUnavailable`
+        if the store cannot be reached, or refuses every one."""
 
     async def release_lease(self, session_id: str, owner: str) -> None:
         """Drop ``owner``'s lease on the session (the caller has stored its final

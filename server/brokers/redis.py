@@ -96,21 +96,22 @@ class _Append:
     keys: list[str]
     settings: list[Any]  # ARGV 4 to 9: maxlen, ttl_ms, fresh epoch, channel, nonce, window
     key: IdempotencyKey | None
-    seen: tuple[str, int] | None  # how far this process has seen the stream go
+    # How far this process has seen the stream go: the last event it stored and the last
+    # it delivered, each (epoch, seq) or None.
+    seen: tuple[tuple[str, int] | None, tuple[str, int] | None]
 
     def arguments(self, retry: bool) -> list[Any]:
         final = "1" if self.final else "0"
         retried = "1" if retry else "0"
         key = ("", "") if self.key is None else (self.key.key, self.key.fingerprint)
-        seen = self.seen or ("", 0)
+        seen = [part for position in self.seen for part in position or ("", 0)]
         return [self.type, final, self.body, *self.settings, retried, *key, *seen]
 
     def stored(self, epoch: str, seq: int) -> StoredEvent:
         return StoredEvent(self.session_id, epoch, seq, self.type, self.final, self.body)
 
 
-def _log_lost_writes(session_id: str, seen: tuple[str, int] | None, epoch: str) -> None:
-    seen_id = "?" if seen is None else make_event_id(*seen)
+def _log_lost_writes(session_id: str, seen_id: str, epoch: str) -> None:
     log.warning(
         "redis lost writes: session %s holds less than this process saw (up to %s); "
         "it goes on under a new epoch %s, and its subscribers are told of the gap",
@@ -363,7 +364,7 @@ class RedisBroker:
         settings = [self._buffer_size, self._ttl_ms, new_epoch(), self.channel(session_id)]
         settings.append(secrets.token_hex(6))  # the nonce a retry looks for
         settings.append(self._retry_window_ms)
-        seen = self._stored.get(session_id) or self._live.delivered(session_id)
+        seen = (self._stored.get(session_id), self._live.delivered(session_id))
         return _Append(session_id, type, final, body, keys, settings, key, seen)
 
     async def _store_batch(self, batch: list[_Append]) -> list[StoredEvent | Exception]:
@@ -393,8 +394,8 @@ class RedisBroker:
             else:
                 stored = request.stored(str(answer[1]), int(answer[2]))
                 self._note_stored(stored)
-                if answer[3] == 1:
-                    _log_lost_writes(request.session_id, request.seen, stored.epoch)
+                if answer[3]:
+                    _log_lost_writes(request.session_id, str(answer[3]), stored.epoch)
                 # This process's subscribers have it by now: Redis sends the event's pub/sub
                 # message on the same connection, before this reply, and should a Redis send
                 # them the other way round, it is delivered here. Whichever of the two comes
@@ -457,7 +458,7 @@ class RedisBroker:
         epoch, last_seq, final_id, gap, entries = result
         epoch = str(epoch)
         if gap == 2 and after is not None:
-            _log_lost_writes(session_id, (after.epoch, after.seq), epoch)
+            _log_lost_writes(session_id, make_event_id(after.epoch, after.seq), epoch)
         info = SessionInfo(epoch, int(last_seq), bool(final_id), final_id or None)
         events = [self._event_from_entry(session_id, epoch, entry) for entry in entries]
         return Replay(events, gap=after is not None and bool(gap), info=info)
@@ -585,7 +586,13 @@ class RedisBroker:
             raise ServiceUnavailable(UNAVAILABLE_MESSAGE)
         script = self._renew_script
         answers = await self._per_session("renew", script, ids, args, keys, renewals)
-        return {s for s, held in zip(ids, answers, strict=True) if held == 1}
+        # A renewal refused for its session (OOM, READONLY refuse the ones that write,
+        # not those that find the lease lost and write nothing) is not known to be lost.
+        return {
+            s
+            for s, held in zip(ids, answers, strict=True)
+            if held == 1 or isinstance(held, ResponseError)
+        }
 
     async def release_lease(self, session_id: str, owner: str) -> None:
         client = self._require_client()

@@ -474,6 +474,7 @@ class LiveChannels:
         try:
             delivered = self._delivered.get(session_id)
             after = None if delivered is None else StreamPosition(*delivered)
+            held_before_read = len(held)
             replay = await self._read(session_id, after)
         except _LOST:
             life.stream.abort()
@@ -481,7 +482,14 @@ class LiveChannels:
         finally:
             if self._held_back.get(session_id) is held:
                 del self._held_back[session_id]
-        for event in (*replay.events, *held):
+        for event in replay.events:
+            self._deliver_now(event)
+        epoch = None if replay.info is None else replay.info.epoch
+        for n, event in enumerate(held):
+            # One of another epoch than the replay's, that came before it was read, is a
+            # late message from before the stream moved on (see Subscription._start).
+            if n < held_before_read and epoch is not None and event.epoch != epoch:
+                continue
             self._deliver_now(event)
 
     def _on_message(self, channel: str, data: str) -> None:

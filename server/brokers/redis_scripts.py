@@ -12,8 +12,10 @@ from .base import LeaseState
 
 # KEYS: state, stream, nonces, keys. ARGV: type, final (0|1), body, maxlen, ttl_ms, fresh
 # epoch, channel, nonce, retry window ms, retry (0|1), idempotency key ('' for none), its
-# fingerprint, the epoch and seq this process has seen the stream reach ('', 0). Returns
-# {1, epoch, seq, rewound} (rewound: 1 when it took a new epoch for lost writes, below),
+# fingerprint, then two positions (epoch, seq) this process has seen the stream reach: the
+# last it stored and the last it delivered (('', 0) for none). Returns {1, epoch, seq,
+# rewound} (rewound: the id of the position seen when it took a new epoch for lost writes,
+# below; else ''),
 # {0, final_id} once ended, {2, epoch, seq} for a key stored before (nothing stored now),
 # {3} for a key stored before with another fingerprint.
 #
@@ -35,14 +37,14 @@ local state, stream, nonces, keys = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local key = ARGV[11]
 local st = redis.call('HMGET', state, 'epoch', 'final', 'keyed', 'k:' .. key, 'seq')
 local epoch = st[1]
-local rewound = 0
+local rewound = ''
 if epoch and ARGV[10] == '1' then
   -- A retry: the first attempt may have been stored and its answer lost.
   local mine = ARGV[8] .. ':'
   for _, entry in ipairs(redis.call('XRANGE', nonces, '-', '+')) do
     local noted = entry[2][2]
     if string.sub(noted, 1, #mine) == mine then
-      return {1, epoch, tonumber(string.sub(noted, #mine + 1)), 0}
+      return {1, epoch, tonumber(string.sub(noted, #mine + 1)), ''}
     end
   end
 end
@@ -62,10 +64,14 @@ else
   if st[2] then
     return {0, st[2]}
   end
-  if epoch == ARGV[13] and tonumber(st[5]) < tonumber(ARGV[14]) then
+  for i = 13, 15, 2 do
+    if rewound == '' and epoch == ARGV[i] and tonumber(st[5]) < tonumber(ARGV[i + 1]) then
+      rewound = epoch .. '-' .. ARGV[i + 1]
+    end
+  end
+  if rewound ~= '' then
     epoch = ARGV[6]
     redis.call('HSET', state, 'epoch', epoch)
-    rewound = 1
   end
 end
 local seq = redis.call('HINCRBY', state, 'seq', 1)

@@ -225,12 +225,36 @@ async def test_a_session_redis_refuses_does_not_fail_the_others_lease_calls(
         assert await a.broker.claim(sid, lease)
     await raw_redis.set(a.broker._state_key(bad), "not a hash")
 
-    assert await a.broker.renew_leases([bad, good], lease) == {good}
+    # The refused one is not known to be lost (as under OOM: below).
+    assert await a.broker.renew_leases([bad, good], lease) == {bad, good}
     assert await a.broker.lease_states([bad, good]) == {good: "held"}
     with pytest.raises(ServiceUnavailable):
         await a.broker.renew_leases([bad], lease)
     with pytest.raises(ServiceUnavailable):
         await a.broker.lease_states([bad])
+
+
+async def test_under_oom_a_refused_renewal_is_not_taken_for_a_lost_lease(
+    make_node: NodeFactory, own_redis: ServerFactory
+) -> None:
+    """A Redis out of memory refuses the renewals that write (a running workflow's), not
+    those that find the lease lost and write nothing: the running one is not known to be
+    lost (its owed final event, say, must be kept, not dropped), the lost one is."""
+    server = own_redis()
+    a = await make_node(server.url)
+    lease = Lease("owner-a", 30)
+    running, ended = new_session_id(), new_session_id()
+    for sid in (running, ended):
+        assert await a.broker.claim(sid, lease)
+    await a.broker.append(ended, "complete", body(1), True)
+    admin = Redis.from_url(server.url)
+    try:
+        await redis_command(admin, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+        await redis_command(admin, "CONFIG", "SET", "maxmemory", "1")
+        assert await a.broker.renew_leases([ended, running], lease) == {running}
+    finally:
+        await redis_command(admin, "CONFIG", "SET", "maxmemory", "0")
+        await admin.aclose()
 
 
 async def test_lease_calls_load_their_scripts_again_after_a_script_flush(

@@ -854,6 +854,31 @@ async def test_a_process_appending_to_a_stream_behind_what_it_stored_starts_a_ne
     assert (again.epoch, again.seq) == (after.epoch, 4)
 
 
+async def test_an_append_checks_the_furthest_this_process_saw_stored_or_delivered(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """A process stored seq 2 and delivered up to seq 4 (another process stored 3 and 4);
+    the stream is then put back to seq 3 under its live connection (nothing breaks it:
+    a failover behind a proxy that keeps client connections). Its next append goes by
+    the further of the two, and takes a new epoch rather than a second seq 4."""
+    a, b = await make_node(), await make_node()
+    sid = new_session_id()
+    await a.broker.watch(sid)
+    before = await append_many(a.broker, sid, 2)
+    before += await append_many(b.broker, sid, 1, start=3)
+    keys = keys_of(a.broker, sid)
+    snapshot = [await raw_redis.dump(key) for key in keys]
+    before += await append_many(b.broker, sid, 1, start=4)
+    await a.recorder.wait_until(lambda: a.recorder.seqs(sid) == [1, 2, 3, 4])
+    for key, dumped in zip(keys, snapshot, strict=True):
+        assert dumped is not None
+        await raw_redis.restore(key, 60_000, dumped, replace=True)
+
+    after = await a.broker.append(sid, "progress", body(5), False)
+    assert after.seq == 4 and after.epoch != before[0].epoch
+    await a.recorder.wait_until(lambda: a.recorder.of(sid)[-1].id == after.id)
+
+
 async def test_a_process_remembers_where_it_stored_for_its_latest_sessions_only(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
