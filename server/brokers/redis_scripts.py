@@ -13,11 +13,12 @@ from .base import LeaseState
 # KEYS: state, stream, nonces, keys. ARGV: type, final (0|1), body, maxlen, ttl_ms, fresh
 # epoch, channel, nonce, retry window ms, retry (0|1), idempotency key ('' for none), its
 # fingerprint, then two positions (epoch, seq) this process has seen the stream reach: the
-# last it stored and the last it delivered (('', 0) for none). Returns {1, epoch, seq,
-# rewound} (rewound: the id of the position seen when it took a new epoch for lost writes,
-# below; else ''),
-# {0, final_id} once ended, {2, epoch, seq} for a key stored before (nothing stored now),
-# {3} for a key stored before with another fingerprint.
+# last it stored and the last it delivered (('', 0) for none). Returns:
+#   {1, epoch, seq, rewound}  stored; rewound is the id of the position seen when the
+#                             stream took a new epoch for lost writes (below), else ''
+#   {0, final_id}             the session has ended
+#   {2, epoch, seq}           the key was stored before: nothing stored now
+#   {3}                       the key was stored before, with another fingerprint
 #
 # Every append leaves "<nonce>:<seq>" in the nonces stream, whose entry ids are Redis's
 # clock, kept for the retry window: a retry finds its first attempt however many appends
