@@ -13,8 +13,9 @@ its one reader per process.
 
 A subscription registers for live events *before* it reads its replay, and
 holds live events back until the replay is queued, then drops what the
-replay already covered (by ``seq``). So nothing published in between is lost
-or sent twice.
+replay already covered (by ``seq``), and late messages of an epoch the stream
+had left when read (``Replay.still_news``). So nothing published in between is
+lost or sent twice.
 
 The steady path is what makes a fan-out to a thousand sockets cheap: one loop,
 one pre-built frame per transport, one write per socket, no task switch. A
@@ -163,11 +164,8 @@ class Subscription:
     # --- producer side (the hub) --------------------------------------------------------
 
     def _start(self, replay: Replay, gap: bool, held_before_read: int = 0) -> None:
-        """Queue the replay (after a ``replay_gap`` notice if needed), then release held
-        events. The first ``held_before_read`` of them came before the replay was read:
-        one of an epoch other than the replay's is a late message from before the stream
-        moved on (a new epoch for lost writes, a new life), not news, and is dropped;
-        passed on, it would send the subscriber to re-read, and find it again, for ever."""
+        """Queue the replay (after a ``replay_gap`` notice if needed), then release the
+        held events still news (see :meth:`Replay.still_news`)."""
         if gap:
             # In the event queue, not with the control frames that go first: the client
             # forgets what it derived when the notice comes, so events still queued from
@@ -188,14 +186,14 @@ class Subscription:
         for event in replay.events:
             self._accept(event)
         self._replay_left = len(self._queue or ())
-        if replay.info is not None and replay.info.ended and not replay.events and not gap:
-            # Resumed exactly at the final event: there is nothing left to send.
+        ended = replay.info is not None and replay.info.ended
+        if ended and not replay.events and not gap and not self._queue:
+            # Resumed exactly at the final event: there is nothing left to send. (A
+            # re-read while the final event waits in the queue, unsent, finds the same,
+            # but then it is sent first.)
             self._final_seen = True
         held, self._pending = self._pending, None
-        epoch = None if replay.info is None else replay.info.epoch
-        for n, event in enumerate(held or ()):
-            if n < held_before_read and epoch is not None and event.epoch != epoch:
-                continue
+        for event in replay.still_news(held or [], held_before_read):
             self.deliver(event)
         self._wake()
 

@@ -416,16 +416,26 @@ async def test_close_all_ends_every_subscription_for_shutdown(make_hub: HubFacto
         assert closed.value.reason == "shutdown"
 
 
+async def settle(hub: Hub) -> None:
+    """Await the hub's re-reads on their way, and those they start, up to ten rounds."""
+    for _ in range(10):
+        if not hub._background:
+            return
+        await asyncio.gather(*list(hub._background))
+
+
 @BOTH_BROKERS
+@pytest.mark.parametrize("published", [3, 0], ids=["moved on", "gone"])
 async def test_a_late_event_of_an_epoch_the_stream_left_is_dropped_not_chased(
-    make_hub: HubFactory, monkeypatch: pytest.MonkeyPatch
+    make_hub: HubFactory, monkeypatch: pytest.MonkeyPatch, published: int
 ) -> None:
     """A live event of an epoch the stream has moved on from (a message sent before the
-    stream took a new epoch, read late) sends its subscriber to re-read once; the re-read
-    finds the stream in its present epoch, and the late event, which came before the
-    read, is dropped, rather than passed on again to start another re-read, for ever."""
+    stream took a new epoch, or before it was lost, read late) sends its subscriber to
+    re-read once; the re-read finds the stream in its present epoch, or none, and the
+    late event, which came before the read, is dropped, rather than passed on again to
+    start another re-read, for ever."""
     hub = await make_hub()
-    for i in range(1, 4):
+    for i in range(1, published + 1):
         await hub.publish(progress(i))
     reads = 0
     read = hub.broker.read
@@ -436,18 +446,34 @@ async def test_a_late_event_of_an_epoch_the_stream_left_is_dropped_not_chased(
         return await read(session_id, after)
 
     async with hub.subscribe(SID) as sub:
-        assert seqs(await drain(sub)) == [1, 2, 3]
+        assert seqs(await drain(sub)) == list(range(1, published + 1))
         monkeypatch.setattr(hub.broker, "read", counted)
         late = StoredEvent(SID, "0123456789ab", 2, "progress", False, progress(2).model_dump_json())
         sub.deliver(late)
-        for _ in range(10):  # each round awaits the re-reads on their way
-            if not hub._background:
-                break
-            await asyncio.gather(*list(hub._background))
+        await settle(hub)
         assert not hub._background and reads == 1
         assert await drain(sub) == []
-        await hub.publish(progress(4))
-        assert seqs(await receive(sub, 1)) == [4]
+        await hub.publish(progress(published + 1))
+        assert seqs(await receive(sub, 1)) == [published + 1]
+
+
+async def test_a_re_read_while_the_final_event_waits_unsent_still_sends_it() -> None:
+    """A re-read that starts after the final event (queued, not sent yet) finds nothing
+    new and the session ended; the subscription is not finished until the final event
+    has been taken from its queue, so its transport sends what was queued."""
+    hub = await make_memory_hub()
+    try:
+        async with hub.subscribe(SID) as sub:
+            await hub.publish(progress(1))
+            await hub.publish(final())
+            late = StoredEvent(SID, "0123456789ab", 1, "progress", False, "{}")
+            sub.deliver(late)  # sends it to re-read from the final event
+            await settle(hub)
+            assert not sub.finished
+            assert seqs(await drain(sub)) == [1, 2]
+            assert sub.finished
+    finally:
+        await hub.close()
 
 
 # --- expiry: the in-memory sweep (fake clock), and Redis's own (a tiny session_ttl) ----------

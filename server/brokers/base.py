@@ -33,6 +33,18 @@ class Replay:
     gap: bool
     info: SessionInfo | None
 
+    def still_news(self, held: list[StoredEvent], held_before_read: int) -> list[StoredEvent]:
+        """Of the live events held back while this replay was read, those to pass on.
+
+        The first ``held_before_read`` came before the read was sent: one of an epoch
+        other than the stream's when read (a new epoch for lost writes, a new life), or
+        of a stream then gone, is a late message from before the stream moved on, and
+        is dropped. Passed on, it would send its subscriber to re-read, and find it
+        again, for ever. The others may be news, of an epoch newer than the read.
+        """
+        epoch = None if self.info is None else self.info.epoch
+        return [e for n, e in enumerate(held) if n >= held_before_read or e.epoch == epoch]
+
 
 @dataclass(frozen=True, slots=True)
 class SessionInfo:

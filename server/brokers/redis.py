@@ -449,7 +449,14 @@ class RedisBroker:
             args.append(new_epoch())
 
         async def attempt(_: int) -> list[Any]:
-            result: list[Any] = await self._read_script(keys=keys, args=args, client=client)
+            try:
+                result: list[Any] = await self._read_script(keys=keys, args=args, client=client)
+            except ResponseError:
+                if len(args) == 2:
+                    raise
+                # Refused the new epoch's write (OOM, READONLY): read as a client would,
+                # rather than fail the live connection's catch-up for every session.
+                result = await self._read_script(keys=keys, args=args[:2], client=client)
             return result
 
         result = await self._call("read", attempt)

@@ -482,14 +482,7 @@ class LiveChannels:
         finally:
             if self._held_back.get(session_id) is held:
                 del self._held_back[session_id]
-        for event in replay.events:
-            self._deliver_now(event)
-        epoch = None if replay.info is None else replay.info.epoch
-        for n, event in enumerate(held):
-            # One of another epoch than the replay's, that came before it was read, is a
-            # late message from before the stream moved on (see Subscription._start).
-            if n < held_before_read and epoch is not None and event.epoch != epoch:
-                continue
+        for event in (*replay.events, *replay.still_news(held, held_before_read)):
             self._deliver_now(event)
 
     def _on_message(self, channel: str, data: str) -> None:

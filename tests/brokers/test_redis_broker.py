@@ -879,6 +879,28 @@ async def test_an_append_checks_the_furthest_this_process_saw_stored_or_delivere
     await a.recorder.wait_until(lambda: a.recorder.of(sid)[-1].id == after.id)
 
 
+async def test_a_catch_up_read_redis_refuses_to_rewind_reads_the_stream_as_it_is(
+    make_node: NodeFactory, own_redis: ServerFactory
+) -> None:
+    """Out of memory, Redis refuses the write of a new epoch: the live connection's
+    catch-up read then reads the stream as a client would (a gap), rather than fail, and
+    drop the connection of every session, at each reconnect for as long as it lasts."""
+    server = own_redis()
+    a = await make_node(server.url)
+    sid = new_session_id()
+    stored = await append_many(a.broker, sid, 2)
+    ahead = StreamPosition(stored[0].epoch, 5)  # as after Redis lost seqs 3 to 5
+    admin = Redis.from_url(server.url)
+    try:
+        await redis_command(admin, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+        await redis_command(admin, "CONFIG", "SET", "maxmemory", "1")
+        replay = await a.broker._read(sid, ahead, seen=True)
+    finally:
+        await redis_command(admin, "CONFIG", "SET", "maxmemory", "0")
+        await admin.aclose()
+    assert replay.gap and [e.id for e in replay.events] == [e.id for e in stored]
+
+
 async def test_a_process_remembers_where_it_stored_for_its_latest_sessions_only(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
