@@ -441,7 +441,11 @@ class RedisBroker:
         self, session_id: str, after: StreamPosition | None, seen: bool = False
     ) -> Replay:
         """``seen``: ``after`` is where this process's live connection stands, not a
-        client's word, so a stream behind it lost writes (see READ_LUA)."""
+        client's word, so a stream behind it lost writes (see READ_LUA). Should Redis
+        refuse the new epoch's write (OOM, READONLY), the read fails, and with it the
+        live connection's catch-up: it is tried again on the next connection, with
+        back-off, until Redis takes it. (Reading the stream as it is instead would leave
+        this process taking the events that reuse the lost seqs for ones it has.)"""
         client = self._require_client()
         keys = [self._state_key(session_id), self._stream_key(session_id)]
         args = ["", ""] if after is None else [after.epoch, str(after.seq)]
@@ -449,14 +453,7 @@ class RedisBroker:
             args.append(new_epoch())
 
         async def attempt(_: int) -> list[Any]:
-            try:
-                result: list[Any] = await self._read_script(keys=keys, args=args, client=client)
-            except ResponseError:
-                if len(args) == 2:
-                    raise
-                # Refused the new epoch's write (OOM, READONLY): read as a client would,
-                # rather than fail the live connection's catch-up for every session.
-                result = await self._read_script(keys=keys, args=args[:2], client=client)
+            result: list[Any] = await self._read_script(keys=keys, args=args, client=client)
             return result
 
         result = await self._call("read", attempt)
