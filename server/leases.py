@@ -216,10 +216,10 @@ class WorkflowLeases:
             try:
                 await self._hub.publish(event)
             except ServiceUnavailable:
-                # Down again, or refused for this session alone: next tick, after the
-                # others, which it must not hold back for ever.
-                self._owed[session_id] = self._owed.pop(session_id)
-                return
+                self._owed[session_id] = self._owed.pop(session_id)  # next tick, last
+                if not await self._hub.broker.ping():
+                    return  # down again: the others would fail too
+                continue  # refused for this session alone: it holds back no other
             except SessionEnded:
                 log.warning("session %s was ended elsewhere (its lease was lost)", session_id)
             else:

@@ -414,7 +414,7 @@ async def test_a_final_event_owed_while_a_renewal_is_on_its_way_is_kept() -> Non
 
 async def test_an_owed_final_event_the_store_refuses_does_not_hold_back_the_others() -> None:
     """Two final events are owed; once the store is back, it refuses the first one's
-    session alone (say a key of its was overwritten): the second is stored at the next
+    session alone (say a key of its was overwritten): the second is stored in the same
     tick rather than wait behind the first until the first is given up."""
     store = FlakyStore()
     store.answer.set()  # renewals answer at once
@@ -428,8 +428,7 @@ async def test_an_owed_final_event_the_store_refuses_does_not_hold_back_the_othe
         assert not await leases.finish(session_id, final)
     store.down, store.refused = False, {first}
 
-    await leases.tick()  # the first is refused
-    await leases.tick()
+    await leases.tick()  # the first is refused, the store answers: the second goes on
     assert leases.owed == 1 and leases.holds(first) and not leases.holds(second)
     replay = await store.read(second, None)
     assert [e.final for e in replay.events] == [True]
