@@ -1,7 +1,8 @@
 """Several real server processes on one Redis (issue 5, "Across processes"): any process
 serves any session with the same ids, order and replay; a client whose process is
 SIGKILLed resumes on another and misses nothing; two processes publishing into one
-session keep ``seq`` gapless and one order everywhere; and when the process running a
+session keep ``seq`` gapless and one order everywhere; an event sent to two processes
+with one ``Idempotency-Key`` is stored once; and when the process running a
 workflow is SIGKILLed, subscribers elsewhere get ``workflow_interrupted`` within a
 bounded time.
 
@@ -175,6 +176,46 @@ async def test_two_processes_publishing_into_one_session_keep_one_gapless_order(
             assert by_seq[answer["seq"]]["id"] == answer["id"]
             assert by_seq[answer["seq"]]["agent"] == publisher
     assert {event["agent"] for event in story[:-1]} == {"via-a", "via-b"}
+
+
+async def test_the_same_events_sent_to_two_processes_with_their_keys_are_stored_once(
+    cluster: Cluster,
+) -> None:
+    """A publisher behind a load balancer sends each event to A, and again, with the same
+    ``Idempotency-Key``, to B, all at once: each event is stored once, both answers name
+    it, and subscribers on both see each once, in one order."""
+    a, b = await cluster("a", "b")
+    session_id = new_session_id()
+    path = f"/api/sessions/{session_id}/events"
+
+    async def send(http: ClientSession, url: str, n: int) -> tuple[Event, str | None]:
+        headers = {"Idempotency-Key": f"event-{n}"}
+        async with http.post(url, json=progress(n), headers=headers) as response:
+            assert response.status == 202, await response.text()
+            answer: Event = await response.json()
+            return answer, response.headers.get("Idempotent-Replayed")
+
+    async with ClientSession() as http, AsyncExitStack() as stack:
+        streams = [
+            await stack.enter_async_context(open_aiohttp_ws(http, server.ws(session_id)))
+            for server in (a, b)
+        ]
+        for ws in streams:
+            await subscribed_ws(ws)
+        sent = await asyncio.gather(
+            *(send(http, server.url(path), n) for n in range(1, 31) for server in (a, b))
+        )
+        async with http.post(a.url(path), json=final_body()) as response:
+            assert response.status == 202
+        seen = await asyncio.gather(*(read_to_end(ws) for ws in streams))
+
+    story = assert_one_story({"a": seen[0], "b": seen[1]})
+    assert len(story) == 31  # thirty events, each once, and the final one
+    assert sorted(e["status"] for e in story[:-1]) == sorted(f"step {n}" for n in range(1, 31))
+    for n in range(1, 31):
+        (via_a, replayed_a), (via_b, replayed_b) = sent[2 * (n - 1)], sent[2 * (n - 1) + 1]
+        assert via_a == via_b  # one event, one id
+        assert sorted([replayed_a or "", replayed_b or ""]) == ["", "true"]
 
 
 async def test_when_the_process_running_a_workflow_dies_subscribers_elsewhere_are_told(
