@@ -1,4 +1,5 @@
-"""The REST endpoints: start a workflow, read a session, publish an event, health, metrics."""
+"""The REST endpoints: start a workflow, read a session and its events, publish an event, health,
+metrics."""
 
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ from .messages import (
     SESSION_ID_PATTERN,
     ErrorEvent,
     StorableEvent,
+    StreamPosition,
     is_valid_session_id,
 )
+from .query import query_value
 from .snapshot import session_snapshot
 from .workflow import WorkflowRunner, wait_outcome
 
@@ -175,6 +178,50 @@ async def get_session(request: web.Request) -> web.Response:
     return web.json_response(await session_snapshot(session_id, replay.info, replay.events))
 
 
+async def get_events(request: web.Request) -> web.Response:
+    """The session's retained events after ``?after=`` (an event id; from the oldest
+    without one), oldest first, at most ``?limit=`` of them (at most ``buffer_size``):
+    the replay a stream would send, for a consumer that does not stream. ``gap``: the
+    position could not be served (trimmed, another epoch, malformed), so the events are
+    the whole retained story, as a stream's ``replay_gap`` says; ``more``: ask again
+    with ``after`` set to the last event's id."""
+    ctx = request.app[STREAM_CONTEXT]
+    session_id = session_id_of(request)
+    check_stream_access(request, ctx.settings, session_id)
+    buffer_size = ctx.settings.buffer_size
+    limit_text = query_value(request, "limit")
+    limit = buffer_size
+    if limit_text is not None:
+        if not (limit_text.isascii() and limit_text.isdigit() and int(limit_text) >= 1):
+            raise InvalidRequest(f"'limit' must be a whole number from 1 to {buffer_size}.")
+        limit = min(int(limit_text), buffer_size)
+    after = query_value(request, "after") or None
+    position = StreamPosition.parse(after) if after else None
+    replay = await ctx.hub.broker.read(session_id, position)
+    if replay.info is None:
+        raise ClientError(
+            "No such session (it never started, or has expired).",
+            code="session_not_found",
+            status=404,
+        )
+    events = replay.events[:limit]
+    gap = replay.gap or (after is not None and position is None)
+    # Built around the stored events' own JSON, each encoded once when it was stored.
+    head = json.dumps(
+        {
+            "session_id": session_id,
+            "gap": gap,
+            "more": len(replay.events) > limit,
+            "ended": replay.info.ended,
+            "last_seq": replay.info.last_seq,
+        }
+    )
+    body = b"".join(
+        (head[:-1].encode(), b', "events": [', b", ".join(e.payload for e in events), b"]}")
+    )
+    return web.Response(body=body, content_type="application/json")
+
+
 # Headers a reverse proxy adds: a request that carries one was relayed for someone else,
 # so a loopback peer address says nothing about where it came from.
 _PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
@@ -303,6 +350,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/orchestrator/run-workflow", run_workflow)
     app.router.add_get(f"/api/sessions/{SESSION_ID_SEGMENT}", get_session)
     app.router.add_post(f"/api/sessions/{SESSION_ID_SEGMENT}/events", publish_event)
+    app.router.add_get(f"/api/sessions/{SESSION_ID_SEGMENT}/events", get_events)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -403,6 +403,23 @@ class SessionSnapshot(BaseModel):
     error: SessionError | None
 
 
+class SessionEvents(BaseModel):
+    """A page of a session's retained events (``GET /api/sessions/{id}/events``)."""
+
+    session_id: str
+    gap: bool = Field(
+        description="the 'after' position could not be served (trimmed, another epoch, "
+        "malformed): the events are the whole retained story, as a stream's replay_gap says"
+    )
+    more: bool = Field(description="more follow: ask again with 'after' = the last event's id")
+    ended: bool = Field(description="the session's final event is stored")
+    last_seq: int = Field(ge=0, description="the seq of the newest stored event")
+    events: list[dict[str, Any]] = Field(
+        description="stored events, oldest first, exactly as the streams carry them "
+        "(the AsyncAPI document's messages)"
+    )
+
+
 class PublishAccepted(BaseModel):
     id: str
     seq: int = Field(ge=1)
@@ -417,6 +434,7 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     RunWorkflowAccepted,
     RunWorkflowOutcome,
     SessionSnapshot,
+    SessionEvents,
     PublishAccepted,
     Status,
 )
@@ -532,6 +550,35 @@ def _openapi() -> JsonObject:
                 }
             },
             "/api/sessions/{session_id}/events": {
+                "get": {
+                    "operationId": "getSessionEvents",
+                    "summary": "A session's retained events, page by page",
+                    "description": "What a stream's replay would send, for a consumer that "
+                    "does not stream.",
+                    "parameters": [
+                        session_id,
+                        token,
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "description": "An event id: the events after it (all without).",
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "description": "At most this many (1 to buffer_size; the "
+                            "default, and any larger value, is buffer_size).",
+                            "schema": {"type": "integer", "minimum": 1},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(_ref("SessionEvents"), "The page."),
+                        "400": _error("Invalid session id or limit."),
+                        "401": bad_token,
+                        "404": _error("No such session (never started, or expired)."),
+                    },
+                },
                 "post": {
                     "operationId": "publishEvent",
                     "summary": "Publish one event into a session (for other services)",
@@ -575,7 +622,7 @@ def _openapi() -> JsonObject:
                         ),
                         "503": overloaded,
                     },
-                }
+                },
             },
             "/sse/orchestrator/{session_id}": {
                 "get": {

@@ -384,7 +384,7 @@ async def test_a_workflow_outcome_matches_the_openapi_schema(
     live: LiveServer, http: aiohttp.ClientSession
 ) -> None:
     """``?wait=true`` answers with the documented outcome shape; a second run of the same
-    session gets the documented 409."""
+    session gets the documented 409; the session's events come in the documented page."""
     session_id = "contract-wait-0001"
     body = {"strategy_description": STRATEGY, "session_id": session_id}
     openapi = openapi_validator()
@@ -401,6 +401,11 @@ async def test_a_workflow_outcome_matches_the_openapi_schema(
         async with http.get(live.url + path) as response:
             assert response.status == 200
             openapi_validate(openapi, "Status", await response.json())
+    async with http.get(f"{live.url}/api/sessions/{session_id}/events?limit=3") as response:
+        assert response.status == 200
+        page = await response.json()
+    openapi_validate(openapi, "SessionEvents", page)
+    assert len(page["events"]) == 3 and page["more"] and page["ended"]
 
 
 @pytest.mark.parametrize(

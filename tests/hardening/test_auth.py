@@ -102,6 +102,10 @@ async def test_with_a_secret_run_workflow_returns_a_token_that_opens_its_streams
         assert "event: complete" in await response.text()
     async with http.get(url(server, f"/api/sessions/{session_id}?token={token}")) as response:
         assert response.status == 200
+    path = f"/api/sessions/{session_id}/events?limit=1&token={token}"
+    async with http.get(url(server, path)) as response:
+        assert response.status == 200
+        assert [e["seq"] for e in (await response.json())["events"]] == [1]
 
 
 async def test_wait_true_also_returns_the_token(start: StartServer, http: ClientSession) -> None:
@@ -135,7 +139,7 @@ async def test_a_stream_without_a_valid_token_is_refused(
     start: StartServer, http: ClientSession, problem: str
 ) -> None:
     """Missing, foreign, expired or forged token: the WebSocket gets ``unauthorized`` then
-    1008; SSE and the session snapshot get 401 in the JSON error shape."""
+    1008; SSE, the session snapshot and its events get 401 in the JSON error shape."""
     server = await start(stream_token_secret=SECRET, stream_token_ttl=60.0)
     session_id = new_session_id()
     token = {
@@ -152,10 +156,11 @@ async def test_a_stream_without_a_valid_token_is_refused(
     async with http.get(sse_url(server, session_id, query)) as response:
         assert response.status == 401
         assert_error_body(await response.json(), "unauthorized")
-    async with http.get(url(server, f"/api/sessions/{session_id}{query}")) as response:
-        assert response.status == 401
-        assert_error_body(await response.json(), "unauthorized")
-    assert metric(context_of(server), "orchestrator_refusals_total", reason="unauthorized") == 3
+    for path in (f"/api/sessions/{session_id}", f"/api/sessions/{session_id}/events"):
+        async with http.get(url(server, f"{path}{query}")) as response:
+            assert response.status == 401
+            assert_error_body(await response.json(), "unauthorized")
+    assert metric(context_of(server), "orchestrator_refusals_total", reason="unauthorized") == 4
 
 
 async def test_a_token_is_checked_when_a_stream_opens_not_while_it_runs(
