@@ -189,12 +189,7 @@ async def get_events(request: web.Request) -> web.Response:
     session_id = session_id_of(request)
     check_stream_access(request, ctx.settings, session_id)
     buffer_size = ctx.settings.buffer_size
-    limit_text = query_value(request, "limit")
-    limit = buffer_size
-    if limit_text is not None:
-        if not (limit_text.isascii() and limit_text.isdigit() and int(limit_text) >= 1):
-            raise InvalidRequest(f"'limit' must be a whole number from 1 to {buffer_size}.")
-        limit = min(int(limit_text), buffer_size)
+    limit = _limit(query_value(request, "limit"), buffer_size)
     after = query_value(request, "after") or None
     position = StreamPosition.parse(after) if after else None
     replay = await ctx.hub.broker.read(session_id, position)
@@ -220,6 +215,17 @@ async def get_events(request: web.Request) -> web.Response:
         (head[:-1].encode(), b', "events": [', b", ".join(e.payload for e in events), b"]}")
     )
     return web.Response(body=body, content_type="application/json")
+
+
+def _limit(text: str | None, most: int) -> int:
+    """``?limit=``: a whole number from 1, at most ``most`` (also when absent, or larger)."""
+    if text is None:
+        return most
+    digits = text.lstrip("0")
+    if not (text.isascii() and text.isdigit() and digits):
+        raise InvalidRequest(f"'limit' must be a whole number from 1 to {most}.")
+    # Compared by length first: int() refuses strings of over 4,300 digits.
+    return most if len(digits) > len(str(most)) else min(int(digits), most)
 
 
 # Headers a reverse proxy adds: a request that carries one was relayed for someone else,

@@ -93,6 +93,16 @@ async def test_a_position_that_cannot_be_served_is_a_gap_with_everything(
     assert (seqs(page), page["gap"]) == ([1, 2, 3], True)
 
 
+@pytest.mark.parametrize("limit", ["3", "0003", "4", "99", "9" * 5000])
+async def test_a_limit_is_read_as_a_number_and_capped_by_the_buffer(
+    client: AppClient, limit: str
+) -> None:
+    session_id = new_session_id()
+    await publish_story(client, session_id, 2)
+    page = await history(client, session_id, f"?limit={limit}")
+    assert (seqs(page), page["more"]) == ([1, 2, 3], False)
+
+
 async def test_trimmed_events_are_a_gap_and_the_page_holds_at_most_the_buffer(
     make_server: ServerFactory, settings: Settings, aiohttp_client: Any
 ) -> None:
@@ -109,7 +119,7 @@ async def test_an_unknown_session_is_404(client: AppClient) -> None:
     assert (await response.json())["code"] == "session_not_found"
 
 
-@pytest.mark.parametrize("limit", ["0", "-1", "abc", "1.5", "\u0663", ""])
+@pytest.mark.parametrize("limit", ["0", "000", "-1", "abc", "1.5", "\u0663", "", " 1"])
 async def test_a_limit_that_is_not_a_whole_number_from_one_is_400(
     client: AppClient, limit: str
 ) -> None:
