@@ -180,19 +180,21 @@ async def get_session(request: web.Request) -> web.Response:
 
 async def get_events(request: web.Request) -> web.Response:
     """The session's retained events after ``?after=`` (an event id; from the oldest
-    without one), oldest first, at most ``?limit=`` of them (at most ``buffer_size``):
-    the replay a stream would send, for a consumer that does not stream. ``gap``: the
-    position could not be served (trimmed, another epoch, malformed), so the events are
-    the whole retained story, as a stream's ``replay_gap`` says; ``more``: ask again
-    with ``after`` set to the last event's id."""
+    without one), oldest first: the replay a stream would send, for a consumer that does
+    not stream. At most ``?limit=`` of them (``_PAGE_EVENTS`` by default, at most
+    ``buffer_size``) and ``_PAGE_BYTES`` of their JSON (one event at least), so that a
+    page costs little memory, and on Redis one bounded read. ``gap``: the position could
+    not be served (trimmed, another epoch, malformed), so the events are the whole
+    retained story, as a stream's ``replay_gap`` says; ``more``: ask again with
+    ``after`` set to the last event's id."""
     ctx = request.app[STREAM_CONTEXT]
     session_id = session_id_of(request)
     check_stream_access(request, ctx.settings, session_id)
     buffer_size = ctx.settings.buffer_size
-    limit = _limit(query_value(request, "limit"), buffer_size)
+    limit = _limit(query_value(request, "limit"), min(_PAGE_EVENTS, buffer_size), buffer_size)
     after = query_value(request, "after") or None
     position = StreamPosition.parse(after) if after else None
-    replay = await ctx.hub.broker.read(session_id, position)
+    replay = await ctx.hub.broker.read(session_id, position, limit + 1)  # one more: `more`
     if replay.info is None:
         raise ClientError(
             "No such session (it never started, or has expired).",
@@ -200,13 +202,19 @@ async def get_events(request: web.Request) -> web.Response:
             status=404,
         )
     events = replay.events[:limit]
+    size = 0
+    for n, event in enumerate(events):
+        size += len(event.payload)
+        if size > _PAGE_BYTES and n > 0:
+            events = events[:n]
+            break
     gap = replay.gap or (after is not None and position is None)
     # Built around the stored events' own JSON, each encoded once when it was stored.
     head = json.dumps(
         {
             "session_id": session_id,
             "gap": gap,
-            "more": len(replay.events) > limit,
+            "more": len(replay.events) > len(events),
             "ended": replay.info.ended,
             "last_seq": replay.info.last_seq,
         }
@@ -217,10 +225,17 @@ async def get_events(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-def _limit(text: str | None, most: int) -> int:
-    """``?limit=``: a whole number from 1, at most ``most`` (also when absent, or larger)."""
+# A page of GET /api/sessions/{id}/events: so many events by default, and at most so many
+# bytes of their JSON (events of up to max_body_size each, a whole buffer of them, could
+# otherwise make one request hold hundreds of megabytes).
+_PAGE_EVENTS = 100
+_PAGE_BYTES = 1 << 20
+
+
+def _limit(text: str | None, default: int, most: int) -> int:
+    """``?limit=``: a whole number from 1, at most ``most``; ``default`` when absent."""
     if text is None:
-        return most
+        return default
     digits = text.lstrip("0")
     if not (text.isascii() and text.isdigit() and digits):
         raise InvalidRequest(f"'limit' must be a whole number from 1 to {most}.")

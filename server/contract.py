@@ -546,6 +546,7 @@ def _openapi() -> JsonObject:
                         "400": invalid_session,
                         "401": bad_token,
                         "404": _error("No such session (never started, or expired)."),
+                        "503": _error("The event store cannot be reached; retry later."),
                     },
                 }
             },
@@ -567,8 +568,9 @@ def _openapi() -> JsonObject:
                         {
                             "name": "limit",
                             "in": "query",
-                            "description": "At most this many (1 to buffer_size; the "
-                            "default, and any larger value, is buffer_size).",
+                            "description": "At most this many (100 by default; any "
+                            "value over buffer_size is buffer_size). A page also stops "
+                            "before its events pass 1 MiB of JSON (one event at least).",
                             "schema": {"type": "integer", "minimum": 1},
                         },
                     ],
@@ -577,6 +579,7 @@ def _openapi() -> JsonObject:
                         "400": _error("Invalid session id or limit."),
                         "401": bad_token,
                         "404": _error("No such session (never started, or expired)."),
+                        "503": _error("The event store cannot be reached; retry later."),
                     },
                 },
                 "post": {

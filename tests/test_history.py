@@ -103,6 +103,31 @@ async def test_a_limit_is_read_as_a_number_and_capped_by_the_buffer(
     assert (seqs(page), page["more"]) == ([1, 2, 3], False)
 
 
+async def test_a_page_holds_a_hundred_events_unless_asked_for_more(client: AppClient) -> None:
+    session_id = new_session_id()
+    for n in range(1, 131):
+        await publish(client, session_id, progress(n))
+    page = await history(client, session_id)
+    assert (seqs(page), page["more"]) == (list(range(1, 101)), True)
+    page = await history(client, session_id, "?limit=200")
+    assert (seqs(page), page["more"]) == (list(range(1, 131)), False)
+
+
+async def test_a_page_holds_about_a_mebibyte_of_events_and_at_least_one(
+    client: AppClient,
+) -> None:
+    """Large events: a page stops before its JSON passes 1 MiB (one event at least), so
+    that a request never holds a whole buffer of them; the next page goes on from there."""
+    session_id = new_session_id()
+    big = {**progress(1), "data": {"blob": "x" * 60_000}}
+    for _ in range(20):
+        await publish(client, session_id, big)
+    first = await history(client, session_id, "?limit=200")
+    assert len(json.dumps(first)) <= 2**20 + 1000 and first["more"]
+    rest = await history(client, session_id, f"?limit=200&after={first['events'][-1]['id']}")
+    assert seqs(first) + seqs(rest) == list(range(1, 21)) and not rest["more"]
+
+
 async def test_trimmed_events_are_a_gap_and_the_page_holds_at_most_the_buffer(
     make_server: ServerFactory, settings: Settings, aiohttp_client: Any
 ) -> None:

@@ -322,8 +322,8 @@ async def test_events_published_during_replay_are_neither_lost_nor_doubled(
         pending = [s._pending for s in (local.members if local else ())]
         return sum(len(p or ()) for p in pending)
 
-    async def read_then_publish(session_id, after):  # type: ignore[no-untyped-def]
-        replay = await read(session_id, after)
+    async def read_then_publish(session_id, after, limit=None):  # type: ignore[no-untyped-def]
+        replay = await read(session_id, after, limit)
         # Events land between the read and the hand-over to live delivery...
         await broker.append(session_id, "progress", progress(98).model_dump_json(), False)
         await broker.append(session_id, "progress", progress(99).model_dump_json(), False)
@@ -372,7 +372,9 @@ async def test_a_subscription_whose_replay_cannot_be_read_leaves_nothing_behind(
     read = broker.read
     failures = 0
 
-    async def failing_read(session_id: str, after: StreamPosition | None) -> Replay:
+    async def failing_read(
+        session_id: str, after: StreamPosition | None, limit: int | None = None
+    ) -> Replay:
         nonlocal failures
         failures += 1
         raise ServiceUnavailable("down")

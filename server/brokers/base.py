@@ -157,12 +157,15 @@ class Broker(Protocol):
         append are one atomic step.
         """
 
-    async def read(self, session_id: str, after: StreamPosition | None) -> Replay:
-        """The retained events after ``after`` (all of them when ``None``).
+    async def read(
+        self, session_id: str, after: StreamPosition | None, limit: int | None = None
+    ) -> Replay:
+        """The retained events after ``after`` (all of them when ``None``), the oldest
+        ``limit`` of them when given.
 
         If ``after`` cannot be served (trimmed, another epoch, ahead of the
         stream, or the stream does not exist) the result has ``gap=True`` and
-        holds every retained event. Never skips silently.
+        holds every retained event (the oldest ``limit``). Never skips silently.
         """
 
     async def info(self, session_id: str) -> SessionInfo | None:

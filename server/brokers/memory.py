@@ -106,14 +106,16 @@ class MemoryBroker:
             self._on_event(event)
         return event
 
-    async def read(self, session_id: str, after: StreamPosition | None) -> Replay:
+    async def read(
+        self, session_id: str, after: StreamPosition | None, limit: int | None = None
+    ) -> Replay:
         stream = self._streams.get(session_id)
         if stream is None:
             return Replay([], gap=after is not None, info=None)
         events = list(stream.events)
         info = stream.info()
         if after is None:
-            return Replay(events, gap=False, info=info)
+            return Replay(events[:limit], gap=False, info=info)
         first_seq = events[0].seq if events else stream.last_seq + 1
         servable = (
             after.epoch == stream.epoch
@@ -121,8 +123,9 @@ class MemoryBroker:
             and after.seq >= first_seq - 1
         )
         if not servable:
-            return Replay(events, gap=True, info=info)
-        return Replay(events[after.seq - first_seq + 1 :], gap=False, info=info)
+            return Replay(events[:limit], gap=True, info=info)
+        start = after.seq - first_seq + 1
+        return Replay(events[start:][:limit], gap=False, info=info)
 
     async def info(self, session_id: str) -> SessionInfo | None:
         stream = self._streams.get(session_id)

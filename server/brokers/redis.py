@@ -433,12 +433,18 @@ class RedisBroker:
             hiredis.pack_command(("EVALSHA", sha, 4, *r.keys, *r.arguments(retry))) for r in batch
         ]
 
-    async def read(self, session_id: str, after: StreamPosition | None) -> Replay:
+    async def read(
+        self, session_id: str, after: StreamPosition | None, limit: int | None = None
+    ) -> Replay:
         await self._live.settled(session_id)
-        return await self._read(session_id, after)
+        return await self._read(session_id, after, limit=limit)
 
     async def _read(
-        self, session_id: str, after: StreamPosition | None, seen: bool = False
+        self,
+        session_id: str,
+        after: StreamPosition | None,
+        seen: bool = False,
+        limit: int | None = None,
     ) -> Replay:
         """``seen``: ``after`` is where this process's live connection stands, not a
         client's word, so a stream behind it lost writes (see READ_LUA). Should Redis
@@ -449,6 +455,7 @@ class RedisBroker:
         client = self._require_client()
         keys = [self._state_key(session_id), self._stream_key(session_id)]
         args = ["", ""] if after is None else [after.epoch, str(after.seq)]
+        args.append(str(limit or 0))
         if seen and after is not None:
             args.append(new_epoch())
 

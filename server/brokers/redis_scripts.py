@@ -104,12 +104,18 @@ redis.call('PUBLISH', ARGV[7],
 return {1, epoch, seq, rewound}
 """
 
-# KEYS: state, stream. ARGV: after epoch ('' for none), after seq, and a fresh epoch when
-# 'after' is what this process has seen of the stream (its live connection's catch-up).
-# Returns {} when there is no stream, else {epoch, last_seq, final_id or '', gap, entries};
-# gap is 2 when the stream was behind such a position: it lost writes, and took the fresh
-# epoch (see APPEND_LUA).
+# KEYS: state, stream. ARGV: after epoch ('' for none), after seq, the most entries to
+# return (0 for all), and a fresh epoch when 'after' is what this process has seen of the
+# stream (its live connection's catch-up). Returns {} when there is no stream, else
+# {epoch, last_seq, final_id or '', gap, entries}; gap is 2 when the stream was behind
+# such a position: it lost writes, and took the fresh epoch (see APPEND_LUA).
 READ_LUA = """
+local function range(from, most)
+  if most > 0 then
+    return redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', most)
+  end
+  return redis.call('XRANGE', KEYS[2], from, '+')
+end
 local st = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'final')
 local epoch = st[1]
 if not epoch then
@@ -117,18 +123,20 @@ if not epoch then
 end
 local last = tonumber(st[2])
 local final = st[3] or ''
+local most = tonumber(ARGV[3])
 if ARGV[1] == '' then
-  return {epoch, last, final, 0, redis.call('XRANGE', KEYS[2], '-', '+')}
+  return {epoch, last, final, 0, range('-', most)}
 end
 local after = tonumber(ARGV[2])
 local gap = 1
-if ARGV[3] and ARGV[1] == epoch and after > last and final == '' then
-  epoch = ARGV[3]
+if ARGV[4] and ARGV[1] == epoch and after > last and final == '' then
+  epoch = ARGV[4]
   redis.call('HSET', KEYS[1], 'epoch', epoch)
   gap = 2
 end
 if ARGV[1] == epoch and after <= last then
-  local entries = redis.call('XRANGE', KEYS[2], ARGV[2] .. '-0', '+')
+  -- From 'after' itself, which is dropped when there: one more than asked for.
+  local entries = range(ARGV[2] .. '-0', most > 0 and most + 1 or 0)
   local first = entries[1]
   if not first then
     if after == last then
@@ -141,11 +149,14 @@ if ARGV[1] == epoch and after <= last then
       return {epoch, last, final, 0, entries}
     elseif first_seq == after + 1 then
       -- 'after' itself was trimmed, but nothing after it was: nothing is missed.
+      if most > 0 and #entries > most then
+        table.remove(entries)
+      end
       return {epoch, last, final, 0, entries}
     end
   end
 end
-return {epoch, last, final, gap, redis.call('XRANGE', KEYS[2], '-', '+')}
+return {epoch, last, final, gap, range('-', most)}
 """
 
 # KEYS: state, stream, lease, nonces, keys. ARGV: fresh epoch, ttl_ms, nonce, lease owner ('' for

@@ -33,7 +33,9 @@ SECRET = "password=hunter2"
 
 
 class BrokenReads(MemoryBroker):
-    async def read(self, session_id: str, after: StreamPosition | None) -> Replay:
+    async def read(
+        self, session_id: str, after: StreamPosition | None, limit: int | None = None
+    ) -> Replay:
         raise RuntimeError(f"connection to the store failed, {SECRET}")
 
 
