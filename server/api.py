@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from .auth import check_stream_access, issue_stream_token
-from .brokers.base import IdempotencyKey, Repeated
+from .brokers.base import IdempotencyKey, Repeated, Replay, SessionInfo
 from .context import STREAM_CONTEXT
 from .errors import (
     BodyTimeout,
@@ -35,7 +35,6 @@ from .messages import (
     SESSION_ID_PATTERN,
     ErrorEvent,
     StorableEvent,
-    StreamPosition,
     is_valid_session_id,
 )
 from .query import query_value
@@ -164,18 +163,27 @@ async def run_workflow(request: web.Request) -> web.Response:
     return web.json_response(body_out)
 
 
-async def get_session(request: web.Request) -> web.Response:
+async def _retained(
+    request: web.Request, after: str | None = None, limit: int | None = None
+) -> tuple[str, Replay, SessionInfo]:
+    """The session of the request's path and its retained events after ``after`` (see
+    :meth:`Hub.read_after`), for a client allowed to watch it; 404 without a session."""
     ctx = request.app[STREAM_CONTEXT]
     session_id = session_id_of(request)
     check_stream_access(request, ctx.settings, session_id)
-    replay = await ctx.hub.broker.read(session_id, None)
+    replay = await ctx.hub.read_after(session_id, after, limit)
     if replay.info is None:
         raise ClientError(
             "No such session (it never started, or has expired).",
             code="session_not_found",
             status=404,
         )
-    return web.json_response(await session_snapshot(session_id, replay.info, replay.events))
+    return session_id, replay, replay.info
+
+
+async def get_session(request: web.Request) -> web.Response:
+    session_id, replay, info = await _retained(request)
+    return web.json_response(await session_snapshot(session_id, info, replay.events))
 
 
 async def get_events(request: web.Request) -> web.Response:
@@ -187,20 +195,10 @@ async def get_events(request: web.Request) -> web.Response:
     not be served (trimmed, another epoch, malformed), so the events are the whole
     retained story, as a stream's ``replay_gap`` says; ``more``: ask again with
     ``after`` set to the last event's id."""
-    ctx = request.app[STREAM_CONTEXT]
-    session_id = session_id_of(request)
-    check_stream_access(request, ctx.settings, session_id)
-    buffer_size = ctx.settings.buffer_size
+    buffer_size = request.app[STREAM_CONTEXT].settings.buffer_size
     limit = _limit(query_value(request, "limit"), min(_PAGE_EVENTS, buffer_size), buffer_size)
-    after = query_value(request, "after") or None
-    position = StreamPosition.parse(after) if after else None
-    replay = await ctx.hub.broker.read(session_id, position, limit + 1)  # one more: `more`
-    if replay.info is None:
-        raise ClientError(
-            "No such session (it never started, or has expired).",
-            code="session_not_found",
-            status=404,
-        )
+    after = query_value(request, "after")
+    session_id, replay, info = await _retained(request, after, limit + 1)  # one more: `more`
     events = replay.events[:limit]
     size = 0
     for n, event in enumerate(events):
@@ -208,15 +206,14 @@ async def get_events(request: web.Request) -> web.Response:
         if size > _PAGE_BYTES and n > 0:
             events = events[:n]
             break
-    gap = replay.gap or (after is not None and position is None)
     # Built around the stored events' own JSON, each encoded once when it was stored.
     head = json.dumps(
         {
             "session_id": session_id,
-            "gap": gap,
+            "gap": replay.gap,
             "more": len(replay.events) > len(events),
-            "ended": replay.info.ended,
-            "last_seq": replay.info.last_seq,
+            "ended": info.ended,
+            "last_seq": info.last_seq,
         }
     )
     body = b"".join(

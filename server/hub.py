@@ -30,6 +30,7 @@ same two ways, from one timer for the whole hub rather than one per connection.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -508,12 +509,23 @@ class Hub:
         """
         return Subscribing(self, session_id, last_event_id)
 
+    async def read_after(
+        self, session_id: str, last_event_id: str | None, limit: int | None = None
+    ) -> Replay:
+        """The retained events after the event ``last_event_id`` names (all of them
+        without one; the oldest ``limit`` when given): a stream's replay, and a page of
+        the events over HTTP. A malformed id is a position that cannot be served: a gap,
+        with every retained event."""
+        position = StreamPosition.parse(last_event_id) if last_event_id else None
+        replay = await self.broker.read(session_id, position, limit)
+        if last_event_id and position is None and not replay.gap:
+            return dataclasses.replace(replay, gap=True)
+        return replay
+
     async def join(self, session_id: str, last_event_id: str | None) -> Subscription:
         """What ``subscribe()`` enters, for a stream that outlives the coroutine that
         subscribed it (a stream once aiohttp has let go of it): whoever joins must
         :meth:`leave`."""
-        position = StreamPosition.parse(last_event_id) if last_event_id else None
-        malformed = bool(last_event_id) and position is None
         local = self._sessions.get(session_id)
         if local is None:
             local = self._sessions[session_id] = _Local()
@@ -523,14 +535,14 @@ class Hub:
         try:
             if len(local.members) == 1:
                 await self.broker.watch(session_id)
-            replay = await self.broker.read(session_id, position)
+            replay = await self.read_after(session_id, last_event_id)
         except BaseException:
             await self.leave(subscription)
             raise
         self._metrics.replays.inc()
-        if replay.gap or malformed:
+        if replay.gap:
             self._metrics.replay_gaps.inc()
-        subscription._start(replay, gap=replay.gap or malformed)
+        subscription._start(replay, gap=replay.gap)
         return subscription
 
     async def leave(self, subscription: Subscription) -> None:
