@@ -113,19 +113,20 @@ class MemoryBroker:
         if stream is None:
             return Replay([], gap=after is not None, info=None)
         events = list(stream.events)
-        info = stream.info()
-        if after is None:
-            return Replay(events[:limit], gap=False, info=info)
-        first_seq = events[0].seq if events else stream.last_seq + 1
-        servable = (
-            after.epoch == stream.epoch
-            and after.seq <= stream.last_seq
-            and after.seq >= first_seq - 1
-        )
-        if not servable:
-            return Replay(events[:limit], gap=True, info=info)
-        start = after.seq - first_seq + 1
-        return Replay(events[start:][:limit], gap=False, info=info)
+        start, gap = 0, False
+        if after is not None:
+            first_seq = events[0].seq if events else stream.last_seq + 1
+            servable = (
+                after.epoch == stream.epoch
+                and after.seq <= stream.last_seq
+                and after.seq >= first_seq - 1
+            )
+            if servable:
+                start = after.seq - first_seq + 1
+            else:
+                gap = True  # every retained event
+        end = None if limit is None else start + limit
+        return Replay(events[start:end], gap=gap, info=stream.info())
 
     async def info(self, session_id: str) -> SessionInfo | None:
         stream = self._streams.get(session_id)
