@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -87,6 +87,32 @@ class NodeFactory(Protocol):
 async def redis_command(redis: Any, *args: Any) -> Any:
     """A command redis-py has no typed method for (``CLIENT PAUSE``, ``ACL SETUSER``)."""
     return await redis.execute_command(*args)
+
+
+@contextlib.asynccontextmanager
+async def out_of_memory(redis: Any) -> AsyncIterator[None]:
+    """Inside the block Redis refuses every command that would write (``noeviction`` and a
+    ``maxmemory`` of one byte), as a full Redis does."""
+    await redis_command(redis, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+    await redis_command(redis, "CONFIG", "SET", "maxmemory", "1")
+    try:
+        yield
+    finally:
+        await redis_command(redis, "CONFIG", "SET", "maxmemory", "0")
+
+
+async def snapshot(redis: Any, keys: list[str]) -> Callable[[], Awaitable[None]]:
+    """Take ``keys`` as they are now; the function returned puts them back so, losing
+    what was written since, as a Redis that came back from an older snapshot, without
+    breaking any connection to it."""
+    dumped = [await redis.dump(key) for key in keys]
+
+    async def restore() -> None:
+        for key, value in zip(keys, dumped, strict=True):
+            assert value is not None, key
+            await redis.restore(key, 60_000, value, replace=True)
+
+    return restore
 
 
 async def eventually(check: Callable[[], Any], timeout: float = TIMEOUT) -> None:

@@ -21,6 +21,7 @@ from .redis_support import (
     body,
     eventually,
     new_session_id,
+    out_of_memory,
     redis_command,
 )
 
@@ -249,11 +250,9 @@ async def test_under_oom_a_refused_renewal_is_not_taken_for_a_lost_lease(
     await a.broker.append(ended, "complete", body(1), True)
     admin = Redis.from_url(server.url)
     try:
-        await redis_command(admin, "CONFIG", "SET", "maxmemory-policy", "noeviction")
-        await redis_command(admin, "CONFIG", "SET", "maxmemory", "1")
-        assert await a.broker.renew_leases([ended, running], lease) == {running}
+        async with out_of_memory(admin):
+            assert await a.broker.renew_leases([ended, running], lease) == {running}
     finally:
-        await redis_command(admin, "CONFIG", "SET", "maxmemory", "0")
         await admin.aclose()
 
 

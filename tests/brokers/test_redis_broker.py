@@ -39,7 +39,9 @@ from .redis_support import (
     body,
     eventually,
     new_session_id,
+    out_of_memory,
     redis_command,
+    snapshot,
 )
 
 
@@ -868,13 +870,10 @@ async def test_an_append_checks_the_furthest_this_process_saw_stored_or_delivere
     await a.broker.watch(sid)
     before = await append_many(a.broker, sid, 2)
     before += await append_many(b.broker, sid, 1, start=3)
-    keys = keys_of(a.broker, sid)
-    snapshot = [await raw_redis.dump(key) for key in keys]
+    put_back = await snapshot(raw_redis, list(keys_of(a.broker, sid)))
     before += await append_many(b.broker, sid, 1, start=4)
     await a.recorder.wait_until(lambda: a.recorder.seqs(sid) == [1, 2, 3, 4])
-    for key, dumped in zip(keys, snapshot, strict=True):
-        assert dumped is not None
-        await raw_redis.restore(key, 60_000, dumped, replace=True)
+    await put_back()
 
     after = await a.broker.append(sid, "progress", body(5), False)
     assert after.seq == 4 and after.epoch != before[0].epoch
@@ -892,26 +891,19 @@ async def test_a_catch_up_redis_refuses_to_rewind_is_tried_again_until_it_takes_
     a, b = await make_node(server.url), await make_node(server.url)
     sid = new_session_id()
     await b.broker.watch(sid)
-    keys = keys_of(a.broker, sid)
     before = await append_many(a.broker, sid, 2)
     admin = Redis.from_url(server.url)
     try:
-        snapshot = [await admin.dump(key) for key in keys]
+        put_back = await snapshot(admin, list(keys_of(a.broker, sid)))
         before += await append_many(a.broker, sid, 2, start=3)
         await b.recorder.wait_until(lambda: b.recorder.seqs(sid) == [1, 2, 3, 4])
-        for key, dumped in zip(keys, snapshot, strict=True):
-            assert dumped is not None
-            await admin.restore(key, 60_000, dumped, replace=True)
-        await redis_command(admin, "CONFIG", "SET", "maxmemory-policy", "noeviction")
-        await redis_command(admin, "CONFIG", "SET", "maxmemory", "1")
-        connections = b.broker._live.connections
-        await admin.client_kill_filter(_type="pubsub")
-        await eventually(lambda: b.broker._live.connections >= connections + 2)  # refused
-
-        await redis_command(admin, "CONFIG", "SET", "maxmemory", "0")
+        await put_back()
+        async with out_of_memory(admin):
+            connections = b.broker._live.connections
+            await admin.client_kill_filter(_type="pubsub")
+            await eventually(lambda: b.broker._live.connections >= connections + 2)  # refused
         await b.recorder.wait_until(lambda: len(b.recorder.of(sid)) == 6, timeout=10)
     finally:
-        await redis_command(admin, "CONFIG", "SET", "maxmemory", "0")
         await admin.aclose()
     rewound = b.recorder.of(sid)[4:]
     assert [e.seq for e in rewound] == [1, 2] and rewound[0].epoch != before[0].epoch
