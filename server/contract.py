@@ -495,6 +495,7 @@ def _openapi() -> JsonObject:
         "The server is busy (a limit is reached) or its event store cannot be reached; "
         "retry after the `Retry-After` header's seconds."
     )
+    unavailable = _error("The event store cannot be reached; retry later.")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -546,7 +547,7 @@ def _openapi() -> JsonObject:
                         "400": invalid_session,
                         "401": bad_token,
                         "404": _error("No such session (never started, or expired)."),
-                        "503": _error("The event store cannot be reached; retry later."),
+                        "503": unavailable,
                     },
                 }
             },
@@ -579,7 +580,7 @@ def _openapi() -> JsonObject:
                         "400": _error("Invalid session id or limit."),
                         "401": bad_token,
                         "404": _error("No such session (never started, or expired)."),
-                        "503": _error("The event store cannot be reached; retry later."),
+                        "503": unavailable,
                     },
                 },
                 "post": {
