@@ -1,5 +1,5 @@
-"""The REST endpoints: start a workflow, read a session and its events, publish an event, health,
-metrics."""
+"""The REST endpoints: start and cancel a workflow, read a session and its events, publish an
+event, health, metrics."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from .brokers.base import IdempotencyKey, Repeated, Replay, SessionInfo
 from .context import STREAM_CONTEXT
 from .errors import (
     BodyTimeout,
-    ClientError,
     InvalidRequest,
     InvalidSessionId,
     ServiceUnavailable,
+    SessionNotFound,
     Unauthorized,
 )
 from .messages import (
@@ -163,6 +163,17 @@ async def run_workflow(request: web.Request) -> web.Response:
     return web.json_response(body_out)
 
 
+async def cancel_workflow(request: web.Request) -> web.Response:
+    """Cancel the session's workflow: its subscribers get the final ``error``
+    ``workflow_cancelled`` and its work stops (:meth:`WorkflowRunner.cancel`). Allowed
+    to whoever may watch the session: the starter of the workflow."""
+    ctx = request.app[STREAM_CONTEXT]
+    session_id = session_id_of(request)
+    check_stream_access(request, ctx.settings, session_id)
+    await request.app[WORKFLOW_RUNNER].cancel(session_id)
+    return web.json_response({"session_id": session_id, "status": "cancelled"})
+
+
 async def _retained(
     request: web.Request, after: str | None = None, limit: int | None = None
 ) -> tuple[str, Replay, SessionInfo]:
@@ -173,11 +184,7 @@ async def _retained(
     check_stream_access(request, ctx.settings, session_id)
     replay = await ctx.hub.read_after(session_id, after, limit)
     if replay.info is None:
-        raise ClientError(
-            "No such session (it never started, or has expired).",
-            code="session_not_found",
-            status=404,
-        )
+        raise SessionNotFound()
     return session_id, replay, replay.info
 
 
@@ -367,6 +374,7 @@ async def metrics(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/orchestrator/run-workflow", run_workflow)
     app.router.add_get(f"/api/sessions/{SESSION_ID_SEGMENT}", get_session)
+    app.router.add_post(f"/api/sessions/{SESSION_ID_SEGMENT}/cancel", cancel_workflow)
     app.router.add_post(f"/api/sessions/{SESSION_ID_SEGMENT}/events", publish_event)
     app.router.add_get(f"/api/sessions/{SESSION_ID_SEGMENT}/events", get_events)
     app.router.add_get("/healthz", healthz)

@@ -362,7 +362,11 @@ class RunWorkflowAccepted(BaseModel):
 class WorkflowError(BaseModel):
     code: str
     error: str
-    reference: str
+    reference: str | None = Field(
+        default=None,
+        description="the reference of the server's log line about it, when it logged one "
+        "(not for a cancelled workflow)",
+    )
 
 
 class RunWorkflowOutcome(BaseModel):
@@ -376,6 +380,14 @@ class RunWorkflowOutcome(BaseModel):
     stream: StreamUrls
     token: str | None = _TOKEN_FIELD
     error: WorkflowError | None = None
+
+
+class WorkflowCancelled(BaseModel):
+    """``200``: the workflow's final event, ``workflow_cancelled``, is stored (by this
+    request, or by an earlier cancel)."""
+
+    session_id: str
+    status: Literal["cancelled"]
 
 
 class AgentSnapshot(BaseModel):
@@ -433,6 +445,7 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     ErrorBody,
     RunWorkflowAccepted,
     RunWorkflowOutcome,
+    WorkflowCancelled,
     SessionSnapshot,
     SessionEvents,
     PublishAccepted,
@@ -501,7 +514,7 @@ def _openapi() -> JsonObject:
         "info": {
             "title": f"{TITLE}: REST API",
             "version": VERSION,
-            "description": "Start workflows, read sessions, publish events. The streams "
+            "description": "Start and cancel workflows, read sessions, publish events. The streams "
             "themselves are described by the AsyncAPI document at `/asyncapi.json`. Every "
             'error body is `{"error", "code", "reference"}`.',
         },
@@ -547,6 +560,28 @@ def _openapi() -> JsonObject:
                         "400": invalid_session,
                         "401": bad_token,
                         "404": _error("No such session (never started, or expired)."),
+                        "503": unavailable,
+                    },
+                }
+            },
+            "/api/sessions/{session_id}/cancel": {
+                "post": {
+                    "operationId": "cancelWorkflow",
+                    "summary": "Cancel the session's workflow",
+                    "description": "Its subscribers get the final `error` "
+                    "`workflow_cancelled`, and its work stops. Cancelling it again gets the "
+                    "same answer. Allowed to whoever may watch the session.",
+                    "parameters": [session_id, token],
+                    "responses": {
+                        "200": _json(_ref("WorkflowCancelled"), "The workflow is cancelled."),
+                        "400": invalid_session,
+                        "401": bad_token,
+                        "404": _error("No such session (never started, or expired)."),
+                        "409": _error(
+                            "The session never had a workflow (`no_workflow`: other "
+                            "services publish into it), or it has ended otherwise "
+                            "(`session_ended`)."
+                        ),
                         "503": unavailable,
                     },
                 }

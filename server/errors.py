@@ -89,6 +89,14 @@ class IdempotencyKeyReused(ClientError):
         )
 
 
+class SessionNotFound(ClientError):
+    status = 404
+    code = "session_not_found"
+
+    def __init__(self) -> None:
+        super().__init__("No such session (it never started, or has expired).")
+
+
 class Conflict(ClientError):
     status = 409
     code = "conflict"

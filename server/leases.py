@@ -95,11 +95,19 @@ class WorkflowLeases:
 
     ``hold`` after a successful claim (taken with :attr:`lease`); ``finish`` with the
     workflow's final event. One task renews every held lease each ``ttl / 3``
-    seconds and retries the final events that could not be stored yet.
+    seconds and retries the final events that could not be stored yet. A renewal
+    that finds a running workflow's session ended, or another process's, calls
+    ``on_ended_elsewhere`` with it, so that its work stops.
     """
 
     def __init__(
-        self, hub: Hub, ttl: float, *, retry_finals_for: float = 600.0, owner: str | None = None
+        self,
+        hub: Hub,
+        ttl: float,
+        *,
+        retry_finals_for: float = 600.0,
+        owner: str | None = None,
+        on_ended_elsewhere: Callable[[str], None] | None = None,
     ) -> None:
         if ttl <= 0:
             raise ValueError("the lease ttl must be positive")
@@ -111,6 +119,7 @@ class WorkflowLeases:
         self._owed: dict[str, tuple[StorableEvent, float]] = {}  # session -> (event, deadline)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._on_ended_elsewhere = on_ended_elsewhere
 
     def hold(self, session_id: str) -> None:
         """This process runs the session's workflow (its claim took :attr:`lease`)."""
@@ -199,6 +208,12 @@ class WorkflowLeases:
         except ServiceUnavailable:
             log.debug("could not renew %d workflow lease(s)", len(asked))
             return  # the store is down: owed events would fail too
+        if self._on_ended_elsewhere is not None:
+            for session_id in asked - held:
+                if session_id in self._held and session_id not in self._owed:
+                    # Still running here, but the session has ended (cancelled, or taken
+                    # for dead) or is another process's now: its work is for nothing.
+                    self._on_ended_elsewhere(session_id)
         now = time.monotonic()
         for session_id, (event, deadline) in list(self._owed.items()):
             if session_id not in asked:

@@ -17,6 +17,14 @@ to :class:`~server.leases.WorkflowLeases`, which stores it (later, if the
 event store is down) and then releases the lease; its
 :class:`~server.leases.LeaseMonitor` ends the sessions followed here whose
 workflow's process died (see :mod:`server.leases`).
+
+A client cancels a workflow (:meth:`WorkflowRunner.cancel`) by storing its final
+event, ``workflow_cancelled``, from whichever process it asked: the stream ends at
+once, everywhere, and nothing the workflow publishes later is stored. The work
+itself stops at once when it runs in that process, else at its process's next
+lease renewal (which finds the session ended) or its next event, whichever comes
+first. A session ended by anyone else (a service's final event, another process
+that took this one for dead) stops its work the same way.
 """
 
 from __future__ import annotations
@@ -31,16 +39,18 @@ from .agents.extraction import ExtractionResult
 from .agents.handoff import AgentFailed, AgentHandoffManager
 from .agents.inventory import InventoryPlan, InventoryRequest
 from .agents.pricing import PricingPlan, PricingRequest
-from .errors import Conflict, ServiceUnavailable, SessionEnded, reference_id
+from .errors import Conflict, ServiceUnavailable, SessionEnded, SessionNotFound, reference_id
 from .hub import Hub
 from .leases import WORKFLOW_INTERRUPTED, LeaseMonitor, WorkflowLeases
 from .logs import SESSION_ID
-from .messages import CompleteEvent, ErrorEvent, ProgressEvent, StorableEvent
+from .messages import CompleteEvent, ErrorEvent, ProgressEvent, StorableEvent, StreamPosition
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 ORCHESTRATOR = "orchestrator"
+WORKFLOW_CANCELLED = "workflow_cancelled"
+CANCELLED_MESSAGE = "The forecast was cancelled."
 
 
 def _session_exists() -> Conflict:
@@ -81,8 +91,12 @@ class WorkflowRunner:
         self._metrics = metrics
         self._tasks: dict[str, asyncio.Task[WorkflowOutcome]] = {}
         self._claiming: set[str] = set()  # claims on their way to the broker
+        self._working: set[str] = set()  # runs still in their steps: the ones a stop cancels
+        self._stopped: set[str] = set()  # runs cancelled because their session ended
         self._closing = False
-        self.leases = WorkflowLeases(hub, lease_ttl, retry_finals_for=retry_finals_for)
+        self.leases = WorkflowLeases(
+            hub, lease_ttl, retry_finals_for=retry_finals_for, on_ended_elsewhere=self._stop
+        )
         self.monitor = LeaseMonitor(hub, self.leases, lease_check_interval)
 
     async def start(self, session_id: str, strategy: str) -> asyncio.Task[WorkflowOutcome]:
@@ -121,6 +135,67 @@ class WorkflowRunner:
         """Shutdown has begun: no workflow starts any more."""
         return self._closing
 
+    async def cancel(self, session_id: str) -> None:
+        """End the session's workflow at its client's request: store its final event,
+        ``workflow_cancelled``, and stop its work (at once if it runs here; see the
+        module docstring). Cancelling a cancelled workflow again is done already.
+
+        ``SessionNotFound`` without a session; ``Conflict`` when the session never had
+        a workflow (``no_workflow``) or ended otherwise (``session_ended``);
+        ``ServiceUnavailable`` when the event store cannot say or store it."""
+        state = (await self._hub.broker.lease_states([session_id])).get(session_id)
+        if state is None:  # the store refused to read this session alone
+            raise ServiceUnavailable("The event store could not read this session.")
+        if state == "gone":
+            raise SessionNotFound()
+        if state == "none":
+            raise Conflict(
+                "This session has no workflow to cancel: its events come from other services.",
+                code="no_workflow",
+            )
+        if state != "ended":  # running ("held"), or its process is gone ("lost")
+            event = ErrorEvent(
+                session_id=session_id,
+                agent=ORCHESTRATOR,
+                code=WORKFLOW_CANCELLED,
+                error=CANCELLED_MESSAGE,
+                details="",
+                final=True,
+            )
+            try:
+                await self._hub.publish(event)
+            except SessionEnded:
+                pass  # it ended meanwhile: as below
+            else:
+                self._stop(session_id)
+                return
+        final = await self._final_event(session_id)
+        if final is None or final.get("code") != WORKFLOW_CANCELLED:
+            raise Conflict("This session has already ended.", code="session_ended")
+
+    def _stop(self, session_id: str) -> None:
+        """The session ended while its workflow runs here: stop the work. Its run then
+        ends as its final event says (:meth:`_ended_elsewhere`)."""
+        if session_id in self._working:
+            self._working.discard(session_id)  # at most once
+            self._stopped.add(session_id)
+            self._tasks[session_id].cancel()
+
+    async def _final_event(self, session_id: str) -> dict[str, Any] | None:
+        """The session's final event as stored, or ``None`` when it has none (or it was
+        trimmed)."""
+        info = await self._hub.broker.info(session_id)
+        position = (
+            None if info is None or info.final_id is None else StreamPosition.parse(info.final_id)
+        )
+        if position is None:
+            return None
+        before = StreamPosition(position.epoch, position.seq - 1) if position.seq > 1 else None
+        replay = await self._hub.broker.read(session_id, before, 1)
+        if replay.gap or not replay.events or not replay.events[0].final:
+            return None
+        return replay.events[0].to_dict()
+
     async def close(self, grace: float = 0.0) -> None:
         """Give running workflows ``grace`` seconds, then interrupt them (each ends with a
         final ``workflow_interrupted`` error so its subscribers stop waiting). No new
@@ -138,12 +213,22 @@ class WorkflowRunner:
 
     async def _run(self, session_id: str, strategy: str) -> WorkflowOutcome:
         SESSION_ID.set(session_id)  # this task's own context: its log lines name the session
+        self._working.add(session_id)
         try:
-            result = await self._steps(session_id, strategy)
+            try:
+                result = await self._steps(session_id, strategy)
+            finally:
+                self._working.discard(session_id)  # what follows is never cancelled by _stop
         except asyncio.CancelledError:
-            # Only close() cancels a run (shutdown). Its subscribers get a final event, and
-            # the run ends with that outcome rather than as cancelled, so a `?wait=true`
-            # request still waiting on it is answered instead of dropped.
+            if session_id in self._stopped:
+                # _stop's own cancellation, handled here: the task goes on, not cancelled.
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+                return await self._ended_elsewhere(session_id)
+            # Otherwise close() cancelled the run (shutdown). Its subscribers get a final
+            # event, and the run ends with that outcome rather than as cancelled, so a
+            # `?wait=true` request still waiting on it is answered instead of dropped.
             return await self._interrupt(
                 session_id, "interrupted: the server is shutting down", "the server is restarting"
             )
@@ -155,15 +240,9 @@ class WorkflowRunner:
                 "the event store was unavailable",
             )
         except SessionEnded:
-            # Another process ended the session: this one could not renew its lease for
-            # lease_ttl, and it was taken for dead. Subscribers have their final event.
-            log.warning(
-                "workflow of session %s stopped: the session was ended elsewhere", session_id
-            )
-            self.leases.drop(session_id)
-            self._metrics.workflows.labels(outcome="interrupted").inc()
-            error = {"code": WORKFLOW_INTERRUPTED, "error": "The session was ended elsewhere."}
-            return WorkflowOutcome("failed", error=error)
+            # One of its events found the session ended (cancelled, or ended by another
+            # process or a service) before _stop did.
+            return await self._ended_elsewhere(session_id)
         except AgentFailed as failure:
             error = await self._fail(
                 session_id,
@@ -183,6 +262,8 @@ class WorkflowRunner:
             )
             self._metrics.workflows.labels(outcome="failed").inc()
             return WorkflowOutcome("failed", error=error)
+        finally:
+            self._stopped.discard(session_id)
         await self._finish(
             session_id,
             CompleteEvent(
@@ -195,6 +276,32 @@ class WorkflowRunner:
         )
         self._metrics.workflows.labels(outcome="complete").inc()
         return WorkflowOutcome("complete", result=result)
+
+    async def _ended_elsewhere(self, session_id: str) -> WorkflowOutcome:
+        """The run of a session whose final event someone else stored: cancelled by its
+        client, ended by a service, or by another process (this one could not renew its
+        lease for ``lease_ttl`` and was taken for dead). Subscribers have their final
+        event; the run's outcome says what its ``error`` said."""
+        self.leases.drop(session_id)
+        try:
+            final = await self._final_event(session_id)
+        except ServiceUnavailable:
+            final = None
+        if final is not None and final["type"] == "error":
+            error = {"code": final["code"], "error": final["error"]}
+        else:
+            error = {"code": WORKFLOW_INTERRUPTED, "error": "The session was ended elsewhere."}
+        if error["code"] == WORKFLOW_CANCELLED:
+            log.info("workflow of session %s stopped: it was cancelled", session_id)
+            self._metrics.workflows.labels(outcome="cancelled").inc()
+        else:
+            log.warning(
+                "workflow of session %s stopped: the session was ended elsewhere (%s)",
+                session_id,
+                error["code"],
+            )
+            self._metrics.workflows.labels(outcome="interrupted").inc()
+        return WorkflowOutcome("failed", error=error)
 
     async def _interrupt(self, session_id: str, what: str, because: str) -> WorkflowOutcome:
         """End a run with ``workflow_interrupted``: a warning naming the reference that its

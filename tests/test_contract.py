@@ -131,6 +131,7 @@ def test_openapi_document_shape() -> None:
     assert {
         "/api/orchestrator/run-workflow",
         "/api/sessions/{session_id}",
+        "/api/sessions/{session_id}/cancel",
         "/api/sessions/{session_id}/events",
         "/healthz",
         "/readyz",

@@ -115,7 +115,8 @@ class _Forecast(DemandForecast):
 class FakeAgents:
     """The four agents of the workflow, instant unless told otherwise.
 
-    ``gate``: when set, the demand agent waits for it (a workflow that keeps running).
+    ``gate``: when set, the demand agent waits for it (a workflow that keeps running);
+    ``stopped`` is set if that wait is cancelled (the work was stopped).
     ``failure``: when set, the demand agent raises it.
     ``workflow_failure``: when set, the workflow itself (not an agent) raises it, on
     reading the extraction's result.
@@ -123,6 +124,7 @@ class FakeAgents:
 
     def __init__(self) -> None:
         self.gate: asyncio.Event | None = None
+        self.stopped = asyncio.Event()
         self.failure: Exception | None = None
         self.workflow_failure: Exception | None = None
 
@@ -145,7 +147,11 @@ class FakeAgents:
     async def _demand(self, parameters: Any, report: Reporter) -> DemandForecast:
         await report("Forecasting", 10)
         if self.gate is not None:
-            await self.gate.wait()
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.stopped.set()
+                raise
         if self.failure is not None:
             raise self.failure
         # Unvalidated on purpose: the workflow only passes it on and dumps it.

@@ -1,0 +1,270 @@
+"""Cancelling a workflow (``POST /api/sessions/{id}/cancel``), on both brokers, over real
+sockets: every subscriber gets the final ``workflow_cancelled`` error and the end of its
+stream, the work itself stops, and a second cancel is answered as the first. What cannot
+be cancelled gets a clear 404 or 409, and tokens guard it as they guard watching.
+
+Across real processes: tests/multiprocess/test_cluster.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import BaseTestServer
+
+from server.api import WORKFLOW_RUNNER
+from server.app import create_app
+from server.auth import issue_stream_token
+from server.config import Settings
+from tests.clients import (
+    Event,
+    app_of,
+    final,
+    http_url,
+    metric,
+    new_session_id,
+    open_aiohttp_ws,
+    open_curl_sse,
+    progress,
+    read_to_end,
+    read_until,
+    stored,
+    wait_until,
+    ws_url,
+)
+from tests.conftest import BOTH_BROKERS
+from tests.hardening.support import FakeAgents
+from tests.test_contract import openapi_validate, openapi_validator
+from tests.timing import EVENT_TIMEOUT
+
+pytestmark = BOTH_BROKERS
+
+STRATEGY = "15% off outdoor furniture for 8 weeks"
+SECRET = "cancel-test-secret-0123456789"
+
+StartServer = Callable[..., Awaitable[BaseTestServer]]
+
+
+@pytest.fixture
+def agents() -> FakeAgents:
+    agents = FakeAgents()
+    agents.gate = asyncio.Event()  # the demand agent runs until the test ends
+    return agents
+
+
+@pytest.fixture
+async def start(
+    aiohttp_server: Callable[..., Awaitable[BaseTestServer]], settings: Settings, agents: FakeAgents
+) -> StartServer:
+    async def factory(**changes: Any) -> BaseTestServer:
+        return await aiohttp_server(create_app(settings.replace(**changes), agents=agents))
+
+    return factory
+
+
+async def answer(response: Any) -> tuple[int, dict[str, Any]]:
+    async with response:
+        body: dict[str, Any] = json.loads(await response.text())
+        return response.status, body
+
+
+async def cancel(
+    http: ClientSession, server: BaseTestServer, session_id: str, query: str = ""
+) -> tuple[int, dict[str, Any]]:
+    return await answer(
+        await http.post(http_url(server, f"/api/sessions/{session_id}/cancel{query}"))
+    )
+
+
+async def run_and_wait(
+    http: ClientSession, server: BaseTestServer, session_id: str
+) -> tuple[int, dict[str, Any]]:
+    """``run-workflow?wait=true``: the status and body once the workflow has ended."""
+    url = http_url(server, "/api/orchestrator/run-workflow?wait=true")
+    body = {"strategy_description": STRATEGY, "session_id": session_id}
+    return await answer(await http.post(url, json=body))
+
+
+def demand_started(event: Event) -> bool:
+    return event.get("agent") == "demand" and event.get("progress") == 10
+
+
+def is_cancelled(event: Event) -> bool:
+    return (event["type"], event.get("code"), event.get("agent"), event.get("final")) == (
+        "error",
+        "workflow_cancelled",
+        "orchestrator",
+        True,
+    )
+
+
+async def test_a_cancelled_workflow_ends_every_stream_and_its_work_stops(
+    start: StartServer, agents: FakeAgents
+) -> None:
+    """Mid-workflow, a cancel: 200; the WebSocket and ``curl -N`` subscribers get the same
+    final ``workflow_cancelled`` error and the end of their stream (1000); the running
+    agent is cancelled; ``?wait=true`` is answered ``failed`` with that code; the snapshot
+    says so; the run is counted as cancelled and its slot and lease are freed. Sent
+    again, the cancel gets the same answer and stores nothing."""
+    server = await start()
+    session_id = new_session_id()
+    async with (
+        ClientSession() as http,
+        open_aiohttp_ws(http, ws_url(server, f"/ws/orchestrator/{session_id}")) as ws,
+        open_curl_sse(http_url(server, f"/sse/orchestrator/{session_id}")) as sse,
+    ):
+        waiting = asyncio.create_task(run_and_wait(http, server, session_id))
+        before = await read_until(ws, demand_started)
+        status, body = await cancel(http, server, session_id)
+        assert (status, body) == (200, {"session_id": session_id, "status": "cancelled"})
+        openapi_validate(openapi_validator(), "WorkflowCancelled", body)
+
+        rest_ws, rest_sse = await asyncio.gather(
+            read_to_end(ws, EVENT_TIMEOUT), read_to_end(sse, EVENT_TIMEOUT)
+        )
+        assert ws.ws.close_code == 1000
+        story = stored(before + rest_ws)
+        assert stored(rest_sse)[-1] == story[-1]
+        assert is_cancelled(story[-1]), story[-1]
+        assert story[-1]["error"] == "The forecast was cancelled." and story[-1]["details"] == ""
+        assert not any(event.get("final") for event in story[:-1])
+
+        await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
+        status, outcome = await asyncio.wait_for(waiting, EVENT_TIMEOUT)
+        assert status == 200 and outcome["status"] == "failed" and outcome["result"] is None
+        assert outcome["error"] == {
+            "code": "workflow_cancelled",
+            "error": "The forecast was cancelled.",
+        }
+        openapi_validate(openapi_validator(), "RunWorkflowOutcome", outcome)
+
+        status, snapshot = await answer(
+            await http.get(http_url(server, f"/api/sessions/{session_id}"))
+        )
+        assert status == 200 and snapshot["state"] == "failed"
+        assert snapshot["error"]["code"] == "workflow_cancelled"
+        assert snapshot["last_seq"] == story[-1]["seq"]
+
+        assert await cancel(http, server, session_id) == (200, body)
+        status, again = await answer(
+            await http.get(http_url(server, f"/api/sessions/{session_id}"))
+        )
+        assert again["last_seq"] == snapshot["last_seq"]  # nothing stored by the second cancel
+
+    runner = app_of(server)[WORKFLOW_RUNNER]
+    assert runner.running == 0 and not runner.leases.holds(session_id)
+    assert metric(server, "orchestrator_workflows_total", outcome="cancelled") == 1
+    assert metric(server, "orchestrator_workflows_total", outcome="interrupted") == 0
+
+
+async def test_what_cannot_be_cancelled_gets_a_clear_error(start: StartServer) -> None:
+    """404 for a session that does not exist; 400 for an id that is not one; 409
+    ``no_workflow`` for a session only services publish into, ``session_ended`` once
+    they ended it. Each a JSON error of the usual shape."""
+    server = await start()
+    async with ClientSession() as http:
+        status, body = await cancel(http, server, new_session_id())
+        assert (status, body["code"]) == (404, "session_not_found")
+        status, body = await cancel(http, server, "short")
+        assert (status, body["code"]) == (400, "invalid_session_id")
+
+        published = new_session_id()
+        response = await http.post(
+            http_url(server, f"/api/sessions/{published}/events"), json=progress(1)
+        )
+        assert response.status == 202
+        status, body = await cancel(http, server, published)
+        assert (status, body["code"]) == (409, "no_workflow")
+        openapi_validate(openapi_validator(), "Error", body)
+        assert set(body) == {"error", "code", "reference"}
+
+        finished = new_session_id()
+        for event in (progress(1), final()):
+            await http.post(http_url(server, f"/api/sessions/{finished}/events"), json=event)
+        status, body = await cancel(http, server, finished)
+        assert (status, body["code"]) == (409, "session_ended")
+
+
+async def test_a_finished_workflow_cannot_be_cancelled(
+    start: StartServer, agents: FakeAgents
+) -> None:
+    """A workflow that completed: 409 ``session_ended``, and its story keeps its
+    ``complete`` as the final event."""
+    agents.gate = None  # runs through
+    server = await start()
+    session_id = new_session_id()
+    async with ClientSession() as http:
+        status, outcome = await run_and_wait(http, server, session_id)
+        assert (status, outcome["status"]) == (200, "complete")
+        status, body = await cancel(http, server, session_id)
+        assert (status, body["code"]) == (409, "session_ended")
+        status, snapshot = await answer(
+            await http.get(http_url(server, f"/api/sessions/{session_id}"))
+        )
+        assert snapshot["state"] == "complete"
+    assert metric(server, "orchestrator_workflows_total", outcome="cancelled") == 0
+
+
+async def test_with_stream_tokens_only_the_workflows_token_cancels_it(
+    start: StartServer, agents: FakeAgents
+) -> None:
+    """With stream tokens on, a cancel without a token, or with another session's, is
+    401 and cancels nothing; with the token ``run-workflow`` answered, it cancels."""
+    server = await start(stream_token_secret=SECRET)
+    async with ClientSession() as http:
+        status, started = await answer(
+            await http.post(
+                http_url(server, "/api/orchestrator/run-workflow"),
+                json={"strategy_description": STRATEGY},
+            )
+        )
+        assert status == 202
+        session_id, token = started["session_id"], started["token"]
+        other = issue_stream_token(SECRET, new_session_id(), 60)
+        for query in ("", f"?token={other}", "?token=forged"):
+            status, body = await cancel(http, server, session_id, query)
+            assert (status, body["code"]) == (401, "unauthorized"), query
+        assert app_of(server)[WORKFLOW_RUNNER].running == 1
+        assert await cancel(http, server, session_id, f"?token={token}") == (
+            200,
+            {"session_id": session_id, "status": "cancelled"},
+        )
+    runner = app_of(server)[WORKFLOW_RUNNER]
+    await wait_until(lambda: runner.running == 0, "the cancelled workflow to stop")
+
+
+async def test_a_final_event_from_a_service_stops_the_running_workflow(
+    start: StartServer, agents: FakeAgents
+) -> None:
+    """A service ends a running workflow's session with its own final ``error``: the
+    workflow's work stops at its next lease renewal, and ``?wait=true`` is answered with
+    the reason subscribers saw, counted as interrupted."""
+    server = await start(lease_ttl=0.3)  # renewed every 0.1 s
+    session_id = new_session_id()
+    async with ClientSession() as http:
+        waiting = asyncio.create_task(run_and_wait(http, server, session_id))
+        await wait_until(
+            lambda: agents.gate is not None and app_of(server)[WORKFLOW_RUNNER].running == 1,
+            "the workflow running",
+        )
+        ended = {
+            "type": "error",
+            "agent": "billing",
+            "code": "quota_exceeded",
+            "error": "Your plan's forecasts are used up.",
+            "details": "",
+            "final": True,
+        }
+        response = await http.post(
+            http_url(server, f"/api/sessions/{session_id}/events"), json=ended
+        )
+        assert response.status == 202
+        await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
+        status, outcome = await asyncio.wait_for(waiting, EVENT_TIMEOUT)
+    assert status == 200 and outcome["status"] == "failed"
+    assert outcome["error"] == {"code": ended["code"], "error": ended["error"]}
+    assert metric(server, "orchestrator_workflows_total", outcome="interrupted") == 1
