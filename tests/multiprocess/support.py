@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,16 @@ def server_environ() -> dict[str, str]:
 class ServerProcess:
     """One ``python -m server`` process, its port and its log."""
 
-    def __init__(self, name: str, redis_url: str, prefix: str, log_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        redis_url: str,
+        prefix: str,
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
+        self.env = {**server_environ(), **(env or {})}
         self.port = free_port()
         self.log = log_dir / f"server-{name}.log"
         self.args = [
@@ -84,7 +93,7 @@ class ServerProcess:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "server", *self.args,
                 cwd=ROOT,
-                env=server_environ(),
+                env=self.env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=sink,
                 stderr=sink,

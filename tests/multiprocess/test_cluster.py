@@ -4,7 +4,7 @@ SIGKILLed resumes on another and misses nothing; two processes publishing into o
 session keep ``seq`` gapless and one order everywhere; an event sent to two processes
 with one ``Idempotency-Key`` is stored once; and when the process running a
 workflow is SIGKILLed, subscribers elsewhere get ``workflow_interrupted`` within a
-bounded time.
+bounded time; and a workflow cancelled through another process stops where it runs.
 
 Each test starts its own ``python -m server --broker redis`` processes (so that it can
 kill them) on the shared test Redis, under a key prefix of its own.
@@ -16,7 +16,7 @@ import asyncio
 import time
 from contextlib import AsyncExitStack
 
-from aiohttp import ClientSession
+from aiohttp import ClientSession, web
 
 from tests.clients import (
     Event,
@@ -36,13 +36,14 @@ from tests.clients import final as final_body
 from tests.multiprocess.conftest import Cluster
 from tests.multiprocess.support import (
     INTERRUPTION_BOUND,
+    LEASE_TTL,
     demand_started,
     read_until_dropped,
     run_workflow,
     subscribed_ws,
 )
 from tests.test_streams_end_to_end import assert_workflow_story
-from tests.timing import WORKFLOW_TIMEOUT
+from tests.timing import EVENT_TIMEOUT, POLL_INTERVAL, WORKFLOW_TIMEOUT
 
 
 def assert_one_story(stories: dict[str, list[Event]]) -> list[Event]:
@@ -260,3 +261,78 @@ async def test_when_the_process_running_a_workflow_dies_subscribers_elsewhere_ar
     assert took < INTERRUPTION_BOUND
     assert snapshot["state"] == "failed"
     assert snapshot["error"]["code"] == "workflow_interrupted"
+
+
+class HangingChatServer:
+    """A local Chat Completions endpoint that never answers: it records that a request
+    came, and that its client went away (aiohttp cancels the handler on disconnect)."""
+
+    def __init__(self) -> None:
+        self.received = asyncio.Event()
+        self.abandoned = asyncio.Event()
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.received.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.abandoned.set()
+            raise
+        raise AssertionError("unreachable")
+
+
+async def test_a_workflow_cancelled_through_another_process_stops_there(
+    cluster: Cluster,
+) -> None:
+    """A's workflow waits on its language model (a local server that never answers). B
+    is asked to cancel it: B's subscriber gets the final ``workflow_cancelled`` at once
+    and the end of its stream; A, at its next lease renewal, stops the work, so its
+    request to the model is abandoned within ``lease_ttl / 3`` and a little, and counts
+    the run as cancelled."""
+    chat = HangingChatServer()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat.handle)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        llm = {"OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1", "OPENAI_API_KEY": "sk-test"}
+        (a,) = await cluster("a", env=llm)
+        (b,) = await cluster("b")
+        session_id = new_session_id()
+        async with ClientSession() as http, open_aiohttp_ws(http, b.ws(session_id)) as ws:
+            await subscribed_ws(ws)
+            await run_workflow(http, a, session_id)
+            await asyncio.wait_for(chat.received.wait(), EVENT_TIMEOUT)
+            async with http.post(b.url(f"/api/sessions/{session_id}/cancel")) as response:
+                assert response.status == 200, await response.text()
+            cancelled_at = time.monotonic()
+            events = await read_to_end(ws, EVENT_TIMEOUT)
+            assert ws.ws.close_code == 1000
+            last = stored(events)[-1]
+            assert (last["type"], last["code"], last["final"]) == (
+                "error",
+                "workflow_cancelled",
+                True,
+            )
+            await asyncio.wait_for(chat.abandoned.wait(), LEASE_TTL / 3 + EVENT_TIMEOUT)
+            assert time.monotonic() - cancelled_at < LEASE_TTL / 3 + EVENT_TIMEOUT
+
+            async def cancelled_on_a() -> bool:
+                async with http.get(a.url("/metrics")) as response:
+                    text = await response.text()
+                return 'orchestrator_workflows_total{outcome="cancelled"} 1.0' in text
+
+            async with asyncio.timeout(EVENT_TIMEOUT):
+                while not await cancelled_on_a():
+                    await asyncio.sleep(POLL_INTERVAL)
+            async with http.get(a.url(f"/api/sessions/{session_id}")) as response:
+                snapshot = await response.json()
+        assert snapshot["state"] == "failed"
+        assert snapshot["error"]["code"] == "workflow_cancelled"
+        assert stored(events)[-1]["seq"] == snapshot["last_seq"]  # A stored nothing after
+    finally:
+        await runner.cleanup()
