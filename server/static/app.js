@@ -5,7 +5,9 @@ import { OrchestratorStream } from "./client.js";
 import { renderChart } from "./chart.js";
 
 const AGENTS = ["extraction", "demand", "inventory", "pricing"];
-const AGENT_STATE_LABEL = { waiting: "Waiting", running: "Running", done: "Done", failed: "Failed" };
+const AGENT_STATE_LABEL = {
+  waiting: "Waiting", running: "Running", done: "Done", failed: "Failed", stopped: "Stopped",
+};
 const TRANSPORT_LABEL = { websocket: "WebSocket", sse: "SSE" };
 const OPEN_WAIT_MS = 3000; // start the workflow even if the stream is slow to open
 
@@ -29,6 +31,8 @@ const debug = (window.__stream = {
 });
 
 let stream = null;
+// The run this page started, once the server took it: what Cancel cancels.
+let started = null; // { sessionId, token }
 
 // --- helpers ------------------------------------------------------------------------------
 
@@ -82,6 +86,15 @@ function setRun(state) {
   document.body.dataset.run = state;
   $("#run").disabled = state === "running";
   $("#run").textContent = state === "running" ? "Running…" : "Run forecast";
+  if (state !== "running") started = null;
+  showCancel();
+}
+
+function showCancel(cancelling = false) {
+  const cancel = $("#cancel");
+  cancel.hidden = started === null;
+  cancel.disabled = cancelling;
+  cancel.textContent = cancelling ? "Cancelling…" : "Cancel";
 }
 
 // --- connection indicator -----------------------------------------------------------------
@@ -183,7 +196,14 @@ const handlers = {
     if (event.agent && event.agent !== "orchestrator") {
       setAgent(event.agent, { state: "failed", status: event.error });
     }
-    if (event.final) {
+    if (event.final && event.code === "workflow_cancelled") {
+      // The user's own doing (here or in another tab): no error banner.
+      setRun("cancelled");
+      $("#overall-status").textContent = "Cancelled";
+      for (const card of document.querySelectorAll('.agent[data-state="running"]')) {
+        setAgent(card.dataset.agent, { state: "stopped" });
+      }
+    } else if (event.final) {
       setRun("failed");
       $("#overall-status").textContent = "Stopped";
       showError(event.error, event.details);
@@ -307,10 +327,39 @@ async function run(strategy) {
       // could not be let in: follow the session with the token (the replay covers all).
       current = watch(sessionId, body.token);
     }
+    if (debug.run === "running") {
+      started = { sessionId, token: body.token || null };
+      showCancel();
+    }
   } finally {
     starting = false;
   }
   if (current.state === "closed") streamEnded(current.info);
+}
+
+// Cancel: the server stores the session's final event, workflow_cancelled, and the stream
+// brings it here like any other (the handler above shows it).
+async function cancelRun() {
+  if (started === null) return;
+  const { sessionId, token } = started;
+  showCancel(true);
+  const query = token ? `?token=${encodeURIComponent(token)}` : "";
+  let response;
+  try {
+    response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}/cancel${query}`, {
+      method: "POST",
+    });
+  } catch (_error) {
+    showCancel();
+    showError("The server cannot be reached.", "The forecast may still be running.");
+    return;
+  }
+  // 409: the run ended before the cancel came; its final event says how.
+  if (response.ok || response.status === 409) return;
+  const body = await response.json().catch(() => ({}));
+  showCancel();
+  showError(body.error || `The server answered ${response.status}.`,
+    body.reference ? `Reference ${body.reference}` : "");
 }
 
 // --- result -------------------------------------------------------------------------------
@@ -506,6 +555,7 @@ $("#run-form").addEventListener("submit", (event) => {
   if (!strategy || debug.run === "running") return;
   run(strategy);
 });
+$("#cancel").addEventListener("click", cancelRun);
 $("#chart-series").addEventListener("change", (event) => drawSeries(event.target.value));
 $("#strategy").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.metaKey || event.ctrlKey)) $("#run-form").requestSubmit();

@@ -292,3 +292,43 @@ async def test_a_followed_session_that_another_agent_ends_shows_as_finished(
     assert await page.evaluate("window.__stream.run") == "complete"
     await expect(page.locator("#run")).to_be_enabled()
     await expect(page.locator("#error-banner")).to_be_hidden()
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_cancel_stops_the_run_and_the_page_shows_it_cancelled(
+    page: Page, browser_settings: Settings, transport: str
+) -> None:
+    """Cancel, pressed while the demand agent runs: the server ends the session with
+    ``workflow_cancelled``; the page shows the run as cancelled (no error banner, the
+    running agent stopped), hides Cancel and lets Run be pressed again."""
+
+    def demand_started(event: dict[str, object]) -> bool:
+        return event["type"] == "agent_status" and event["agent"] == "demand"
+
+    broker = PausingBroker(browser_settings, pause_after=demand_started)
+    async with running_server(browser_settings, broker=broker) as server:
+        await run_on_page(page, server, f"?transport={transport}")
+        await page.wait_for_function(
+            "window.__stream.events.some((e) => e.agent === 'demand')", timeout=WORKFLOW_MS
+        )
+        await expect(page.locator("#cancel")).to_be_visible()
+        await page.click("#cancel")
+        await page.wait_for_function("window.__stream.run === 'cancelled'", timeout=EVENT_MS)
+        await expect(page.locator("#overall-status")).to_have_text("Cancelled")
+        await expect(page.locator("#error-banner")).to_be_hidden()
+        await expect(page.locator("#cancel")).to_be_hidden()
+        await expect(page.locator("#run")).to_be_enabled()
+        await expect(page.locator('.agent[data-agent="demand"]')).to_have_attribute(
+            "data-state", "stopped"
+        )
+        await page.wait_for_function("window.__stream.state === 'closed'", timeout=EVENT_MS)
+        state = await stream_state(page)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{server.url}/api/sessions/{state['sessionId']}") as response,
+        ):
+            snapshot = await response.json()
+    assert snapshot["state"] == "failed" and snapshot["error"]["code"] == "workflow_cancelled"
+    counts = {int(seq): n for seq, n in state["seqCounts"].items()}
+    assert counts == dict.fromkeys(range(1, snapshot["last_seq"] + 1), 1)
+    assert state["final"] == 1
