@@ -365,7 +365,7 @@ class WorkflowError(BaseModel):
     reference: str | None = Field(
         default=None,
         description="the reference of the server's log line about it, when it logged one "
-        "(not for a cancelled workflow)",
+        "(not for a workflow ended by a cancel or by another final event)",
     )
 
 

@@ -53,9 +53,12 @@ forever. So:
 With the in-memory broker all of this runs too, trivially: there is one process,
 and a lease is never lost while it lives (see :mod:`server.brokers.memory`).
 
-A process that merely could not reach the store for longer than ``ttl`` may find
-its session ended by another process; its workflow then stops at its next event
-(``SessionEnded``), and its subscribers have already had the final event.
+A renewal that finds the session of a workflow running here ended (cancelled
+through another process, ended by a service's final event, or by another process
+that took this one for dead, which could not reach the store for longer than
+``ttl``) or another process's calls ``on_ended_elsewhere``, which stops that
+workflow's work; so does the workflow's next event (``SessionEnded``), whichever
+comes first. Its subscribers have already had the final event.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ from collections.abc import Awaitable, Callable
 from .brokers.base import Lease
 from .errors import ServiceUnavailable, SessionEnded
 from .hub import Hub
-from .messages import ErrorEvent, StorableEvent, StoredEvent
+from .messages import StorableEvent, StoredEvent, workflow_end
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,6 @@ WORKFLOW_INTERRUPTED = "workflow_interrupted"
 # Every how many rounds the monitor asks about a quiet session (module docstring).
 QUIET_ROUNDS = 10
 _QUIET_STATES = frozenset({"none", "ended"})
-ORCHESTRATOR = "orchestrator"
 PROCESS_GONE_MESSAGE = (
     "The forecast was interrupted because the server running it stopped. Please run it again."
 )
@@ -139,9 +141,11 @@ class WorkflowLeases:
     async def finish(self, session_id: str, event: StorableEvent) -> bool:
         """Store the workflow's final event, then release the lease; ``True`` once stored.
 
-        If the store cannot be reached the event is owed: the lease is kept and the
-        event retried on every tick. If the session was ended elsewhere (this process
-        lost its lease), nothing more is stored. Never raises but for cancellation.
+        If the store cannot be reached the event is owed (``False``): the lease is kept
+        and the event retried on every tick. If the session has ended already (another
+        final event came first: a cancel, a service's, another process that took this
+        one for dead), the lease is released and ``SessionEnded`` raised: the stored
+        final event, not this one, says how the workflow ended.
         """
         try:
             await self._hub.publish(event)
@@ -154,11 +158,20 @@ class WorkflowLeases:
             self._owed[session_id] = (event, time.monotonic() + self._retry_finals_for)
             return False
         except SessionEnded:
-            log.warning("session %s was ended elsewhere (its lease was lost)", session_id)
             await self._release(session_id)
-            return False
+            raise
         await self._release(session_id)
         return True
+
+    def owes(self, session_id: str) -> bool:
+        """The session's workflow has ended here; its final event waits for the store."""
+        return session_id in self._owed
+
+    async def release(self, session_id: str) -> None:
+        """Release the lease of a workflow whose session another final event ended (someone
+        else's lease on it is left alone)."""
+        if session_id in self._held:
+            await self._release(session_id)
 
     def drop(self, session_id: str) -> None:
         """Forget the session without releasing anything (it ended elsewhere)."""
@@ -325,14 +338,7 @@ class LeaseMonitor:
         return ended
 
     async def _interrupt(self, session_id: str) -> bool:
-        event = ErrorEvent(
-            session_id=session_id,
-            agent=ORCHESTRATOR,
-            code=WORKFLOW_INTERRUPTED,
-            error=PROCESS_GONE_MESSAGE,
-            details="",
-            final=True,
-        )
+        event = workflow_end(session_id, WORKFLOW_INTERRUPTED, PROCESS_GONE_MESSAGE)
         try:
             await self._hub.publish(event)
         except ServiceUnavailable:

@@ -98,6 +98,21 @@ class ErrorEvent(_Event):
     final: bool = False
 
 
+ORCHESTRATOR = "orchestrator"  # the agent name of the workflow's own events
+
+
+def workflow_end(session_id: str, code: str, message: str, details: str = "") -> ErrorEvent:
+    """The orchestrator's final ``error``: a workflow that ended without its result."""
+    return ErrorEvent(
+        session_id=session_id,
+        agent=ORCHESTRATOR,
+        code=code,
+        error=message,
+        details=details,
+        final=True,
+    )
+
+
 class HeartbeatEvent(_Event):
     """Sent on every stream every ``heartbeat_interval`` and in answer to a client ping."""
 

@@ -7,9 +7,7 @@ from typing import Any
 
 from .brokers.base import SessionInfo
 from .loop_share import ByteBudget
-from .messages import StoredEvent
-
-ORCHESTRATOR = "orchestrator"
+from .messages import ORCHESTRATOR, StoredEvent
 
 
 async def session_snapshot(

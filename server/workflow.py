@@ -43,14 +43,24 @@ from .errors import Conflict, ServiceUnavailable, SessionEnded, SessionNotFound,
 from .hub import Hub
 from .leases import WORKFLOW_INTERRUPTED, LeaseMonitor, WorkflowLeases
 from .logs import SESSION_ID
-from .messages import CompleteEvent, ErrorEvent, ProgressEvent, StorableEvent, StreamPosition
+from .messages import (
+    ORCHESTRATOR,
+    CompleteEvent,
+    ProgressEvent,
+    StorableEvent,
+    StreamPosition,
+    workflow_end,
+)
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-ORCHESTRATOR = "orchestrator"
 WORKFLOW_CANCELLED = "workflow_cancelled"
 CANCELLED_MESSAGE = "The forecast was cancelled."
+
+
+def _session_ended() -> Conflict:
+    return Conflict("This session has already ended.", code="session_ended")
 
 
 def _session_exists() -> Conflict:
@@ -91,8 +101,10 @@ class WorkflowRunner:
         self._metrics = metrics
         self._tasks: dict[str, asyncio.Task[WorkflowOutcome]] = {}
         self._claiming: set[str] = set()  # claims on their way to the broker
-        self._working: set[str] = set()  # runs still in their steps: the ones a stop cancels
-        self._stopped: set[str] = set()  # runs cancelled because their session ended
+        self._working: set[str] = set()  # runs in their steps: what _stop may cancel
+        self._finishing: set[str] = set()  # runs past their steps, storing their final event
+        # Runs _stop cancelled because their session ended, with its final event if known.
+        self._stopped: dict[str, dict[str, Any] | None] = {}
         self._closing = False
         self.leases = WorkflowLeases(
             hub, lease_ttl, retry_finals_for=retry_finals_for, on_ended_elsewhere=self._stop
@@ -143,9 +155,15 @@ class WorkflowRunner:
         ``SessionNotFound`` without a session; ``Conflict`` when the session never had
         a workflow (``no_workflow``) or ended otherwise (``session_ended``);
         ``ServiceUnavailable`` when the event store cannot say or store it."""
+        if self.leases.owes(session_id):  # it ended here; its final event waits for the store
+            raise _session_ended()
         state = (await self._hub.broker.lease_states([session_id])).get(session_id)
         if state is None:  # the store refused to read this session alone
             raise ServiceUnavailable("The event store could not read this session.")
+        if state in ("gone", "none") and session_id in self._tasks:
+            # Running here, in a session the store lost (restarted empty, say): the next
+            # renewal takes its lease again, and a cancel meanwhile is still a cancel.
+            state = "held"
         if state == "gone":
             raise SessionNotFound()
         if state == "none":
@@ -154,31 +172,25 @@ class WorkflowRunner:
                 code="no_workflow",
             )
         if state != "ended":  # running ("held"), or its process is gone ("lost")
-            event = ErrorEvent(
-                session_id=session_id,
-                agent=ORCHESTRATOR,
-                code=WORKFLOW_CANCELLED,
-                error=CANCELLED_MESSAGE,
-                details="",
-                final=True,
-            )
+            event = workflow_end(session_id, WORKFLOW_CANCELLED, CANCELLED_MESSAGE)
             try:
                 await self._hub.publish(event)
             except SessionEnded:
                 pass  # it ended meanwhile: as below
             else:
-                self._stop(session_id)
+                self._stop(session_id, event.model_dump(mode="json"))
                 return
         final = await self._final_event(session_id)
         if final is None or final.get("code") != WORKFLOW_CANCELLED:
-            raise Conflict("This session has already ended.", code="session_ended")
+            raise _session_ended()
 
-    def _stop(self, session_id: str) -> None:
-        """The session ended while its workflow runs here: stop the work. Its run then
-        ends as its final event says (:meth:`_ended_elsewhere`)."""
+    def _stop(self, session_id: str, final: dict[str, Any] | None = None) -> None:
+        """The session ended (``final``: its final event, when known) while its workflow
+        runs here: stop the work. The run then ends as that event says
+        (:meth:`_ended_elsewhere`)."""
         if session_id in self._working:
             self._working.discard(session_id)  # at most once
-            self._stopped.add(session_id)
+            self._stopped[session_id] = final
             self._tasks[session_id].cancel()
 
     async def _final_event(self, session_id: str) -> dict[str, Any] | None:
@@ -201,13 +213,16 @@ class WorkflowRunner:
         final ``workflow_interrupted`` error so its subscribers stop waiting). No new
         workflow starts from now on."""
         self._closing = True
-        tasks = list(self._tasks.values())
+        tasks = dict(self._tasks)
         if tasks:
             if grace > 0:
-                await asyncio.wait(tasks, timeout=grace)
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
+                await asyncio.wait(tasks.values(), timeout=grace)
+            for session_id, task in tasks.items():
+                # A run past its steps is storing its final event (bounded by the broker's
+                # retries): cancelled, it would end with none, and a `?wait=true` unanswered.
+                if session_id not in self._finishing:
+                    task.cancel()
+            await asyncio.wait(tasks.values())
         await self.monitor.close()
         await self.leases.close()
 
@@ -218,14 +233,17 @@ class WorkflowRunner:
             try:
                 result = await self._steps(session_id, strategy)
             finally:
-                self._working.discard(session_id)  # what follows is never cancelled by _stop
+                # What follows stores the run's final event: never cancelled by _stop,
+                # and let finish by close().
+                self._working.discard(session_id)
+                self._finishing.add(session_id)
         except asyncio.CancelledError:
             if session_id in self._stopped:
                 # _stop's own cancellation, handled here: the task goes on, not cancelled.
                 current = asyncio.current_task()
                 if current is not None:
                     current.uncancel()
-                return await self._ended_elsewhere(session_id)
+                return await self._ended_elsewhere(session_id, self._stopped[session_id])
             # Otherwise close() cancelled the run (shutdown). Its subscribers get a final
             # event, and the run ends with that outcome rather than as cancelled, so a
             # `?wait=true` request still waiting on it is answered instead of dropped.
@@ -244,64 +262,81 @@ class WorkflowRunner:
             # process or a service) before _stop did.
             return await self._ended_elsewhere(session_id)
         except AgentFailed as failure:
-            error = await self._fail(
+            return await self._fail(
                 session_id,
                 "workflow_failed",
                 f"The forecast could not be completed: the {failure.agent} agent failed.",
                 failure.reference,
+                "failed",
             )
-            self._metrics.workflows.labels(outcome="failed").inc()
-            return WorkflowOutcome("failed", error=error)
         except Exception:
             ref = reference_id()
             log.exception(
                 "workflow of session %s failed [ref %s]", session_id, ref, extra={"reference": ref}
             )
-            error = await self._fail(
-                session_id, "internal_error", "Something went wrong on our side.", ref
+            return await self._fail(
+                session_id, "internal_error", "Something went wrong on our side.", ref, "failed"
             )
-            self._metrics.workflows.labels(outcome="failed").inc()
-            return WorkflowOutcome("failed", error=error)
-        finally:
-            self._stopped.discard(session_id)
-        await self._finish(
-            session_id,
-            CompleteEvent(
+        else:
+            event = CompleteEvent(
                 session_id=session_id,
                 agent=ORCHESTRATOR,
                 status="Forecast ready",
                 data={"result": result},
                 final=True,
-            ),
-        )
-        self._metrics.workflows.labels(outcome="complete").inc()
-        return WorkflowOutcome("complete", result=result)
+            )
+            return await self._end(event, WorkflowOutcome("complete", result=result), "complete")
+        finally:
+            self._finishing.discard(session_id)
+            self._stopped.pop(session_id, None)
 
-    async def _ended_elsewhere(self, session_id: str) -> WorkflowOutcome:
-        """The run of a session whose final event someone else stored: cancelled by its
-        client, ended by a service, or by another process (this one could not renew its
-        lease for ``lease_ttl`` and was taken for dead). Subscribers have their final
-        event; the run's outcome says what its ``error`` said."""
-        self.leases.drop(session_id)
+    async def _end(
+        self, event: StorableEvent, outcome: WorkflowOutcome, label: str
+    ) -> WorkflowOutcome:
+        """Store the run's final event (or owe it, if the event store is down: see
+        :meth:`WorkflowLeases.finish`) and count the run as ``label``; if the session
+        has ended already (a cancel came first), the run ends as that says."""
         try:
-            final = await self._final_event(session_id)
-        except ServiceUnavailable:
-            final = None
-        if final is not None and final["type"] == "error":
+            await self.leases.finish(event.session_id, event)
+        except SessionEnded:
+            return await self._ended_elsewhere(event.session_id)
+        self._metrics.workflows.labels(outcome=label).inc()
+        return outcome
+
+    async def _ended_elsewhere(
+        self, session_id: str, final: dict[str, Any] | None = None
+    ) -> WorkflowOutcome:
+        """The run of a session whose final event (``final``, read if not given) someone
+        else stored: cancelled by its client, ended by a service, or by another process
+        (this one could not renew its lease for ``lease_ttl`` and was taken for dead).
+        Subscribers have that event; the run's outcome says what it said."""
+        await self.leases.release(session_id)
+        if final is None:
+            try:
+                final = await self._final_event(session_id)
+            except ServiceUnavailable:
+                pass
+        if final is not None and final["type"] == "complete":
+            data = final.get("data") or {}
+            outcome = WorkflowOutcome("complete", result=data.get("result", data))
+        elif final is not None and final["type"] == "error":
             error = {"code": final["code"], "error": final["error"]}
+            outcome = WorkflowOutcome("failed", error=error)
         else:
             error = {"code": WORKFLOW_INTERRUPTED, "error": "The session was ended elsewhere."}
-        if error["code"] == WORKFLOW_CANCELLED:
+            outcome = WorkflowOutcome("failed", error=error)
+        code = None if outcome.error is None else outcome.error["code"]
+        if code == WORKFLOW_CANCELLED:
             log.info("workflow of session %s stopped: it was cancelled", session_id)
             self._metrics.workflows.labels(outcome="cancelled").inc()
         else:
             log.warning(
                 "workflow of session %s stopped: the session was ended elsewhere (%s)",
                 session_id,
-                error["code"],
+                code or "complete",
             )
             self._metrics.workflows.labels(outcome="interrupted").inc()
-        return WorkflowOutcome("failed", error=error)
+        return outcome
 
     async def _interrupt(self, session_id: str, what: str, because: str) -> WorkflowOutcome:
         """End a run with ``workflow_interrupted``: a warning naming the reference that its
@@ -310,31 +345,21 @@ class WorkflowRunner:
         log.warning(
             "workflow of session %s %s [ref %s]", session_id, what, ref, extra={"reference": ref}
         )
-        error = await self._fail(
+        return await self._fail(
             session_id,
             WORKFLOW_INTERRUPTED,
             f"The forecast was interrupted because {because}. Please run it again.",
             ref,
+            "interrupted",
         )
-        self._metrics.workflows.labels(outcome="interrupted").inc()
-        return WorkflowOutcome("failed", error=error)
 
-    async def _finish(self, session_id: str, event: StorableEvent) -> None:
-        """Store the final event and release the lease; if the event store is down the
-        event is stored once it is back (:meth:`WorkflowLeases.finish`)."""
-        await self.leases.finish(session_id, event)
-
-    async def _fail(self, session_id: str, code: str, message: str, ref: str) -> dict[str, Any]:
-        event = ErrorEvent(
-            session_id=session_id,
-            agent=ORCHESTRATOR,
-            code=code,
-            error=message,
-            details=f"Reference {ref}",
-            final=True,
-        )
-        await self._finish(session_id, event)
-        return {"code": code, "error": message, "reference": ref}
+    async def _fail(
+        self, session_id: str, code: str, message: str, ref: str, label: str
+    ) -> WorkflowOutcome:
+        """End a run with the final ``error`` ``code``, counted as ``label``."""
+        event = workflow_end(session_id, code, message, f"Reference {ref}")
+        error = {"code": code, "error": message, "reference": ref}
+        return await self._end(event, WorkflowOutcome("failed", error=error), label)
 
     async def _progress(self, session_id: str, status: str, progress: int) -> None:
         await self._hub.publish(

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import BaseTestServer
+from redis.asyncio import Redis
 
 from server.api import WORKFLOW_RUNNER
 from server.app import create_app
@@ -40,8 +41,6 @@ from tests.conftest import BOTH_BROKERS
 from tests.hardening.support import FakeAgents
 from tests.test_contract import openapi_validate, openapi_validator
 from tests.timing import EVENT_TIMEOUT
-
-pytestmark = BOTH_BROKERS
 
 STRATEGY = "15% off outdoor furniture for 8 weeks"
 SECRET = "cancel-test-secret-0123456789"
@@ -102,6 +101,7 @@ def is_cancelled(event: Event) -> bool:
     )
 
 
+@BOTH_BROKERS
 async def test_a_cancelled_workflow_ends_every_stream_and_its_work_stops(
     start: StartServer, agents: FakeAgents
 ) -> None:
@@ -161,6 +161,7 @@ async def test_a_cancelled_workflow_ends_every_stream_and_its_work_stops(
     assert metric(server, "orchestrator_workflows_total", outcome="interrupted") == 0
 
 
+@BOTH_BROKERS
 async def test_what_cannot_be_cancelled_gets_a_clear_error(start: StartServer) -> None:
     """404 for a session that does not exist; 400 for an id that is not one; 409
     ``no_workflow`` for a session only services publish into, ``session_ended`` once
@@ -189,6 +190,7 @@ async def test_what_cannot_be_cancelled_gets_a_clear_error(start: StartServer) -
         assert (status, body["code"]) == (409, "session_ended")
 
 
+@BOTH_BROKERS
 async def test_a_finished_workflow_cannot_be_cancelled(
     start: StartServer, agents: FakeAgents
 ) -> None:
@@ -209,6 +211,7 @@ async def test_a_finished_workflow_cannot_be_cancelled(
     assert metric(server, "orchestrator_workflows_total", outcome="cancelled") == 0
 
 
+@BOTH_BROKERS
 async def test_with_stream_tokens_only_the_workflows_token_cancels_it(
     start: StartServer, agents: FakeAgents
 ) -> None:
@@ -237,12 +240,34 @@ async def test_with_stream_tokens_only_the_workflows_token_cancels_it(
     await wait_until(lambda: runner.running == 0, "the cancelled workflow to stop")
 
 
+SERVICE_ENDS = {
+    "error": {
+        "type": "error",
+        "agent": "billing",
+        "code": "quota_exceeded",
+        "error": "Your plan's forecasts are used up.",
+        "details": "",
+        "final": True,
+    },
+    "complete": {
+        "type": "complete",
+        "agent": "billing",
+        "status": "Forecast bought elsewhere",
+        "data": {"result": {"units": 120}},
+        "final": True,
+    },
+}
+
+
+@BOTH_BROKERS
+@pytest.mark.parametrize("ending", SERVICE_ENDS)
 async def test_a_final_event_from_a_service_stops_the_running_workflow(
-    start: StartServer, agents: FakeAgents
+    start: StartServer, agents: FakeAgents, ending: str
 ) -> None:
-    """A service ends a running workflow's session with its own final ``error``: the
+    """A service ends a running workflow's session with its own final event: the
     workflow's work stops at its next lease renewal, and ``?wait=true`` is answered with
-    the reason subscribers saw, counted as interrupted."""
+    what subscribers saw (its ``error``, or its ``complete`` and result), counted as
+    interrupted."""
     server = await start(lease_ttl=0.3)  # renewed every 0.1 s
     session_id = new_session_id()
     async with ClientSession() as http:
@@ -251,20 +276,49 @@ async def test_a_final_event_from_a_service_stops_the_running_workflow(
             lambda: agents.gate is not None and app_of(server)[WORKFLOW_RUNNER].running == 1,
             "the workflow running",
         )
-        ended = {
-            "type": "error",
-            "agent": "billing",
-            "code": "quota_exceeded",
-            "error": "Your plan's forecasts are used up.",
-            "details": "",
-            "final": True,
-        }
+        ended = SERVICE_ENDS[ending]
         response = await http.post(
             http_url(server, f"/api/sessions/{session_id}/events"), json=ended
         )
         assert response.status == 202
         await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
         status, outcome = await asyncio.wait_for(waiting, EVENT_TIMEOUT)
-    assert status == 200 and outcome["status"] == "failed"
-    assert outcome["error"] == {"code": ended["code"], "error": ended["error"]}
+    assert status == 200
+    if ending == "error":
+        assert outcome["status"] == "failed"
+        assert outcome["error"] == {"code": ended["code"], "error": ended["error"]}
+    else:
+        assert (outcome["status"], outcome["result"]) == ("complete", {"units": 120})
     assert metric(server, "orchestrator_workflows_total", outcome="interrupted") == 1
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store never loses one
+async def test_a_running_workflow_whose_session_the_store_lost_can_still_be_cancelled(
+    start: StartServer, agents: FakeAgents, settings: Settings
+) -> None:
+    """Redis loses a running workflow's keys (restarted empty, say). Before the next
+    renewal takes its lease again, a cancel through its own process is still a cancel:
+    200, a final ``workflow_cancelled`` stored, and the work stopped; not a 404 or a
+    409 ``no_workflow``."""
+    server = await start(lease_ttl=60.0)  # no renewal during the test
+    session_id = new_session_id()
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        async with ClientSession() as http:
+            response = await http.post(
+                http_url(server, "/api/orchestrator/run-workflow"),
+                json={"strategy_description": STRATEGY, "session_id": session_id},
+            )
+            assert response.status == 202
+            await asyncio.wait_for(agents.started.wait(), EVENT_TIMEOUT)
+            keys = await redis.keys(f"{settings.redis_key_prefix}:{{{session_id}}}:*")
+            assert keys and await redis.delete(*keys) == len(keys)
+            status, body = await cancel(http, server, session_id)
+            assert (status, body) == (200, {"session_id": session_id, "status": "cancelled"})
+            await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
+            status, snapshot = await answer(
+                await http.get(http_url(server, f"/api/sessions/{session_id}"))
+            )
+        assert snapshot["state"] == "failed" and snapshot["error"]["code"] == "workflow_cancelled"
+    finally:
+        await redis.aclose()

@@ -351,3 +351,112 @@ async def test_a_running_forecast_does_not_delay_another_sessions_stream(
     assert snapshot["state"] == "complete"
     assert len(latencies) >= 5, "the forecast finished before it could be probed"
     assert max(latencies) < 0.25, f"slowest delivery {max(latencies) * 1000:.0f} ms"
+
+
+class HoldingStore(MemoryBroker):
+    """The in-memory store, whose append of a workflow's final ``complete`` waits until the
+    test releases it (as the round trip to Redis does), or fails while ``down``."""
+
+    def __init__(self) -> None:
+        super().__init__(500, 60.0)
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+        self.down = False
+
+    async def append(
+        self, session_id: str, type: str, body: str, final: bool, key: Any = None
+    ) -> StoredEvent:
+        if final and type == "complete":
+            if self.down:
+                raise ServiceUnavailable("The event store is unavailable; try again shortly.")
+            self.holding.set()
+            await self.release.wait()
+        return await super().append(session_id, type, body, final, key)
+
+
+@pytest.fixture
+async def holding_rig() -> AsyncIterator[tuple[Rig, HoldingStore]]:
+    rig = Rig()
+    store = HoldingStore()
+    rig.hub = Hub(store, queue_size=500, metrics=rig.metrics)
+    rig.handoff = AgentHandoffManager(rig.hub.publish, default_timeout=30.0)
+    rig.runner = WorkflowRunner(rig.hub, rig.handoff, rig.metrics)
+    await rig.hub.start()
+    resources = register_agents(rig.handoff, None, forecast_workers=1)
+    yield rig, store
+    store.release.set()
+    await rig.runner.close()
+    await rig.hub.close()
+    await resources.close()
+
+
+def outcomes(rig: Rig) -> dict[str, float]:
+    return {
+        label: rig.metrics.registry.get_sample_value(
+            "orchestrator_workflows_total", {"outcome": label}
+        )
+        or 0.0
+        for label in ("complete", "failed", "cancelled", "interrupted")
+    }
+
+
+async def test_a_cancel_that_beats_the_runs_own_final_event_is_the_runs_outcome(
+    holding_rig: tuple[Rig, HoldingStore],
+) -> None:
+    """The run has its result and is storing its ``complete`` when a cancel stores
+    ``workflow_cancelled`` first: the run's outcome (what ``?wait=true`` answers) and its
+    count say cancelled, as the stream does, not complete."""
+    rig, store = holding_rig
+    task = await rig.runner.start("workflow-race-0001", STRATEGY)
+    await asyncio.wait_for(store.holding.wait(), WORKFLOW_TIMEOUT)
+    await rig.runner.cancel("workflow-race-0001")
+    store.release.set()
+    outcome = await asyncio.wait_for(task, EVENT_TIMEOUT)
+    assert (outcome.status, outcome.result) == ("failed", None)
+    assert outcome.error is not None and outcome.error["code"] == "workflow_cancelled"
+    events = await rig.events("workflow-race-0001")
+    assert [e.get("code") for e in events if e.get("final")] == ["workflow_cancelled"]
+    assert outcomes(rig) == {"complete": 0, "failed": 0, "cancelled": 1, "interrupted": 0}
+    assert not rig.runner.leases.holds("workflow-race-0001")
+
+
+async def test_a_run_whose_final_event_waits_for_the_store_cannot_be_cancelled(
+    holding_rig: tuple[Rig, HoldingStore],
+) -> None:
+    """The run completed, but its ``complete`` could not be stored yet (the store is
+    down): a cancel then is refused 409 ``session_ended``, and the ``complete`` is stored
+    once the store is back."""
+    rig, store = holding_rig
+    store.down = True
+    store.release.set()
+    outcome = await asyncio.wait_for(
+        await rig.runner.start("workflow-owed-0001", STRATEGY), WORKFLOW_TIMEOUT
+    )
+    assert outcome.status == "complete" and rig.runner.leases.owes("workflow-owed-0001")
+    with pytest.raises(Conflict) as refused:
+        await rig.runner.cancel("workflow-owed-0001")
+    assert refused.value.code == "session_ended"
+    store.down = False
+    await rig.runner.leases.tick()
+    events = await rig.events("workflow-owed-0001")
+    assert [(e["type"], e.get("final")) for e in events][-1] == ("complete", True)
+    assert not any(e.get("code") == "workflow_cancelled" for e in events)
+
+
+async def test_shutdown_lets_a_run_that_is_storing_its_final_event_finish(
+    holding_rig: tuple[Rig, HoldingStore],
+) -> None:
+    """``close()`` interrupts runs still in their steps; one already storing its final
+    event is let finish, so that event is stored and the run answered, not cancelled."""
+    rig, store = holding_rig
+    task = await rig.runner.start("workflow-closing-0001", STRATEGY)
+    await asyncio.wait_for(store.holding.wait(), WORKFLOW_TIMEOUT)
+    closing = asyncio.create_task(rig.runner.close(grace=0.0))
+    await asyncio.sleep(0)  # close() has looked at the runs and waits for them
+    assert not closing.done()
+    store.release.set()
+    await asyncio.wait_for(closing, EVENT_TIMEOUT)
+    assert not task.cancelled()
+    assert task.result().status == "complete"
+    last = (await rig.events("workflow-closing-0001"))[-1]
+    assert (last["type"], last["final"]) == ("complete", True)

@@ -350,16 +350,20 @@ async function cancelRun() {
       method: "POST",
     });
   } catch (_error) {
-    showCancel();
-    showError("The server cannot be reached.", "The forecast may still be running.");
-    return;
+    response = null;
   }
-  // 409: the run ended before the cancel came; its final event says how.
-  if (response.ok || response.status === 409) return;
-  const body = await response.json().catch(() => ({}));
+  const body = response ? await response.json().catch(() => ({})) : {};
+  // Answered after its run ended (or another began): the stream has said how it ended.
+  if (started === null || started.sessionId !== sessionId) return;
+  // session_ended: the run ended before the cancel came; its final event says how.
+  if (response && (response.ok || body.code === "session_ended")) return;
   showCancel();
-  showError(body.error || `The server answered ${response.status}.`,
-    body.reference ? `Reference ${body.reference}` : "");
+  if (!response) {
+    showError("The server cannot be reached.", "The forecast may still be running.");
+  } else {
+    showError(body.error || `The server answered ${response.status}.`,
+      body.reference ? `Reference ${body.reference}` : "");
+  }
 }
 
 // --- result -------------------------------------------------------------------------------

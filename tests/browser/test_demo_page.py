@@ -332,3 +332,38 @@ async def test_cancel_stops_the_run_and_the_page_shows_it_cancelled(
     counts = {int(seq): n for seq, n in state["seqCounts"].items()}
     assert counts == dict.fromkeys(range(1, snapshot["last_seq"] + 1), 1)
     assert state["final"] == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(503, "service_unavailable"), (409, "no_workflow")], ids=str
+)
+async def test_a_cancel_the_server_refuses_shows_why_and_can_be_sent_again(
+    page: Page, browser_settings: Settings, page_problems: PageProblems, status: int, code: str
+) -> None:
+    """The cancel is refused (the browser is given that answer by Playwright's routing): a
+    503, or a 409 other than ``session_ended`` (the one refusal that means "it ended
+    first"). The page shows the server's message, the run goes on, and Cancel can be
+    pressed again, which then cancels it."""
+
+    def demand_started(event: dict[str, object]) -> bool:
+        return event["type"] == "agent_status" and event["agent"] == "demand"
+
+    refused = {"error": "The cancel was refused.", "code": code}
+    page_problems.allow(rf"status of {status}")  # the browser logs the refused request
+    broker = PausingBroker(browser_settings, pause_after=demand_started)
+    async with running_server(browser_settings, broker=broker) as server:
+        await page.route(
+            "**/api/sessions/*/cancel",
+            lambda route: route.fulfill(status=status, json={**refused, "reference": "r1"}),
+        )
+        await run_on_page(page, server)
+        await expect(page.locator("#cancel")).to_be_visible(timeout=WORKFLOW_MS)
+        await page.click("#cancel")
+        await expect(page.locator("#error-text")).to_have_text(refused["error"])
+        await expect(page.locator("#cancel")).to_be_enabled()
+        await expect(page.locator("#cancel")).to_have_text("Cancel")
+        assert await page.evaluate("window.__stream.run") == "running"
+
+        await page.unroute("**/api/sessions/*/cancel")
+        await page.click("#cancel")
+        await page.wait_for_function("window.__stream.run === 'cancelled'", timeout=EVENT_MS)

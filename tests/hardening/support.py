@@ -116,7 +116,8 @@ class FakeAgents:
     """The four agents of the workflow, instant unless told otherwise.
 
     ``gate``: when set, the demand agent waits for it (a workflow that keeps running);
-    ``stopped`` is set if that wait is cancelled (the work was stopped).
+    ``started`` is set when it begins to wait, ``stopped`` if that wait is cancelled (the
+    work was stopped).
     ``failure``: when set, the demand agent raises it.
     ``workflow_failure``: when set, the workflow itself (not an agent) raises it, on
     reading the extraction's result.
@@ -124,6 +125,7 @@ class FakeAgents:
 
     def __init__(self) -> None:
         self.gate: asyncio.Event | None = None
+        self.started = asyncio.Event()  # the demand agent is at its gate
         self.stopped = asyncio.Event()
         self.failure: Exception | None = None
         self.workflow_failure: Exception | None = None
@@ -147,6 +149,7 @@ class FakeAgents:
     async def _demand(self, parameters: Any, report: Reporter) -> DemandForecast:
         await report("Forecasting", 10)
         if self.gate is not None:
+            self.started.set()
             try:
                 await self.gate.wait()
             except asyncio.CancelledError:
