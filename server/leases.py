@@ -144,8 +144,10 @@ class WorkflowLeases:
         If the store cannot be reached the event is owed (``False``): the lease is kept
         and the event retried on every tick. If the session has ended already (another
         final event came first: a cancel, a service's, another process that took this
-        one for dead), the lease is released and ``SessionEnded`` raised: the stored
-        final event, not this one, says how the workflow ended.
+        one for dead), ``SessionEnded`` is raised: the stored final event, not this one,
+        says how the workflow ended. Its lease is dropped, not released: an ended
+        session's lease counts for nothing, and lapses (no call to a store that may be
+        slow, during a shutdown say).
         """
         try:
             await self._hub.publish(event)
@@ -158,7 +160,7 @@ class WorkflowLeases:
             self._owed[session_id] = (event, time.monotonic() + self._retry_finals_for)
             return False
         except SessionEnded:
-            await self._release(session_id)
+            self.drop(session_id)  # the session has ended: its lease no longer counts
             raise
         await self._release(session_id)
         return True
@@ -166,12 +168,6 @@ class WorkflowLeases:
     def owes(self, session_id: str) -> bool:
         """The session's workflow has ended here; its final event waits for the store."""
         return session_id in self._owed
-
-    async def release(self, session_id: str) -> None:
-        """Release the lease of a workflow whose session another final event ended (someone
-        else's lease on it is left alone)."""
-        if session_id in self._held:
-            await self._release(session_id)
 
     def drop(self, session_id: str) -> None:
         """Forget the session without releasing anything (it ended elsewhere)."""

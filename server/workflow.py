@@ -59,6 +59,25 @@ WORKFLOW_CANCELLED = "workflow_cancelled"
 CANCELLED_MESSAGE = "The forecast was cancelled."
 
 
+# How long a run stopped by another final event may spend reading it from the store.
+FINAL_READ_TIMEOUT = 2.0
+
+
+def _shutting_down() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "The server is shutting down; please start the forecast again in a moment.",
+        code="shutting_down",
+    )
+
+
+def _shutdown_end(session_id: str) -> StorableEvent:
+    return workflow_end(
+        session_id,
+        WORKFLOW_INTERRUPTED,
+        "The forecast was interrupted because the server is restarting. Please run it again.",
+    )
+
+
 def _session_ended() -> Conflict:
     return Conflict("This session has already ended.", code="session_ended")
 
@@ -103,8 +122,8 @@ class WorkflowRunner:
         self._claiming: set[str] = set()  # claims on their way to the broker
         self._working: set[str] = set()  # runs in their steps: what _stop may cancel
         self._finishing: set[str] = set()  # runs past their steps, storing their final event
-        # Runs _stop cancelled because their session ended, with its final event if known.
-        self._stopped: dict[str, dict[str, Any] | None] = {}
+        self._stopped: set[str] = set()  # runs _stop cancelled: their session has ended
+        self._ends: dict[str, dict[str, Any]] = {}  # final events a cancel here stored
         self._closing = False
         self.leases = WorkflowLeases(
             hub, lease_ttl, retry_finals_for=retry_finals_for, on_ended_elsewhere=self._stop
@@ -115,10 +134,7 @@ class WorkflowRunner:
         """Claim the session and start its workflow; ``Conflict`` if it already ran,
         ``ServiceUnavailable`` (``shutting_down``) once :meth:`close` has begun."""
         if self._closing:
-            raise ServiceUnavailable(
-                "The server is shutting down; please start the forecast again in a moment.",
-                code="shutting_down",
-            )
+            raise _shutting_down()
         # Asked here first, since the claim lets this process take back a claim of its own
         # that nothing acted on (the broker's claim): never one it is still acting on
         # (running, being claimed, or owing its final event).
@@ -133,6 +149,14 @@ class WorkflowRunner:
         if not claimed:
             raise _session_exists()
         self.leases.hold(session_id)
+        if self._closing:
+            # Shutdown began while the claim was on its way, and close() does not know of
+            # this run: end the session now, so that its subscribers are not left waiting.
+            try:
+                await self.leases.finish(session_id, _shutdown_end(session_id))
+            except SessionEnded:
+                pass
+            raise _shutting_down()
         task = asyncio.create_task(self._run(session_id, strategy), name=f"workflow-{session_id}")
         self._tasks[session_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(session_id, None))
@@ -155,8 +179,6 @@ class WorkflowRunner:
         ``SessionNotFound`` without a session; ``Conflict`` when the session never had
         a workflow (``no_workflow``) or ended otherwise (``session_ended``);
         ``ServiceUnavailable`` when the event store cannot say or store it."""
-        if self.leases.owes(session_id):  # it ended here; its final event waits for the store
-            raise _session_ended()
         state = (await self._hub.broker.lease_states([session_id])).get(session_id)
         if state is None:  # the store refused to read this session alone
             raise ServiceUnavailable("The event store could not read this session.")
@@ -172,25 +194,30 @@ class WorkflowRunner:
                 code="no_workflow",
             )
         if state != "ended":  # running ("held"), or its process is gone ("lost")
+            if session_id in self._finishing or self.leases.owes(session_id):
+                # Its run here is past its steps: it ended, and is storing its final event
+                # (or waits for the store to take it). That is the session's end.
+                raise _session_ended()
             event = workflow_end(session_id, WORKFLOW_CANCELLED, CANCELLED_MESSAGE)
             try:
                 await self._hub.publish(event)
             except SessionEnded:
                 pass  # it ended meanwhile: as below
             else:
-                self._stop(session_id, event.model_dump(mode="json"))
+                if session_id in self._tasks:
+                    self._ends[session_id] = event.model_dump(mode="json")
+                self._stop(session_id)
                 return
         final = await self._final_event(session_id)
         if final is None or final.get("code") != WORKFLOW_CANCELLED:
             raise _session_ended()
 
-    def _stop(self, session_id: str, final: dict[str, Any] | None = None) -> None:
-        """The session ended (``final``: its final event, when known) while its workflow
-        runs here: stop the work. The run then ends as that event says
-        (:meth:`_ended_elsewhere`)."""
+    def _stop(self, session_id: str) -> None:
+        """The session ended while its workflow runs here: stop the work. The run then
+        ends as the session's final event says (:meth:`_ended_elsewhere`)."""
         if session_id in self._working:
             self._working.discard(session_id)  # at most once
-            self._stopped[session_id] = final
+            self._stopped.add(session_id)
             self._tasks[session_id].cancel()
 
     async def _final_event(self, session_id: str) -> dict[str, Any] | None:
@@ -217,6 +244,9 @@ class WorkflowRunner:
         if tasks:
             if grace > 0:
                 await asyncio.wait(tasks.values(), timeout=grace)
+            # A run created in this very loop turn has not entered _run yet: cancelled
+            # now, it would end without a final event. One turn lets each enter it.
+            await asyncio.sleep(0)
             for session_id, task in tasks.items():
                 # A run past its steps is storing its final event (bounded by the broker's
                 # retries): cancelled, it would end with none, and a `?wait=true` unanswered.
@@ -243,7 +273,7 @@ class WorkflowRunner:
                 current = asyncio.current_task()
                 if current is not None:
                     current.uncancel()
-                return await self._ended_elsewhere(session_id, self._stopped[session_id])
+                return await self._ended_elsewhere(session_id)
             # Otherwise close() cancelled the run (shutdown). Its subscribers get a final
             # event, and the run ends with that outcome rather than as cancelled, so a
             # `?wait=true` request still waiting on it is answered instead of dropped.
@@ -288,7 +318,8 @@ class WorkflowRunner:
             return await self._end(event, WorkflowOutcome("complete", result=result), "complete")
         finally:
             self._finishing.discard(session_id)
-            self._stopped.pop(session_id, None)
+            self._stopped.discard(session_id)
+            self._ends.pop(session_id, None)
 
     async def _end(
         self, event: StorableEvent, outcome: WorkflowOutcome, label: str
@@ -303,22 +334,26 @@ class WorkflowRunner:
         self._metrics.workflows.labels(outcome=label).inc()
         return outcome
 
-    async def _ended_elsewhere(
-        self, session_id: str, final: dict[str, Any] | None = None
-    ) -> WorkflowOutcome:
-        """The run of a session whose final event (``final``, read if not given) someone
-        else stored: cancelled by its client, ended by a service, or by another process
-        (this one could not renew its lease for ``lease_ttl`` and was taken for dead).
-        Subscribers have that event; the run's outcome says what it said."""
-        await self.leases.release(session_id)
-        if final is None:
+    async def _ended_elsewhere(self, session_id: str) -> WorkflowOutcome:
+        """The run of a session whose final event someone else stored: cancelled by its
+        client, ended by a service, or by another process (this one could not renew its
+        lease for ``lease_ttl`` and was taken for dead). Subscribers have that event; the
+        run's outcome says what it said: known if a cancel here stored it, else read
+        (briefly, and not during shutdown: the run is answered either way)."""
+        self.leases.drop(session_id)  # the session has ended: its lease no longer counts
+        final = self._ends.get(session_id)
+        if final is None and not self._closing:
             try:
-                final = await self._final_event(session_id)
-            except ServiceUnavailable:
+                async with asyncio.timeout(FINAL_READ_TIMEOUT):
+                    final = await self._final_event(session_id)
+            except (ServiceUnavailable, TimeoutError):
                 pass
         if final is not None and final["type"] == "complete":
-            data = final.get("data") or {}
-            outcome = WorkflowOutcome("complete", result=data.get("result", data))
+            # Stored by a service: its result, when it has one the outcome can hold.
+            result = (final.get("data") or {}).get("result")
+            outcome = WorkflowOutcome(
+                "complete", result=result if isinstance(result, dict) else None
+            )
         elif final is not None and final["type"] == "error":
             error = {"code": final["code"], "error": final["error"]}
             outcome = WorkflowOutcome("failed", error=error)

@@ -19,9 +19,9 @@ from server.brokers.memory import MemoryBroker
 from server.context import STREAM_CONTEXT
 from server.errors import Conflict, ServiceUnavailable, SessionEnded
 from server.hub import Hub
-from server.messages import ProgressEvent, StoredEvent
+from server.messages import ProgressEvent, StoredEvent, workflow_end
 from server.metrics import Metrics
-from server.workflow import WorkflowRunner
+from server.workflow import FINAL_READ_TIMEOUT, WorkflowRunner
 from tests.clients import AppClient, app_of
 from tests.timing import EVENT_TIMEOUT, WORKFLOW_TIMEOUT
 
@@ -400,16 +400,19 @@ def outcomes(rig: Rig) -> dict[str, float]:
     }
 
 
-async def test_a_cancel_that_beats_the_runs_own_final_event_is_the_runs_outcome(
+async def test_a_final_event_that_beats_the_runs_own_is_the_runs_outcome(
     holding_rig: tuple[Rig, HoldingStore],
 ) -> None:
-    """The run has its result and is storing its ``complete`` when a cancel stores
-    ``workflow_cancelled`` first: the run's outcome (what ``?wait=true`` answers) and its
-    count say cancelled, as the stream does, not complete."""
+    """The run has its result and is storing its ``complete`` when a cancel through
+    another process stores ``workflow_cancelled`` first: the run's outcome (what
+    ``?wait=true`` answers) and its count say cancelled, as the stream does."""
     rig, store = holding_rig
     task = await rig.runner.start("workflow-race-0001", STRATEGY)
     await asyncio.wait_for(store.holding.wait(), WORKFLOW_TIMEOUT)
-    await rig.runner.cancel("workflow-race-0001")
+    elsewhere = workflow_end(
+        "workflow-race-0001", "workflow_cancelled", "The forecast was cancelled."
+    )
+    await rig.hub.publish(elsewhere)  # what the cancel through another process stores
     store.release.set()
     outcome = await asyncio.wait_for(task, EVENT_TIMEOUT)
     assert (outcome.status, outcome.result) == ("failed", None)
@@ -418,6 +421,25 @@ async def test_a_cancel_that_beats_the_runs_own_final_event_is_the_runs_outcome(
     assert [e.get("code") for e in events if e.get("final")] == ["workflow_cancelled"]
     assert outcomes(rig) == {"complete": 0, "failed": 0, "cancelled": 1, "interrupted": 0}
     assert not rig.runner.leases.holds("workflow-race-0001")
+
+
+async def test_a_cancel_through_its_own_process_once_the_run_has_its_result_is_refused(
+    holding_rig: tuple[Rig, HoldingStore],
+) -> None:
+    """The run has its result and is storing its ``complete``: a cancel through its own
+    process is 409 ``session_ended`` (the run has ended), and the result stands."""
+    rig, store = holding_rig
+    task = await rig.runner.start("workflow-race-0002", STRATEGY)
+    await asyncio.wait_for(store.holding.wait(), WORKFLOW_TIMEOUT)
+    with pytest.raises(Conflict) as refused:
+        await rig.runner.cancel("workflow-race-0002")
+    assert refused.value.code == "session_ended"
+    store.release.set()
+    outcome = await asyncio.wait_for(task, EVENT_TIMEOUT)
+    assert outcome.status == "complete"
+    last = (await rig.events("workflow-race-0002"))[-1]
+    assert (last["type"], last["final"]) == ("complete", True)
+    assert outcomes(rig) == {"complete": 1, "failed": 0, "cancelled": 0, "interrupted": 0}
 
 
 async def test_a_run_whose_final_event_waits_for_the_store_cannot_be_cancelled(
@@ -460,3 +482,80 @@ async def test_shutdown_lets_a_run_that_is_storing_its_final_event_finish(
     assert task.result().status == "complete"
     last = (await rig.events("workflow-closing-0001"))[-1]
     assert (last["type"], last["final"]) == ("complete", True)
+
+
+async def test_shutdown_right_after_a_start_still_ends_the_run_with_a_final_event(
+    rig: Rig,
+) -> None:
+    """``close()`` in the very loop turn a run was started in (before its task ever ran):
+    the run still ends with ``workflow_interrupted`` stored and an outcome, not as a
+    cancelled task that no ``?wait=true`` would be answered by."""
+    task = await rig.runner.start("workflow-early-0001", STRATEGY)
+    await rig.runner.close(grace=0.0)
+    assert not task.cancelled()
+    outcome = task.result()
+    assert outcome.error is not None and outcome.error["code"] == "workflow_interrupted"
+    last = (await rig.events("workflow-early-0001"))[-1]
+    assert (last["code"], last["final"]) == ("workflow_interrupted", True)
+
+
+class SlowClaimStore(MemoryBroker):
+    """The in-memory store, whose claims wait until the test lets them through."""
+
+    def __init__(self) -> None:
+        super().__init__(500, 60.0)
+        self.claiming = asyncio.Event()
+        self.let_through = asyncio.Event()
+
+    async def claim(self, session_id: str, lease: Any = None) -> bool:
+        self.claiming.set()
+        await self.let_through.wait()
+        return await super().claim(session_id, lease)
+
+
+async def test_a_claim_on_its_way_when_shutdown_begins_ends_its_session_at_once() -> None:
+    """``run-workflow`` is claiming its session when shutdown begins: once the claim is
+    through, the session is ended (``workflow_interrupted``, so a subscriber already
+    waiting on it is not left waiting) and the start refused (``shutting_down``)."""
+    store = SlowClaimStore()
+    metrics = Metrics()
+    hub = Hub(store, queue_size=100, metrics=metrics)
+    runner = WorkflowRunner(hub, AgentHandoffManager(hub.publish), metrics)
+    await hub.start()
+    try:
+        starting = asyncio.create_task(runner.start("workflow-late-0001", STRATEGY))
+        await asyncio.wait_for(store.claiming.wait(), EVENT_TIMEOUT)
+        await runner.close(grace=0.0)
+        store.let_through.set()
+        with pytest.raises(ServiceUnavailable) as refused:
+            await asyncio.wait_for(starting, EVENT_TIMEOUT)
+        assert refused.value.code == "shutting_down"
+        replay = await store.read("workflow-late-0001", None)
+        assert [(e.type, e.final) for e in replay.events] == [("error", True)]
+        assert replay.events[0].to_dict()["code"] == "workflow_interrupted"
+        assert runner.running == 0 and not runner.leases.holds("workflow-late-0001")
+    finally:
+        await hub.close()
+
+
+async def test_a_run_stopped_by_another_final_event_is_answered_even_if_the_store_hangs(
+    holding_rig: tuple[Rig, HoldingStore],
+) -> None:
+    """A run whose own final event lost to another reads that event to say how it ended;
+    a store that never answers that read holds the run up for ``FINAL_READ_TIMEOUT`` at
+    most: it is answered (``workflow_interrupted``, "ended elsewhere"), not left hanging."""
+    rig, store = holding_rig
+    task = await rig.runner.start("workflow-hang-0001", STRATEGY)
+    await asyncio.wait_for(store.holding.wait(), WORKFLOW_TIMEOUT)
+    await rig.hub.publish(workflow_end("workflow-hang-0001", "quota_exceeded", "Used up."))
+
+    async def never(session_id: str) -> Any:
+        await asyncio.Event().wait()
+
+    store.info = never  # type: ignore[method-assign]
+    store.release.set()
+    outcome = await asyncio.wait_for(task, FINAL_READ_TIMEOUT + EVENT_TIMEOUT)
+    assert outcome.error == {
+        "code": "workflow_interrupted",
+        "error": "The session was ended elsewhere.",
+    }

@@ -95,6 +95,14 @@ function showCancel(cancelling = false) {
   cancel.hidden = started === null;
   cancel.disabled = cancelling;
   cancel.textContent = cancelling ? "Cancelling…" : "Cancel";
+  if (cancel.hidden || cancelling) showCancelError("");
+}
+
+// Why a cancel did not go through, next to the button: the run goes on, so this is not
+// the banner's "we could not finish this forecast".
+function showCancelError(text) {
+  $("#cancel-error").textContent = text;
+  $("#cancel-error").hidden = !text;
 }
 
 // --- connection indicator -----------------------------------------------------------------
@@ -359,10 +367,11 @@ async function cancelRun() {
   if (response && (response.ok || body.code === "session_ended")) return;
   showCancel();
   if (!response) {
-    showError("The server cannot be reached.", "The forecast may still be running.");
+    showCancelError("Could not cancel: the server cannot be reached. The forecast goes on.");
   } else {
-    showError(body.error || `The server answered ${response.status}.`,
-      body.reference ? `Reference ${body.reference}` : "");
+    const reference = body.reference ? ` (reference ${body.reference})` : "";
+    showCancelError(`Could not cancel: ${body.error || `the server answered ${response.status}.`}` +
+      `${reference} The forecast goes on.`);
   }
 }
 

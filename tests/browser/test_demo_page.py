@@ -342,8 +342,9 @@ async def test_a_cancel_the_server_refuses_shows_why_and_can_be_sent_again(
 ) -> None:
     """The cancel is refused (the browser is given that answer by Playwright's routing): a
     503, or a 409 other than ``session_ended`` (the one refusal that means "it ended
-    first"). The page shows the server's message, the run goes on, and Cancel can be
-    pressed again, which then cancels it."""
+    first"). The page shows the server's message by the button (not the "could not
+    finish" banner: the run goes on), and Cancel can be pressed again, which then cancels
+    it, and the message goes."""
 
     def demand_started(event: dict[str, object]) -> bool:
         return event["type"] == "agent_status" and event["agent"] == "demand"
@@ -359,7 +360,9 @@ async def test_a_cancel_the_server_refuses_shows_why_and_can_be_sent_again(
         await run_on_page(page, server)
         await expect(page.locator("#cancel")).to_be_visible(timeout=WORKFLOW_MS)
         await page.click("#cancel")
-        await expect(page.locator("#error-text")).to_have_text(refused["error"])
+        await expect(page.locator("#cancel-error")).to_contain_text(refused["error"])
+        await expect(page.locator("#cancel-error")).to_contain_text("reference r1")
+        await expect(page.locator("#error-banner")).to_be_hidden()  # the run goes on
         await expect(page.locator("#cancel")).to_be_enabled()
         await expect(page.locator("#cancel")).to_have_text("Cancel")
         assert await page.evaluate("window.__stream.run") == "running"
@@ -367,3 +370,5 @@ async def test_a_cancel_the_server_refuses_shows_why_and_can_be_sent_again(
         await page.unroute("**/api/sessions/*/cancel")
         await page.click("#cancel")
         await page.wait_for_function("window.__stream.run === 'cancelled'", timeout=EVENT_MS)
+        await expect(page.locator("#cancel-error")).to_be_hidden()
+        await expect(page.locator("#error-banner")).to_be_hidden()
