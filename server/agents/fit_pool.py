@@ -14,6 +14,7 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
+from typing import cast
 
 from .forecasting import FitJob, FitOutcome, fit_product, init_worker
 
@@ -97,13 +98,26 @@ class ForecastExecutor:
             return
         # No public way to stop busy workers before Python 3.14 (terminate_workers()).
         workers = list((pool._processes or {}).values())
-        stopped = asyncio.ensure_future(
-            asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
-        )
+        # The thread that reads the workers' results (started by _start_pool's first
+        # submit; typeshed calls it a _ThreadWakeup). Interpreter exit waits for it.
+        manager = cast(threading.Thread, pool._executor_manager_thread)
+        results = pool._result_queue
+        # Not waiting, shutdown() leaves the result queue open: it is closed below, here
+        # only, once the manager thread is done with it.
+        pool.shutdown(wait=False, cancel_futures=True)
         # The short wait lets the pool's manager thread cancel the queued fits first: on
         # Python 3.11 it crashes if a worker dies while a cancelled fit is still queued.
-        done, _ = await asyncio.wait({stopped}, timeout=_STOP_WAIT)
-        if not done:
+        await asyncio.to_thread(manager.join, _STOP_WAIT)
+        if manager.is_alive():
             for worker in workers:
                 worker.terminate()
-        await stopped
+            # A worker stopped while it sends its result would leave the manager thread
+            # reading the rest for ever (it reads a result's length, then its bytes; past
+            # 16 KiB, or into a full pipe, a worker writes them in several writes): the
+            # pipe has no end of file while this process holds a write end too, and a
+            # stuck manager thread hangs the interpreter's exit. Close that end (nothing
+            # here writes to it): once the workers are gone, the manager thread reads
+            # end of file, fails what was left (the pool is broken) and ends.
+            results._writer.close()  # type: ignore[attr-defined]
+            await asyncio.to_thread(manager.join)
+        results.close()

@@ -4,14 +4,24 @@ nothing left running after close()."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import os
+import socket
+import threading
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
+from typing import Any
 
 import pytest
 
+from server.agents import fit_pool
 from server.agents.fit_pool import ForecastExecutor
 from server.agents.forecasting import FitJob
 from server.agents.history import load_history
+from tests.timing import SERVER_START_TIMEOUT
+
+CLOSE_TIMEOUT = 5.0  # close() takes its _STOP_WAIT (0.5 s) and the workers' end: well below
 
 
 def small_jobs(count: int) -> list[FitJob]:
@@ -64,4 +74,58 @@ async def test_closing_while_the_pool_starts_leaves_no_worker() -> None:
     await executor.close()
     outcomes = await asyncio.gather(*fits, return_exceptions=True)
     assert all(isinstance(outcome, BaseException) for outcome in outcomes), outcomes
+    assert set(multiprocessing.active_children()) <= before
+
+
+def stop_between_a_results_length_and_its_bytes(port: int, job: FitJob) -> bytes:
+    """A fit (in a worker process) whose result, over 16 KiB, is sent as multiprocessing
+    sends it, its length then its bytes in another write; but between the two the worker
+    connects to ``port`` on localhost and hangs until it is stopped."""
+    send = Connection._send  # type: ignore[attr-defined]
+
+    def send_or_hang(self: Connection, buf: Any, *args: Any) -> None:
+        if len(buf) > 16384:  # the bytes: the length is out
+            socket.create_connection(("127.0.0.1", port)).close()
+            threading.Event().wait()
+        send(self, buf, *args)
+
+    Connection._send = send_or_hang  # type: ignore[attr-defined]
+    return bytes(100_000)
+
+
+async def test_close_ends_when_a_worker_is_stopped_while_it_sends_its_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """close() stops a fit still running; had its worker sent part of the result, the pool's
+    thread reading the results must not wait for the rest for ever (the interpreter would
+    not exit either): close() ends, the fit fails, and no worker is left."""
+    before = set(multiprocessing.active_children())
+    sending = asyncio.Event()
+
+    def connected(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+        sending.set()
+
+    listener = await asyncio.start_server(connected, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    hangs = functools.partial(stop_between_a_results_length_and_its_bytes, port)
+    monkeypatch.setattr(fit_pool, "fit_product", hangs)
+    executor = ForecastExecutor(max_workers=1)
+    fit = asyncio.ensure_future(executor.fit(small_jobs(1)[0]))
+    try:
+        async with asyncio.timeout(SERVER_START_TIMEOUT):  # a worker's start, imports included
+            await sending.wait()
+        assert executor._pool is not None
+        writer: Connection = executor._pool._result_queue._writer  # type: ignore[attr-defined]
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await executor.close()
+        except TimeoutError:
+            writer.close()  # unstick the pool's thread, or this test process would not exit
+            raise
+    finally:
+        listener.close()
+        await executor.close()  # had the fit never started
+    with pytest.raises(BrokenProcessPool):
+        await fit
     assert set(multiprocessing.active_children()) <= before
