@@ -509,6 +509,7 @@ def _openapi() -> JsonObject:
         "retry after the `Retry-After` header's seconds."
     )
     unavailable = _error("The event store cannot be reached; retry later.")
+    not_found = _error("No such session (never started, or expired).")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -559,7 +560,7 @@ def _openapi() -> JsonObject:
                         "200": _json(_ref("SessionSnapshot"), "The session's state."),
                         "400": invalid_session,
                         "401": bad_token,
-                        "404": _error("No such session (never started, or expired)."),
+                        "404": not_found,
                         "503": unavailable,
                     },
                 }
@@ -576,7 +577,7 @@ def _openapi() -> JsonObject:
                         "200": _json(_ref("WorkflowCancelled"), "The workflow is cancelled."),
                         "400": invalid_session,
                         "401": bad_token,
-                        "404": _error("No such session (never started, or expired)."),
+                        "404": not_found,
                         "409": _error(
                             "The session never had a workflow (`no_workflow`: other "
                             "services publish into it), or it has ended otherwise "
@@ -614,7 +615,7 @@ def _openapi() -> JsonObject:
                         "200": _json(_ref("SessionEvents"), "The page."),
                         "400": _error("Invalid session id or limit."),
                         "401": bad_token,
-                        "404": _error("No such session (never started, or expired)."),
+                        "404": not_found,
                         "503": unavailable,
                     },
                 },

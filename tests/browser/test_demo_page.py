@@ -26,6 +26,11 @@ WORKFLOW_MS = WORKFLOW_TIMEOUT * 1000
 EVENT_MS = EVENT_TIMEOUT * 1000
 
 
+def demand_started(event: dict[str, object]) -> bool:
+    """Where a PausingBroker holds the workflow: the demand agent has started."""
+    return event["type"] == "agent_status" and event["agent"] == "demand"
+
+
 async def run_on_page(page: Page, server: LiveServer, query: str = "") -> None:
     """Open the page and press Run with the prefilled strategy."""
     await page.goto(f"{server.url}/{query}")
@@ -160,9 +165,6 @@ async def test_server_drop_mid_workflow_resumes_without_loss_or_repeats(
 ) -> None:
     """The server ends every stream (1001 / SSE response ended) while the demand agent runs;
     the page reconnects, resumes after its last event, and ends with each event once."""
-
-    def demand_started(event: dict[str, object]) -> bool:
-        return event["type"] == "agent_status" and event["agent"] == "demand"
 
     broker = PausingBroker(browser_settings, pause_after=demand_started)
     async with running_server(browser_settings, broker=broker) as server:
@@ -302,9 +304,6 @@ async def test_cancel_stops_the_run_and_the_page_shows_it_cancelled(
     ``workflow_cancelled``; the page shows the run as cancelled (no error banner, the
     running agent stopped), hides Cancel and lets Run be pressed again."""
 
-    def demand_started(event: dict[str, object]) -> bool:
-        return event["type"] == "agent_status" and event["agent"] == "demand"
-
     broker = PausingBroker(browser_settings, pause_after=demand_started)
     async with running_server(browser_settings, broker=broker) as server:
         await run_on_page(page, server, f"?transport={transport}")
@@ -345,9 +344,6 @@ async def test_a_cancel_the_server_refuses_shows_why_and_can_be_sent_again(
     first"). The page shows the server's message by the button (not the "could not
     finish" banner: the run goes on), and Cancel can be pressed again, which then cancels
     it, and the message goes."""
-
-    def demand_started(event: dict[str, object]) -> bool:
-        return event["type"] == "agent_status" and event["agent"] == "demand"
 
     refused = {"error": "The cancel was refused.", "code": code}
     page_problems.allow(rf"status of {status}")  # the browser logs the refused request
