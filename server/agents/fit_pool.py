@@ -9,11 +9,14 @@ every core and the loop's interpreter stays free.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
+from multiprocessing.process import BaseProcess
 from typing import cast
 
 from .forecasting import FitJob, FitOutcome, fit_product, init_worker
@@ -28,8 +31,30 @@ def default_workers() -> int:
     return max(1, cpus)
 
 
+log = logging.getLogger(__name__)
+
 # How long close() lets running fits finish before it stops their worker processes.
 _STOP_WAIT = 0.5
+# How long a stopped worker, or the pool's result thread, gets to end before more force.
+_KILL_WAIT = 2.0
+
+
+def _stop_workers(workers: Sequence[BaseProcess]) -> None:
+    """Stop the workers still alive and reap them: SIGTERM, then SIGKILL, each wait
+    bounded. Blocks: run it in a thread.
+
+    The pool stops its workers itself when one dies, but on Python 3.11 its result
+    thread crashes first if a fit it would fail was cancelled meanwhile (CPython
+    gh-107219; the demand agent cancels its queued fits whenever it is stopped), and the
+    others then wait for work for ever, and the interpreter's exit with them."""
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+    for worker in workers:
+        worker.join(_KILL_WAIT)
+        if worker.is_alive():
+            worker.kill()
+            worker.join(_KILL_WAIT)
 
 
 class ForecastExecutor:
@@ -81,7 +106,9 @@ class ForecastExecutor:
             # A worker died (killed, out of memory): start a new pool next time.
             if self._pool is pool:
                 self._pool = None
+                workers = list((pool._processes or {}).values())
                 pool.shutdown(wait=False, cancel_futures=True)
+                await asyncio.to_thread(_stop_workers, workers)
             raise
 
     async def close(self) -> None:
@@ -108,9 +135,9 @@ class ForecastExecutor:
         # The short wait lets the pool's manager thread cancel the queued fits first: on
         # Python 3.11 it crashes if a worker dies while a cancelled fit is still queued.
         await asyncio.to_thread(manager.join, _STOP_WAIT)
+        # Every worker still busy, and any the result thread left (see _stop_workers).
+        await asyncio.to_thread(_stop_workers, workers)
         if manager.is_alive():
-            for worker in workers:
-                worker.terminate()
             # A worker stopped while it sends its result would leave the manager thread
             # reading the rest for ever (it reads a result's length, then its bytes; past
             # 16 KiB, or into a full pipe, a worker writes them in several writes): the
@@ -119,5 +146,8 @@ class ForecastExecutor:
             # here writes to it): once the workers are gone, the manager thread reads
             # end of file, fails what was left (the pool is broken) and ends.
             results._writer.close()  # type: ignore[attr-defined]
-            await asyncio.to_thread(manager.join)
+            await asyncio.to_thread(manager.join, _KILL_WAIT)
+        if manager.is_alive():
+            log.error("the forecast pool's result thread did not end")
+            return  # its queue stays open: the thread may still read it
         results.close()

@@ -7,11 +7,12 @@ import asyncio
 import functools
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -128,4 +129,58 @@ async def test_close_ends_when_a_worker_is_stopped_while_it_sends_its_result(
         await executor.close()  # had the fit never started
     with pytest.raises(BrokenProcessPool):
         await fit
+    assert set(multiprocessing.active_children()) <= before
+
+
+def run_until_stopped(port: int, job: FitJob) -> bytes:
+    """A fit (in a worker process) that connects to ``port`` on localhost, then runs until
+    its worker is stopped."""
+    socket.create_connection(("127.0.0.1", port)).close()
+    threading.Event().wait()
+    raise AssertionError("unreachable")
+
+
+# The failure in the pool's own thread, on Python 3.11: expected here, and not this test's.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_close_stops_every_worker_after_one_died_with_cancelled_fits_queued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker dies (killed, as by the OOM killer) while fits the demand agent cancelled
+    still wait for a worker: Python 3.11's pool then fails in its own result thread
+    before it stops the other workers, which would wait for work for ever (and the
+    interpreter's exit with them). close() stops them all: no worker is left."""
+    before = set(multiprocessing.active_children())
+    busy = asyncio.Semaphore(0)
+
+    def connected(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+        busy.release()
+
+    listener = await asyncio.start_server(connected, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    monkeypatch.setattr(fit_pool, "fit_product", functools.partial(run_until_stopped, port))
+    executor = ForecastExecutor(max_workers=2)
+    fits = [asyncio.ensure_future(executor.fit(job)) for job in small_jobs(7)]
+    try:
+        async with asyncio.timeout(SERVER_START_TIMEOUT):  # both workers are fitting
+            await busy.acquire()
+            await busy.acquire()
+        pool = executor._pool
+        assert pool is not None
+        workers = list((pool._processes or {}).values())
+        for fit in fits:
+            fit.cancel()  # as the demand agent does when it is stopped
+        victim = workers[0].pid
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        # The pool's result thread handles the death (and, on 3.11, fails) before close().
+        manager = cast(threading.Thread, pool._executor_manager_thread)
+        await asyncio.to_thread(manager.join, CLOSE_TIMEOUT)
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await executor.close()
+    finally:
+        listener.close()
+        await executor.close()
+    await asyncio.gather(*fits, return_exceptions=True)
+    assert not [worker for worker in workers if worker.is_alive()]
     assert set(multiprocessing.active_children()) <= before
