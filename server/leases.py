@@ -165,6 +165,11 @@ class WorkflowLeases:
         await self._release(session_id)
         return True
 
+    @property
+    def closed(self) -> bool:
+        """:meth:`close` has run: owed final events are no longer retried."""
+        return self._closed
+
     def owes(self, session_id: str) -> bool:
         """The session's workflow has ended here; its final event waits for the store."""
         return session_id in self._owed

@@ -125,6 +125,7 @@ class WorkflowRunner:
         self._stopped: set[str] = set()  # runs _stop cancelled: their session has ended
         self._ends: dict[str, dict[str, Any]] = {}  # final events a cancel here stored
         self._closing = False
+        self._interrupting = False  # shutdown's grace is over: runs are being interrupted
         self.leases = WorkflowLeases(
             hub, lease_ttl, retry_finals_for=retry_finals_for, on_ended_elsewhere=self._stop
         )
@@ -153,10 +154,19 @@ class WorkflowRunner:
             # Shutdown began while the claim was on its way, and close() does not know of
             # this run: end the session now, so that its subscribers are not left waiting.
             try:
-                await self.leases.finish(session_id, _shutdown_end(session_id))
+                stored = await self.leases.finish(session_id, _shutdown_end(session_id))
             except SessionEnded:
-                pass
-            raise _shutting_down()
+                stored = True
+            if not stored and self.leases.closed:
+                # Nothing retries it any more: the lease lapses, and other processes'
+                # monitors end the session.
+                log.warning("gave up ending session %s: the event store is unavailable", session_id)
+                self.leases.drop(session_id)
+            raise ServiceUnavailable(
+                "The server shut down as the forecast was starting; it did not run. Please "
+                "start it again, with a new session id.",
+                code="shutting_down",
+            )
         task = asyncio.create_task(self._run(session_id, strategy), name=f"workflow-{session_id}")
         self._tasks[session_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(session_id, None))
@@ -244,6 +254,7 @@ class WorkflowRunner:
         if tasks:
             if grace > 0:
                 await asyncio.wait(tasks.values(), timeout=grace)
+            self._interrupting = True
             # A run created in this very loop turn has not entered _run yet: cancelled
             # now, it would end without a final event. One turn lets each enter it.
             await asyncio.sleep(0)
@@ -327,10 +338,15 @@ class WorkflowRunner:
         """Store the run's final event (or owe it, if the event store is down: see
         :meth:`WorkflowLeases.finish`) and count the run as ``label``; if the session
         has ended already (a cancel came first), the run ends as that says."""
+        session_id = event.session_id
         try:
-            await self.leases.finish(event.session_id, event)
+            stored = await self.leases.finish(session_id, event)
         except SessionEnded:
-            return await self._ended_elsewhere(event.session_id)
+            return await self._ended_elsewhere(session_id)
+        if not stored and session_id in self._ends:
+            # A cancel here was stored while this event was on its way, and the store
+            # refused this one: the session has ended as the cancel says. Nothing to owe.
+            return await self._ended_elsewhere(session_id)
         self._metrics.workflows.labels(outcome=label).inc()
         return outcome
 
@@ -339,10 +355,10 @@ class WorkflowRunner:
         client, ended by a service, or by another process (this one could not renew its
         lease for ``lease_ttl`` and was taken for dead). Subscribers have that event; the
         run's outcome says what it said: known if a cancel here stored it, else read
-        (briefly, and not during shutdown: the run is answered either way)."""
+        (briefly, and not once shutdown interrupts runs: the run is answered either way)."""
         self.leases.drop(session_id)  # the session has ended: its lease no longer counts
         final = self._ends.get(session_id)
-        if final is None and not self._closing:
+        if final is None and not self._interrupting:
             try:
                 async with asyncio.timeout(FINAL_READ_TIMEOUT):
                     final = await self._final_event(session_id)

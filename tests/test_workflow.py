@@ -355,22 +355,27 @@ async def test_a_running_forecast_does_not_delay_another_sessions_stream(
 
 class HoldingStore(MemoryBroker):
     """The in-memory store, whose append of a workflow's final ``complete`` waits until the
-    test releases it (as the round trip to Redis does), or fails while ``down``."""
+    test releases it (as the round trip to Redis does), then fails if ``down``; the
+    append of a cancel waits for ``cancels`` (open unless the test closes it)."""
 
     def __init__(self) -> None:
         super().__init__(500, 60.0)
         self.holding = asyncio.Event()
         self.release = asyncio.Event()
         self.down = False
+        self.cancels = asyncio.Event()
+        self.cancels.set()
 
     async def append(
         self, session_id: str, type: str, body: str, final: bool, key: Any = None
     ) -> StoredEvent:
         if final and type == "complete":
-            if self.down:
-                raise ServiceUnavailable("The event store is unavailable; try again shortly.")
             self.holding.set()
             await self.release.wait()
+            if self.down:
+                raise ServiceUnavailable("The event store is unavailable; try again shortly.")
+        if final and '"workflow_cancelled"' in body:
+            await self.cancels.wait()
         return await super().append(session_id, type, body, final, key)
 
 
@@ -502,22 +507,35 @@ async def test_shutdown_right_after_a_start_still_ends_the_run_with_a_final_even
 class SlowClaimStore(MemoryBroker):
     """The in-memory store, whose claims wait until the test lets them through."""
 
-    def __init__(self) -> None:
+    def __init__(self, down: bool) -> None:
         super().__init__(500, 60.0)
         self.claiming = asyncio.Event()
         self.let_through = asyncio.Event()
+        self.down = down  # appends fail
 
     async def claim(self, session_id: str, lease: Any = None) -> bool:
         self.claiming.set()
         await self.let_through.wait()
         return await super().claim(session_id, lease)
 
+    async def append(
+        self, session_id: str, type: str, body: str, final: bool, key: Any = None
+    ) -> StoredEvent:
+        if self.down:
+            raise ServiceUnavailable("The event store is unavailable; try again shortly.")
+        return await super().append(session_id, type, body, final, key)
 
-async def test_a_claim_on_its_way_when_shutdown_begins_ends_its_session_at_once() -> None:
+
+@pytest.mark.parametrize("down", [False, True], ids=["store up", "store down"])
+async def test_a_claim_on_its_way_when_shutdown_begins_ends_its_session_at_once(
+    down: bool,
+) -> None:
     """``run-workflow`` is claiming its session when shutdown begins: once the claim is
     through, the session is ended (``workflow_interrupted``, so a subscriber already
-    waiting on it is not left waiting) and the start refused (``shutting_down``)."""
-    store = SlowClaimStore()
+    waiting on it is not left waiting) and the start refused (``shutting_down``). With
+    the store down then, nothing is left owed that no one would retry (the lease lapses
+    and other processes' monitors end the session)."""
+    store = SlowClaimStore(down)
     metrics = Metrics()
     hub = Hub(store, queue_size=100, metrics=metrics)
     runner = WorkflowRunner(hub, AgentHandoffManager(hub.publish), metrics)
@@ -531,9 +549,11 @@ async def test_a_claim_on_its_way_when_shutdown_begins_ends_its_session_at_once(
             await asyncio.wait_for(starting, EVENT_TIMEOUT)
         assert refused.value.code == "shutting_down"
         replay = await store.read("workflow-late-0001", None)
-        assert [(e.type, e.final) for e in replay.events] == [("error", True)]
-        assert replay.events[0].to_dict()["code"] == "workflow_interrupted"
+        if not down:
+            assert [(e.type, e.final) for e in replay.events] == [("error", True)]
+            assert replay.events[0].to_dict()["code"] == "workflow_interrupted"
         assert runner.running == 0 and not runner.leases.holds("workflow-late-0001")
+        assert not runner.leases.owes("workflow-late-0001")
     finally:
         await hub.close()
 
@@ -559,3 +579,47 @@ async def test_a_run_stopped_by_another_final_event_is_answered_even_if_the_stor
         "code": "workflow_interrupted",
         "error": "The session was ended elsewhere.",
     }
+
+
+async def test_a_final_event_stored_elsewhere_during_the_shutdown_grace_is_the_runs_outcome(
+    holding_rig: tuple[Rig, HoldingStore],
+) -> None:
+    """During shutdown's grace period runs go on as usual: one whose own final event loses
+    to a cancel through another process still ends as cancelled (not "interrupted")."""
+    rig, store = holding_rig
+    task = await rig.runner.start("workflow-grace-0001", STRATEGY)
+    await asyncio.wait_for(store.holding.wait(), WORKFLOW_TIMEOUT)
+    closing = asyncio.create_task(rig.runner.close(grace=WORKFLOW_TIMEOUT))
+    await asyncio.sleep(0)  # close() has begun: its grace period runs
+    assert rig.runner.closing
+    cancelled = workflow_end(
+        "workflow-grace-0001", "workflow_cancelled", "The forecast was cancelled."
+    )
+    await rig.hub.publish(cancelled)
+    store.release.set()
+    outcome = await asyncio.wait_for(task, EVENT_TIMEOUT)
+    await asyncio.wait_for(closing, EVENT_TIMEOUT)
+    assert outcome.error is not None and outcome.error["code"] == "workflow_cancelled"
+    assert outcomes(rig)["cancelled"] == 1
+
+
+async def test_a_cancel_stored_while_the_run_stores_its_result_wins_even_if_that_fails(
+    holding_rig: tuple[Rig, HoldingStore],
+) -> None:
+    """A cancel through the run's own process, sent while the run was in its steps, is
+    stored while the run's ``complete`` is on its way; the store then refuses the
+    ``complete``. The cancel is the session's end: the run ends as cancelled, and
+    nothing is left owed."""
+    rig, store = holding_rig
+    store.cancels.clear()
+    task = await rig.runner.start("workflow-both-0001", STRATEGY)
+    cancelling = asyncio.create_task(rig.runner.cancel("workflow-both-0001"))
+    await asyncio.wait_for(store.holding.wait(), WORKFLOW_TIMEOUT)  # the run has its result
+    store.cancels.set()
+    await asyncio.wait_for(cancelling, EVENT_TIMEOUT)  # stored: 200
+    store.down = True
+    store.release.set()
+    outcome = await asyncio.wait_for(task, EVENT_TIMEOUT)
+    assert outcome.error is not None and outcome.error["code"] == "workflow_cancelled"
+    assert not rig.runner.leases.owes("workflow-both-0001")
+    assert outcomes(rig) == {"complete": 0, "failed": 0, "cancelled": 1, "interrupted": 0}
