@@ -80,9 +80,14 @@ WORKFLOW_INTERRUPTED = "workflow_interrupted"
 # Every how many rounds the monitor asks about a quiet session (module docstring).
 QUIET_ROUNDS = 10
 _QUIET_STATES = frozenset({"none", "ended"})
-PROCESS_GONE_MESSAGE = (
-    "The forecast was interrupted because the server running it stopped. Please run it again."
-)
+
+
+def interrupted_message(because: str) -> str:
+    """What a ``workflow_interrupted`` final error tells the user."""
+    return f"The forecast was interrupted because {because}. Please run it again."
+
+
+PROCESS_GONE_MESSAGE = interrupted_message("the server running it stopped")
 
 Publish = Callable[[StorableEvent], Awaitable[StoredEvent]]
 

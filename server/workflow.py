@@ -41,7 +41,7 @@ from .agents.inventory import InventoryPlan, InventoryRequest
 from .agents.pricing import PricingPlan, PricingRequest
 from .errors import Conflict, ServiceUnavailable, SessionEnded, SessionNotFound, reference_id
 from .hub import Hub
-from .leases import WORKFLOW_INTERRUPTED, LeaseMonitor, WorkflowLeases
+from .leases import WORKFLOW_INTERRUPTED, LeaseMonitor, WorkflowLeases, interrupted_message
 from .logs import SESSION_ID
 from .messages import (
     ORCHESTRATOR,
@@ -70,12 +70,11 @@ def _shutting_down() -> ServiceUnavailable:
     )
 
 
+SHUTDOWN = "the server is restarting"  # why a run interrupted by shutdown ended
+
+
 def _shutdown_end(session_id: str) -> StorableEvent:
-    return workflow_end(
-        session_id,
-        WORKFLOW_INTERRUPTED,
-        "The forecast was interrupted because the server is restarting. Please run it again.",
-    )
+    return workflow_end(session_id, WORKFLOW_INTERRUPTED, interrupted_message(SHUTDOWN))
 
 
 def _session_ended() -> Conflict:
@@ -289,7 +288,7 @@ class WorkflowRunner:
             # event, and the run ends with that outcome rather than as cancelled, so a
             # `?wait=true` request still waiting on it is answered instead of dropped.
             return await self._interrupt(
-                session_id, "interrupted: the server is shutting down", "the server is restarting"
+                session_id, "interrupted: the server is shutting down", SHUTDOWN
             )
         except ServiceUnavailable:
             # The event store could not be reached, even after the broker's retries.
@@ -399,7 +398,7 @@ class WorkflowRunner:
         return await self._fail(
             session_id,
             WORKFLOW_INTERRUPTED,
-            f"The forecast was interrupted because {because}. Please run it again.",
+            interrupted_message(because),
             ref,
             "interrupted",
         )
