@@ -167,11 +167,17 @@ async def cancel_workflow(request: web.Request) -> web.Response:
     """Cancel the session's workflow: its subscribers get the final ``error``
     ``workflow_cancelled`` and its work stops (:meth:`WorkflowRunner.cancel`). Allowed
     to whoever may watch the session: the starter of the workflow."""
-    ctx = request.app[STREAM_CONTEXT]
-    session_id = session_id_of(request)
-    check_stream_access(request, ctx.settings, session_id)
+    session_id = _watched_session(request)
     await request.app[WORKFLOW_RUNNER].cancel(session_id)
     return web.json_response({"session_id": session_id, "status": "cancelled"})
+
+
+def _watched_session(request: web.Request) -> str:
+    """The session of the request's path, for a client allowed to watch it (its stream
+    token, when tokens are on); 400 or 401 otherwise."""
+    session_id = session_id_of(request)
+    check_stream_access(request, request.app[STREAM_CONTEXT].settings, session_id)
+    return session_id
 
 
 async def _retained(
@@ -179,10 +185,8 @@ async def _retained(
 ) -> tuple[str, Replay, SessionInfo]:
     """The session of the request's path and its retained events after ``after`` (see
     :meth:`Hub.read_after`), for a client allowed to watch it; 404 without a session."""
-    ctx = request.app[STREAM_CONTEXT]
-    session_id = session_id_of(request)
-    check_stream_access(request, ctx.settings, session_id)
-    replay = await ctx.hub.read_after(session_id, after, limit)
+    session_id = _watched_session(request)
+    replay = await request.app[STREAM_CONTEXT].hub.read_after(session_id, after, limit)
     if replay.info is None:
         raise SessionNotFound()
     return session_id, replay, replay.info
