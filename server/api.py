@@ -314,6 +314,10 @@ async def publish_event(request: web.Request) -> web.Response:
         # but cannot be written is in `data`, whose values are any JSON: a lone surrogate
         # escape ("\ud800"), or nesting deeper than the encoder goes.
         raise _unwritable_data() from None
+    if stored.final:
+        # The session has ended: a workflow running it here stops now, as for a cancel
+        # (elsewhere, at its process's next lease renewal).
+        request.app[WORKFLOW_RUNNER].ended(event)
     return _published(stored.id, stored.seq)
 
 

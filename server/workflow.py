@@ -122,7 +122,7 @@ class WorkflowRunner:
         self._working: set[str] = set()  # runs in their steps: what _stop may cancel
         self._finishing: set[str] = set()  # runs past their steps, storing their final event
         self._stopped: set[str] = set()  # runs _stop cancelled: their session has ended
-        self._ends: dict[str, dict[str, Any]] = {}  # final events a cancel here stored
+        self._ends: dict[str, dict[str, Any]] = {}  # final events stored here (ended())
         self._closing = False
         self._interrupting = False  # shutdown's grace is over: runs are being interrupted
         self.leases = WorkflowLeases(
@@ -213,13 +213,19 @@ class WorkflowRunner:
             except SessionEnded:
                 pass  # it ended meanwhile: as below
             else:
-                if session_id in self._tasks:
-                    self._ends[session_id] = event.model_dump(mode="json")
-                self._stop(session_id)
+                self.ended(event)
                 return
         final = await self._final_event(session_id)
         if final is None or final.get("code") != WORKFLOW_CANCELLED:
             raise _session_ended()
+
+    def ended(self, final: StorableEvent) -> None:
+        """``final``, stored through this process (a cancel, a service's final event), has
+        ended its session: if the session's workflow runs here, stop its work now, and let
+        the run end as ``final`` says without reading it back."""
+        if final.session_id in self._tasks:
+            self._ends[final.session_id] = final.model_dump(mode="json")
+        self._stop(final.session_id)
 
     def _stop(self, session_id: str) -> None:
         """The session ended while its workflow runs here: stop the work. The run then
@@ -343,8 +349,9 @@ class WorkflowRunner:
         except SessionEnded:
             return await self._ended_elsewhere(session_id)
         if not stored and session_id in self._ends:
-            # A cancel here was stored while this event was on its way, and the store
-            # refused this one: the session has ended as the cancel says. Nothing to owe.
+            # A final event stored here (a cancel, say) came while this one was on its
+            # way, and the store refused this one: the session has ended as that says.
+            # Nothing to owe.
             return await self._ended_elsewhere(session_id)
         self._metrics.workflows.labels(outcome=label).inc()
         return outcome
@@ -353,7 +360,7 @@ class WorkflowRunner:
         """The run of a session whose final event someone else stored: cancelled by its
         client, ended by a service, or by another process (this one could not renew its
         lease for ``lease_ttl`` and was taken for dead). Subscribers have that event; the
-        run's outcome says what it said: known if a cancel here stored it, else read
+        run's outcome says what it said: known if it was stored here, else read
         (briefly, and not once shutdown interrupts runs: the run is answered either way)."""
         self.leases.drop(session_id)  # the session has ended: its lease no longer counts
         final = self._ends.get(session_id)
