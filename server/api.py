@@ -25,6 +25,7 @@ from .errors import (
     BodyTimeout,
     InvalidRequest,
     InvalidSessionId,
+    Overloaded,
     ServiceUnavailable,
     SessionNotFound,
     Unauthorized,
@@ -39,7 +40,7 @@ from .messages import (
 )
 from .query import query_value
 from .snapshot import session_snapshot
-from .workflow import WorkflowRunner, wait_outcome
+from .workflow import WorkflowRunner, session_exists, wait_outcome
 
 WORKFLOW_RUNNER = web.AppKey("workflow_runner", WorkflowRunner)
 
@@ -129,7 +130,14 @@ async def run_workflow(request: web.Request) -> web.Response:
             status=422,
         )
     session_id = run.session_id or str(uuid.uuid4())
-    ticket = ctx.admission.workflow(session_id)  # Overloaded (503) at max_sessions
+    try:
+        ticket = ctx.admission.workflow(session_id)
+    except Overloaded:
+        # At max_sessions. A session that exists can never run again, whatever the load:
+        # 409, not a 503 that would have its client retry in vain.
+        if await ctx.hub.broker.info(session_id) is not None:
+            raise session_exists() from None
+        raise
     try:
         task = await request.app[WORKFLOW_RUNNER].start(session_id, run.strategy_description)
     except BaseException:

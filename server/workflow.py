@@ -81,7 +81,7 @@ def _session_ended() -> Conflict:
     return Conflict("This session has already ended.", code="session_ended")
 
 
-def _session_exists() -> Conflict:
+def session_exists() -> Conflict:
     return Conflict(
         "This session already has a workflow. Start a new session to run another.",
         code="session_exists",
@@ -140,14 +140,14 @@ class WorkflowRunner:
         # (running, being claimed, or owing its final event).
         acting = session_id in self._tasks or session_id in self._claiming
         if acting or self.leases.holds(session_id):
-            raise _session_exists()
+            raise session_exists()
         self._claiming.add(session_id)
         try:
             claimed = await self._hub.broker.claim(session_id, self.leases.lease)
         finally:
             self._claiming.discard(session_id)
         if not claimed:
-            raise _session_exists()
+            raise session_exists()
         self.leases.hold(session_id)
         if self._closing:
             # Shutdown began while the claim was on its way, and close() does not know of

@@ -125,6 +125,37 @@ async def test_a_new_session_over_max_sessions_is_refused_a_live_one_is_not(
         await wait_until(lambda: open_connections(ctx) == 1)
 
 
+async def test_at_max_sessions_a_session_that_already_exists_still_gets_409(
+    start: StartServer, http: ClientSession
+) -> None:
+    """At ``max_sessions``, run-workflow for a session that exists (ended, or one services
+    publish into) is ``409 session_exists`` as at any load, not a 503 that would have its
+    client retry what can never succeed; a new session gets the 503."""
+    server = await start(max_sessions=1)
+    ctx = context_of(server)
+    ended, serviced = new_session_id(), new_session_id()
+    for session_id, event in (
+        (ended, {"type": "complete", "agent": "crawler", "final": True}),
+        (serviced, {"type": "progress", "agent": "crawler", "status": "s", "progress": 1}),
+    ):
+        async with http.post(url(server, f"/api/sessions/{session_id}/events"), json=event) as r:
+            assert r.status == 202
+    async with http.ws_connect(ws_url(server, new_session_id())):
+        await wait_until(lambda: metric(ctx, "orchestrator_sessions", state="live") == 1)
+        for session_id, status, code in (
+            (ended, 409, "session_exists"),
+            (serviced, 409, "session_exists"),
+            (new_session_id(), 503, "overloaded"),
+        ):
+            async with http.post(
+                url(server, "/api/orchestrator/run-workflow"),
+                json={"strategy_description": "10% off chairs", "session_id": session_id},
+            ) as response:
+                assert response.status == status
+                assert_error_body(await response.json(), code)
+        assert metric(ctx, "orchestrator_refusals_total", reason="sessions") == 1
+
+
 async def test_a_running_workflow_keeps_its_session_live_until_it_ends(
     start: StartServer, http: ClientSession, agents: FakeAgents
 ) -> None:
