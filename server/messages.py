@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -111,6 +111,13 @@ def workflow_end(session_id: str, code: str, message: str, details: str = "") ->
         details=details,
         final=True,
     )
+
+
+def result_of(complete: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A final ``complete`` event's result, as the snapshot and ``?wait=true`` tell it: its
+    ``data.result`` when that is an object, else ``None`` (a service may send anything)."""
+    result = (complete.get("data") or {}).get("result")
+    return result if isinstance(result, dict) else None
 
 
 class HeartbeatEvent(_Event):

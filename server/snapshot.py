@@ -7,7 +7,7 @@ from typing import Any
 
 from .brokers.base import SessionInfo
 from .loop_share import ByteBudget
-from .messages import ORCHESTRATOR, StoredEvent
+from .messages import ORCHESTRATOR, StoredEvent, result_of
 
 
 async def session_snapshot(
@@ -42,7 +42,7 @@ async def session_snapshot(
             progress = max(progress, int(event["progress"]))
         if stored.final:
             if event["type"] == "complete":
-                state, result = "complete", event.get("data", {}).get("result", event.get("data"))
+                state, result = "complete", result_of(event)
             else:
                 state = "failed"
                 error = {k: event[k] for k in ("code", "error", "details")}

@@ -49,6 +49,7 @@ from .messages import (
     ProgressEvent,
     StorableEvent,
     StreamPosition,
+    result_of,
     workflow_end,
 )
 from .metrics import Metrics
@@ -372,10 +373,7 @@ class WorkflowRunner:
                 pass
         if final is not None and final["type"] == "complete":
             # Stored by a service: its result, when it has one the outcome can hold.
-            result = (final.get("data") or {}).get("result")
-            outcome = WorkflowOutcome(
-                "complete", result=result if isinstance(result, dict) else None
-            )
+            outcome = WorkflowOutcome("complete", result=result_of(final))
         elif final is not None and final["type"] == "error":
             error = {"code": final["code"], "error": final["error"]}
             outcome = WorkflowOutcome("failed", error=error)

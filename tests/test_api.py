@@ -39,6 +39,7 @@ from tests.clients import (
     ws_url,
 )
 from tests.conftest import BOTH_BROKERS, ClientFactory, hub_of
+from tests.test_contract import openapi_validate, openapi_validator
 from tests.timing import WORKFLOW_TIMEOUT
 
 pytestmark = BOTH_BROKERS  # every test runs on the in-memory broker and on Redis
@@ -284,6 +285,31 @@ async def test_session_snapshot_follows_the_stream(client: AppClient) -> None:
     assert (ended["last_event_id"], ended["last_seq"]) == (end["id"], 5)
     assert ended["progress"] == 100
     assert ended["result"] == {"units": 2579}
+
+
+@pytest.mark.parametrize(
+    ("data", "result"),
+    [
+        ({"result": {"units": 1}}, {"units": 1}),
+        ({"result": [1, 2, 3]}, None),
+        ({"result": "done"}, None),
+        ({"result": 42}, None),
+        ({"units": 1}, None),
+        ({}, None),
+    ],
+)
+async def test_a_snapshots_result_is_the_final_complete_events_object_result(
+    client: AppClient, data: dict[str, Any], result: dict[str, Any] | None
+) -> None:
+    """The snapshot's ``result`` is the final ``complete``'s ``data.result`` when that is
+    an object, else ``null``: the rule of ``?wait=true``, and the OpenAPI document's
+    ``object | null``, whatever a service sent."""
+    session_id = new_session_id()
+    body = {"type": "complete", "agent": "crawler", "data": data, "final": True}
+    await publish(client, session_id, body)
+    snapshot = await (await client.get(f"/api/sessions/{session_id}")).json()
+    assert (snapshot["state"], snapshot["result"]) == ("complete", result)
+    openapi_validate(openapi_validator(), "SessionSnapshot", snapshot)
 
 
 async def test_snapshot_of_a_failed_session_holds_its_error(client: AppClient) -> None:
