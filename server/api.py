@@ -92,7 +92,36 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    # Only an escape ("\ud800") makes a lone surrogate: UTF-8 cannot carry one. An ASCII
+    # body without "\u" (most of them) is not walked.
+    if (b"\\u" in raw or not raw.isascii()) and _holds_lone_surrogate(body):
+        raise InvalidRequest(
+            "The request body holds a lone surrogate escape (such as \\ud800), which is "
+            "not text: escape characters beyond U+FFFF as a pair, or send them as UTF-8.",
+            status=422,
+        )
     return body
+
+
+def _holds_lone_surrogate(body: dict[str, Any]) -> bool:
+    """Whether a key or a string anywhere in ``body`` holds a lone UTF-16 surrogate (the
+    parser joins a pair into one character). Values would fail when the event is written
+    as JSON, but keys would be written as U+FFFD: stored altered, without a word."""
+    pending: list[Any] = [body]
+    while pending:  # a loop, not recursion: the body may be nested as deep as it parsed
+        item = pending.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # The session id in a route. An empty one matches too (aiohttp's default needs a
@@ -319,8 +348,8 @@ async def publish_event(request: web.Request) -> web.Response:
         return _published(first.id, first.seq, {"Idempotent-Replayed": "true"})
     except PydanticSerializationError:
         # The event is written as JSON before anything is stored. What passes validation
-        # but cannot be written is in `data`, whose values are any JSON: a lone surrogate
-        # escape ("\ud800"), or nesting deeper than the encoder goes.
+        # but cannot be written is in `data`, whose values are any JSON: nesting deeper
+        # than the encoder goes.
         raise _unwritable_data() from None
     if stored.final:
         # The session has ended: a workflow running it here stops now, as for a cancel
@@ -331,8 +360,7 @@ async def publish_event(request: web.Request) -> web.Response:
 
 def _unwritable_data() -> InvalidRequest:
     return InvalidRequest(
-        "'data' cannot be written as JSON: it holds a lone surrogate escape, or is "
-        "nested too deep.",
+        "'data' cannot be written as JSON: it is nested too deep.",
         status=422,
     )
 

@@ -94,7 +94,7 @@ class ErrorEvent(_Event):
     code: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
     error: str = Field(min_length=1, max_length=2000)
     details: str = Field(default="", max_length=2000)
-    agent: str | None = None
+    agent: str | None = Field(default=None, min_length=1, max_length=64)  # as every type's
     final: bool = False
 
 

@@ -413,6 +413,15 @@ INVALID_EVENTS: dict[str, dict[str, Any]] = {
     "a timestamp": {**progress(1), "timestamp": "2026-01-01T00:00:00Z"},
     # Valid JSON that the event's encoding cannot write (checked when it is written).
     "data with a lone surrogate escape": {**progress(1), "data": {"note": "\ud800"}},
+    "a data key with a lone surrogate escape": {**progress(1), "data": {"\ud800": 1}},
+    "a lone surrogate escape deep in data": {**progress(1), "data": {"a": [{"b\udfff": 1}]}},
+    "an error's agent of 65 characters": {
+        "type": "error",
+        "code": "x",
+        "error": "x",
+        "agent": "a" * 65,
+    },
+    "an error's empty agent": {"type": "error", "code": "x", "error": "x", "agent": ""},
     "data nested 400 deep": {**progress(1), "data": {"deep": nested_lists(400)}},
     # A stored error under a control code would pass for a notice about the client's own
     # connection (a replay_gap resets a client): those codes are the server's.
@@ -439,6 +448,19 @@ async def test_publish_of_an_invalid_event_is_422_and_stores_nothing(
     )
     await error_of(response, 422)
     assert (await client.get(f"/api/sessions/{session_id}")).status == 404
+
+
+async def test_characters_beyond_u_ffff_escaped_as_pairs_are_stored_as_sent(
+    client: AppClient,
+) -> None:
+    """Python's ``json.dumps`` (and aiohttp's ``json=``) escape an emoji as a surrogate
+    pair, in keys and values alike: that is text, stored and replayed as sent, and a
+    lone surrogate is refused (above), not this."""
+    session_id = new_session_id()
+    data = {"\N{GRINNING FACE} key": ["\N{GRINNING FACE}", {"\U0001f680": "caf\u00e9"}]}
+    await publish(client, session_id, {**progress(1), "data": data})
+    page = await (await client.get(f"/api/sessions/{session_id}/events")).json()
+    assert page["events"][0]["data"] == data
 
 
 async def test_publish_of_a_body_that_is_not_json_is_400(client: AppClient) -> None:
