@@ -7,6 +7,7 @@ import faulthandler
 import gc
 import io
 import logging
+import signal
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
@@ -72,6 +73,38 @@ def raise_open_files_limit(max_connections: int) -> None:
         )
 
 
+def stop_on_the_first_signal(shutdown_grace: float) -> Callable[[web.Application], Awaitable[None]]:
+    """SIGTERM or SIGINT starts the graceful shutdown, as aiohttp's own handlers do; a
+    second one while it runs (a double Ctrl+C, a supervisor that signals twice) is
+    logged and changes nothing. aiohttp's handlers would raise again in the middle of the
+    shutdown: its grace period cut short, requests still waiting (``?wait=true``) dropped,
+    exit code 1. SIGKILL still stops the process at once."""
+
+    async def install(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+
+        def first(signum: int) -> None:
+            for other in STOP_SIGNALS:
+                loop.add_signal_handler(other, again, other)
+            raise web.GracefulExit()  # out of the loop's run: aiohttp then shuts down
+
+        def again(signum: int) -> None:
+            logging.getLogger("server").warning(
+                "%s: shutdown is already under way (running workflows get %.0f s); "
+                "SIGKILL stops the process at once",
+                signal.Signals(signum).name,
+                shutdown_grace,
+            )
+
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, first, signum)
+
+    return install
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 # Past the grace period and the handlers' time-out, how much longer a shutdown may take
 # (the streams' last bytes and close handshakes, the fit workers) before it counts as stuck.
 SHUTDOWN_SLACK = 3.0
@@ -108,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     app = create_app(settings)
     # First, before the app's own shutdown (the grace period) starts.
     app.on_shutdown.insert(0, report_a_stuck_shutdown(settings.shutdown_grace))
+    # First, as aiohttp's own handlers would be: a signal during start-up stops it too.
+    app.on_startup.insert(0, stop_on_the_first_signal(settings.shutdown_grace))
     app.on_startup.append(tune_garbage_collection)  # after the app's own start-up
     web.run_app(
         app,
@@ -118,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # (A stream past its handshake is no longer aiohttp's: its own protocol sees
         # the disconnect, see server.transports.stream.)
         handler_cancellation=True,
+        handle_signals=False,  # ours: stop_on_the_first_signal
         shutdown_timeout=HANDLER_SHUTDOWN_TIMEOUT,
         # A reconnect storm (a deploy, a network blip) brings every client back at once;
         # aiohttp's default listen queue of 128 drops the SYNs beyond it, and each

@@ -186,12 +186,30 @@ async def test_a_signal_ends_workflows_then_streams_and_the_process_exits_in_tim
     assert any(r.get("session_id") == running for r in records), lines
 
 
+async def refused(port: int) -> None:
+    """Wait until the port refuses connections: the server's shutdown has begun."""
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except ConnectionRefusedError:
+                return
+            writer.close()
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "again",
+    [None, signal.SIGTERM, signal.SIGINT],
+    ids=["one SIGTERM", "then SIGTERM again", "then SIGINT (a second Ctrl+C)"],
+)
 async def test_a_request_waiting_on_its_workflow_is_answered_when_shutdown_interrupts_it(
-    serve: Callable[..., Awaitable[Process]],
+    serve: Callable[..., Awaitable[Process]], again: int | None
 ) -> None:
     """``run-workflow?wait=true`` still waiting when SIGTERM comes: once the grace period
     is over, the request gets its answer, 200 with the final outcome (``failed`` and
-    ``workflow_interrupted``, or ``complete`` had it finished), not a dropped connection."""
+    ``workflow_interrupted``, or ``complete`` had it finished), not a dropped connection.
+    A second signal while the shutdown runs changes nothing but a line in the log."""
     server = await serve("--shutdown-grace", str(GRACE))
     session_id = new_session_id()
     async with ClientSession() as http:
@@ -205,6 +223,9 @@ async def test_a_request_waiting_on_its_workflow_is_answered_when_shutdown_inter
         async with http.ws_connect(server.url(f"/ws/orchestrator/{session_id}", "ws")) as ws:
             await until_event(ws, lambda e: e.get("agent") == "demand")  # mid-flight
             server.process.send_signal(signal.SIGTERM)
+            if again is not None:
+                await refused(server.port)
+                server.process.send_signal(again)
             final = (await read_until_final(ws))[-1]
         async with asyncio.timeout(GRACE + EXIT_SLACK):
             response = await waiting
@@ -217,6 +238,8 @@ async def test_a_request_waiting_on_its_workflow_is_answered_when_shutdown_inter
         assert answer["status"] == "failed"
         assert answer["error"]["code"] == final["code"] == "workflow_interrupted"
     assert await server.process.wait() == 0
+    if again is not None:
+        assert "shutdown is already under way" in server.log.read_text()
 
 
 async def a_workflow_in_its_grace(
