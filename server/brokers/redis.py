@@ -7,6 +7,7 @@ cluster slot and one Lua script may touch them all::
                               keyed, and "k:<idempotency key>" = "<seq>:<fingerprint>"
     <prefix>:{<sid>}:events   stream, entry id "<seq>-0", fields t f n b, MAXLEN = buffer_size
     <prefix>:{<sid>}:nonces   stream: "<nonce>:<seq>" per append of the retry window
+    <prefix>:{<sid>}:nonce-seqs  hash: nonce -> seq, for the same appends (a retry's lookup)
     <prefix>:{<sid>}:keys     list: the idempotency keys of the state hash, oldest first
     <prefix>:{<sid>}:lease    string: the owner of the workflow lease, expiring after its ttl
     <prefix>:{<sid>}:live     pub/sub channel: "<seq>|<epoch>|<type>|<final>|<body>"
@@ -228,6 +229,9 @@ class RedisBroker:
     def _nonces_key(self, session_id: str) -> str:
         return f"{self._prefix}:{{{session_id}}}:nonces"
 
+    def _nonce_seqs_key(self, session_id: str) -> str:
+        return f"{self._prefix}:{{{session_id}}}:nonce-seqs"
+
     def _keys_key(self, session_id: str) -> str:
         return f"{self._prefix}:{{{session_id}}}:keys"
 
@@ -360,6 +364,7 @@ class RedisBroker:
             self._stream_key(session_id),
             self._nonces_key(session_id),
             self._keys_key(session_id),
+            self._nonce_seqs_key(session_id),
         ]
         settings = [self._buffer_size, self._ttl_ms, new_epoch(), self.channel(session_id)]
         settings.append(secrets.token_hex(6))  # the nonce a retry looks for
@@ -430,7 +435,7 @@ class RedisBroker:
         sha = self._append_script.sha
         # hiredis packs in C: 2.5 µs a command here, against 16.6 for redis-py's packer.
         return [
-            hiredis.pack_command(("EVALSHA", sha, 4, *r.keys, *r.arguments(retry))) for r in batch
+            hiredis.pack_command(("EVALSHA", sha, 5, *r.keys, *r.arguments(retry))) for r in batch
         ]
 
     async def read(
@@ -502,6 +507,7 @@ class RedisBroker:
             self._lease_key(session_id),
             self._nonces_key(session_id),
             self._keys_key(session_id),
+            self._nonce_seqs_key(session_id),
         ]
         args = [new_epoch(), self._ttl_ms, secrets.token_hex(8)]
         args += ["", 0] if lease is None else [lease.owner, _milliseconds(lease.ttl)]

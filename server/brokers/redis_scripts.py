@@ -10,19 +10,22 @@ from __future__ import annotations
 
 from .base import LeaseState
 
-# KEYS: state, stream, nonces, keys. ARGV: type, final (0|1), body, maxlen, ttl_ms, fresh
-# epoch, channel, nonce, retry window ms, retry (0|1), idempotency key ('' for none), its
-# fingerprint, then two positions (epoch, seq) this process has seen the stream reach: the
-# last it stored and the last it delivered (('', 0) for none). Returns:
+# KEYS: state, stream, nonces, keys, nonce seqs. ARGV: type, final (0|1), body, maxlen,
+# ttl_ms, fresh epoch, channel, nonce, retry window ms, retry (0|1), idempotency key (''
+# for none), its fingerprint, then two positions (epoch, seq) this process has seen the
+# stream reach: the last it stored and the last it delivered (('', 0) for none). Returns:
 #   {1, epoch, seq, rewound}  stored; rewound is the id of the position seen when the
 #                             stream took a new epoch for lost writes (below), else ''
 #   {0, final_id}             the session has ended
 #   {2, epoch, seq}           the key was stored before: nothing stored now
 #   {3}                       the key was stored before, with another fingerprint
 #
-# Every append leaves "<nonce>:<seq>" in the nonces stream, whose entry ids are Redis's
-# clock, kept for the retry window: a retry finds its first attempt however many appends
-# came in between.
+# Every append leaves its nonce for the retry window: nonce -> seq in the nonce seqs hash,
+# which a retry reads in one step however many appends came in between, and
+# "<nonce>:<seq>" in the nonces stream, whose entry ids are Redis's clock, which says
+# when each leaves the hash. (A retry used to scan the whole stream: with a session
+# taking thousands of appends a second, every retried batch held Redis up for seconds,
+# for every process.)
 #
 # A publisher's idempotency key is a field of the state hash, "k:<key>" = "<seq>:<fp>",
 # so it lives and dies with the session; the keys list holds them oldest first, and the
@@ -34,24 +37,21 @@ from .base import LeaseState
 # events other than those its subscribers have; it takes a fresh epoch instead (keeping
 # its entries, now under the new epoch), so that every subscriber gets a gap notice.
 APPEND_LUA = """
-local state, stream, nonces, keys = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local state, stream, nonces, keys, seqs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local key = ARGV[11]
 local st = redis.call('HMGET', state, 'epoch', 'final', 'keyed', 'k:' .. key, 'seq')
 local epoch = st[1]
 local rewound = ''
 if epoch and ARGV[10] == '1' then
   -- A retry: the first attempt may have been stored and its answer lost.
-  local mine = ARGV[8] .. ':'
-  for _, entry in ipairs(redis.call('XRANGE', nonces, '-', '+')) do
-    local noted = entry[2][2]
-    if string.sub(noted, 1, #mine) == mine then
-      return {1, epoch, tonumber(string.sub(noted, #mine + 1)), ''}
-    end
+  local first = redis.call('HGET', seqs, ARGV[8])
+  if first then
+    return {1, epoch, tonumber(first), ''}
   end
 end
 if not epoch then
   -- A new life of the stream: drop any orphan entries, nonces and keys of an earlier one.
-  redis.call('DEL', stream, nonces, keys)
+  redis.call('DEL', stream, nonces, seqs, keys)
   epoch = ARGV[6]
   redis.call('HSET', state, 'epoch', epoch, 'seq', 0)
 else
@@ -93,12 +93,24 @@ if key ~= '' or st[3] then
   redis.call('PEXPIRE', keys, ARGV[5])
 end
 local noted = redis.call('XADD', nonces, '*', 'n', ARGV[8] .. ':' .. seq)
+redis.call('HSET', seqs, ARGV[8], seq)
 if seq % 16 == 0 then
-  -- Trimmed every 16th append: a few notes past the window cost less than a trim each time.
+  -- Pruned every 16th append (a few notes past the window cost less than a trim each
+  -- time), at most 64 at once: four times the pace they come at, in bounded steps.
   local now_ms = tonumber(string.match(noted, '^(%d+)'))
-  redis.call('XTRIM', nonces, 'MINID', now_ms - tonumber(ARGV[9]))
+  local old = redis.call('XRANGE', nonces, '-', '(' .. (now_ms - tonumber(ARGV[9])), 'COUNT', 64)
+  if #old > 0 then
+    local ids, gone = {}, {}
+    for i, entry in ipairs(old) do
+      ids[i] = entry[1]
+      gone[i] = string.match(entry[2][2], '^(.*):')
+    end
+    redis.call('HDEL', seqs, unpack(gone))
+    redis.call('XDEL', nonces, unpack(ids))
+  end
 end
 redis.call('PEXPIRE', nonces, ARGV[9])
+redis.call('PEXPIRE', seqs, ARGV[9])
 redis.call('PUBLISH', ARGV[7],
            seq .. '|' .. epoch .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3])
 return {1, epoch, seq, rewound}
@@ -159,8 +171,8 @@ end
 return {epoch, last, final, gap, range('-', most)}
 """
 
-# KEYS: state, stream, lease, nonces, keys. ARGV: fresh epoch, ttl_ms, nonce, lease owner ('' for
-# no lease), lease ttl_ms. Returns 1 for the first caller.
+# KEYS: state, stream, lease, nonces, keys, nonce seqs. ARGV: fresh epoch, ttl_ms, nonce,
+# lease owner ('' for no lease), lease ttl_ms. Returns 1 for the first caller.
 #
 # A claim is also taken again by the process that made it, while its lease holds, if
 # nothing was stored in it and it has not ended: a claim whose answers never reached
@@ -185,7 +197,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   end
   redis.call('HSET', KEYS[1], 'claimed', ARGV[3])  -- taken again: same epoch, nothing in it
 else
-  redis.call('DEL', KEYS[2], KEYS[4], KEYS[5])
+  redis.call('DEL', KEYS[2], KEYS[4], KEYS[5], KEYS[6])
   redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0, 'claimed', ARGV[3])
 end
 if ARGV[4] ~= '' then

@@ -336,15 +336,50 @@ async def test_nonces_are_kept_only_for_the_retry_window(
     node = await make_node(op_timeout=0.2, retry_budget=0.3)
     sid = new_session_id()
     await append_many(node.broker, sid, 3)
-    nonces = node.broker._nonces_key(sid)
+    nonces, seqs = node.broker._nonces_key(sid), node.broker._nonce_seqs_key(sid)
     assert await raw_redis.xlen(nonces) == 3
-    assert 0 < await raw_redis.pttl(nonces) <= 1000
+    assert sorted((await raw_redis.hgetall(seqs)).values()) == ["1", "2", "3"]
+    for key in (nonces, seqs):
+        assert 0 < await raw_redis.pttl(key) <= 1000
 
     async def expired() -> bool:
-        return await raw_redis.exists(nonces) == 0
+        return await raw_redis.exists(nonces, seqs) == 0
 
     await eventually(expired)
     assert await raw_redis.exists(*keys_of(node.broker, sid)) == 2
+
+
+async def test_nonces_past_the_retry_window_leave_in_bounded_steps(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """While appends go on, the notes older than the retry window leave both the nonces
+    stream and the hash a retry reads (every 16th append, at most 64 at a time, so no
+    append holds Redis up for long), and the two always name the same nonces."""
+    node = await make_node()
+    sid = new_session_id()
+    await append_many(node.broker, sid, 1)
+    nonces, seqs = node.broker._nonces_key(sid), node.broker._nonce_seqs_key(sid)
+    # 100 notes from long before the window (entry ids are Redis's clock, in ms).
+    await raw_redis.delete(nonces, seqs)
+    for n in range(100):
+        await raw_redis.xadd(nonces, {"n": f"old{n}:{n}"}, id=f"1-{n}")
+        await raw_redis.hset(seqs, f"old{n}", n)
+
+    async def notes() -> tuple[list[str], list[str]]:
+        entries = await raw_redis.xrange(nonces) or []
+        named = sorted(str(fields["n"]).split(":")[0] for _, fields in entries if fields)
+        return named, sorted(str(name) for name in await raw_redis.hkeys(seqs))
+
+    await append_many(node.broker, sid, 14, start=2)  # seq 15: nothing pruned yet
+    stream, hash_ = await notes()
+    assert stream == hash_ and len(stream) == 114
+    await append_many(node.broker, sid, 1, start=16)  # seq 16: the 64 oldest go
+    stream, hash_ = await notes()
+    assert stream == hash_ and len(stream) == 51
+    await append_many(node.broker, sid, 16, start=17)  # seq 32: the rest of them
+    stream, hash_ = await notes()
+    assert stream == hash_ and len(stream) == 31
+    assert not any(name.startswith("old") for name in stream)
 
 
 async def test_concurrent_appends_share_round_trips_and_are_stored_once(
@@ -1029,7 +1064,12 @@ async def test_memory_per_session_stays_small(make_node: NodeFactory, raw_redis:
     for n in range(60):
         text = body(n, agent="demand", status=status, progress=n, data={"step": n})
         await node.broker.append(sid, "agent_status", text, n == 59)
-    keys = [*keys_of(node.broker, sid), node.broker._nonces_key(sid)]  # nonces: still there
+    # Nonces: still there.
+    keys = [
+        *keys_of(node.broker, sid),
+        node.broker._nonces_key(sid),
+        node.broker._nonce_seqs_key(sid),
+    ]
     used = sum([await raw_redis.memory_usage(key) or 0 for key in keys])
     assert used < 64 * 1024, used
 
