@@ -80,6 +80,10 @@ class RespStream:
         self._writer = writer
         self._parser = hiredis.Reader(
             encoding="utf-8",
+            # What this server writes is UTF-8; bytes that are not (a message another
+            # client published on a channel of ours) decode with U+FFFD and are then
+            # dropped as malformed, rather than failing the whole connection.
+            errors="replace",
             notEnoughData=_MORE,
             replyError=ResponseError,
             protocolError=RedisConnectionError,  # a garbled stream is a lost connection

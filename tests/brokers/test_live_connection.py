@@ -87,6 +87,22 @@ async def test_calls_from_many_tasks_get_their_own_replies_while_live_messages_a
     assert node.broker._live.connections == 1
 
 
+async def test_a_live_message_that_is_not_utf8_is_ignored_and_the_connection_kept(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """Another client of the same Redis publishes bytes that are not UTF-8 on a watched
+    session's channel: the message is dropped like any malformed one, and the connection
+    (with every append and watched session on it) goes on, with no reconnect."""
+    node = await make_node()
+    sid = new_session_id()
+    await node.broker.watch(sid)
+    await raw_redis.publish(node.broker.channel(sid), b"\xff\xfe|not|utf-8")
+    await node.broker.append(sid, "progress", body(1), False)
+    await node.recorder.wait_until(lambda: len(node.recorder.of(sid)) >= 1)
+    assert node.recorder.seqs(sid) == [1]
+    assert node.broker._live.connections == 1
+
+
 async def test_an_error_reply_is_an_answer_and_the_connection_stays_in_step(
     make_node: NodeFactory, raw_redis: Redis
 ) -> None:
