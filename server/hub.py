@@ -39,6 +39,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal
 
 from .brokers.base import Broker, IdempotencyKey, Replay
+from .errors import ServiceUnavailable
 from .messages import (
     REPLAY_GAP,
     CompleteEvent,
@@ -57,6 +58,10 @@ log = logging.getLogger(__name__)
 
 Frame = StoredEvent | ControlEvent
 CloseReason = Literal["slow_consumer", "shutdown"]
+
+# How long a subscriber's re-read of its session waits before it tries again, once the
+# broker has given up on an unavailable event store.
+_RESYNC_PAUSE = 0.5
 
 # Subscribers a heartbeat round writes before it lets the event loop run other work.
 _HEARTBEATS_PER_TURN = 128
@@ -213,6 +218,9 @@ class Subscription:
         if self._closed is not None:
             return
         if self._pending is not None:
+            if len(self._pending) >= self._queue_size:
+                self.close("slow_consumer")  # held back too long (a re-read that waits)
+                return
             self._pending.append(event)
             return
         same_stream = self._epoch is None or event.epoch == self._epoch
@@ -245,6 +253,11 @@ class Subscription:
             return
         self._control.append(event)
         self._wake()
+
+    @property
+    def joined(self) -> bool:
+        """Still one of its session's subscribers (its stream has not left the hub)."""
+        return self in self._local.members
 
     def close(self, reason: CloseReason) -> None:
         if self._closed is None:
@@ -562,13 +575,30 @@ class Hub:
         task.add_done_callback(self._background.discard)
 
     async def _resync_one(self, subscription: Subscription) -> None:
-        held_before_read = len(subscription._pending or ())
-        try:
-            replay = await self.broker.read(subscription.session_id, subscription.position)
-        except Exception:
-            log.exception("resync of a subscriber of %s failed", subscription.session_id)
-            subscription.close("slow_consumer")  # it reconnects and resumes from the buffer
-            return
+        session_id = subscription.session_id
+        warned = False
+        while True:
+            held_before_read = len(subscription._pending or ())
+            try:
+                replay = await self.broker.read(session_id, subscription.position)
+                break
+            except ServiceUnavailable:
+                # The event store is away (the broker has retried for its budget). Open
+                # streams stay open through an outage: this one holds its live events
+                # (up to its queue size) and reads again until it can, or is gone.
+                if not warned:
+                    log.warning(
+                        "re-reading session %s for a subscriber waits for the event store",
+                        session_id,
+                    )
+                    warned = True
+                await asyncio.sleep(_RESYNC_PAUSE)
+                if subscription._closed is not None or not subscription.joined:
+                    return
+            except Exception:
+                log.exception("resync of a subscriber of %s failed", session_id)
+                subscription.close("slow_consumer")  # it reconnects and resumes from the buffer
+                return
         if replay.gap:
             self._metrics.replay_gaps.inc()
         subscription._start(replay, gap=replay.gap, held_before_read=held_before_read)

@@ -520,6 +520,75 @@ async def test_subscriber_on_a_recreated_stream_gets_a_gap_notice() -> None:
     await hub.close()
 
 
+async def test_a_re_read_that_meets_an_unavailable_store_keeps_the_stream_open() -> None:
+    """A subscriber must re-read its session (the stream was recreated) while the event
+    store is away: its stream stays open, as open streams do through an outage, the live
+    events meanwhile are held, and once the store answers it gets ``replay_gap`` and every
+    event of the new life, once and in order. Not a ``slow_consumer`` cut."""
+    clock = Clock()
+    hub = await make_memory_hub(ttl=60.0, clock=clock)
+    broker = hub.broker
+    assert isinstance(broker, MemoryBroker)
+    read = broker.read
+    failures = 0
+
+    async def unavailable_twice(
+        session_id: str, after: StreamPosition | None, limit: int | None = None
+    ) -> Replay:
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise ServiceUnavailable("down")
+        return await read(session_id, after, limit)
+
+    async with hub.subscribe(SID) as sub:
+        await hub.publish(progress(1))
+        assert seqs(await receive(sub, 1)) == [1]
+        clock.now += 120
+        broker.sweep()
+        broker.read = unavailable_twice  # type: ignore[method-assign]
+        await hub.publish(progress(1))  # a new life: the subscriber re-reads, and waits
+        await hub.publish(progress(2))
+        rest = await receive(sub, 2)
+        assert failures == 2
+        assert codes(rest) == [REPLAY_GAP] and seqs(rest) == [1, 2]
+        await hub.publish(progress(3))
+        assert seqs(await receive(sub, 1)) == [3]
+    assert hub._metrics.registry.get_sample_value(
+        "orchestrator_subscriptions_closed_total", {"reason": "slow_consumer"}
+    ) in (None, 0)
+    await hub.close()
+
+
+async def test_live_events_held_for_a_waiting_re_read_are_bounded_by_the_queue_size() -> None:
+    """While a subscriber's re-read waits for the event store, its live events are held,
+    at most its queue size of them: one more and it is closed as a slow consumer (it
+    resumes from the buffer), so a long wait never grows the server's memory unbounded."""
+    clock = Clock()
+    hub = await make_memory_hub(ttl=60.0, clock=clock)  # queue_size=50
+    broker = hub.broker
+    assert isinstance(broker, MemoryBroker)
+
+    async def unavailable(
+        session_id: str, after: StreamPosition | None, limit: int | None = None
+    ) -> Replay:
+        raise ServiceUnavailable("down")
+
+    await hub.publish(progress(1))
+    async with hub.subscribe(SID) as sub:
+        assert seqs(await drain(sub)) == [1]
+        clock.now += 120
+        broker.sweep()
+        broker.read = unavailable  # type: ignore[method-assign]
+        for n in range(1, 51):  # a new life: the first makes it re-read; 50 held in all
+            await hub.publish(progress(n))
+        assert sub._pending is not None and len(sub._pending) == 50
+        assert sub._closed is None
+        await hub.publish(progress(51))
+        assert sub._closed == "slow_consumer"
+    await hub.close()
+
+
 async def test_a_gap_notice_follows_the_events_already_queued() -> None:
     """A subscriber still has old events queued (it has not read them) when the stream is
     recreated: it gets them first, then ``replay_gap``, then the new life's events. A
