@@ -261,7 +261,12 @@ class Stream(asyncio.Protocol, abc.ABC):
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def eof_received(self) -> None:
-        """The client closed its side: the socket closes (``connection_lost`` follows)."""
+        """The client closed its side: the socket closes (``connection_lost`` follows)
+        once it has sent what is left in its buffer, and is dropped a heartbeat interval
+        later if the client does not take it. (asyncio's own close, which follows, would
+        wait for that for as long as the client keeps its socket open.)"""
+        if self._transport is not None and self._outlet is not None:
+            self._close(within=self._outlet.interval)
 
     def pause_writing(self) -> None:
         self._paused = True

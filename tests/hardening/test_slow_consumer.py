@@ -113,3 +113,20 @@ async def test_a_stalled_sse_reader_is_dropped_soon_after_the_final_event(
         )
         await wait_until(lambda: open_connections(ctx) == 0, CUT_OFF_TIMEOUT)
         await wait_until(lambda: ctx.hub.subscriber_count == 0)
+
+
+async def test_a_stalled_reader_that_half_closes_is_dropped_within_a_heartbeat_interval(
+    start: StartServer,
+) -> None:
+    """A client that has stopped reading, with bytes of its stream still in the server's
+    buffer, then shuts its sending side (``shutdown(SHUT_WR)``) and keeps its socket
+    open: the server closes the stream and, as the client takes nothing, drops it a
+    heartbeat interval later, freeing its subscription and its admission; it is not held
+    for as long as the client keeps its socket."""
+    server = await start(subscriber_queue_size=50, heartbeat_interval=1.0, buffer_size=100)
+    ctx = context_of(server)
+    session_id = new_session_id()
+    async with stalled_sse_client(server, session_id, padding=PADDING, limit=BURST) as slow:
+        slow.writer.write_eof()
+        await wait_until(lambda: open_connections(ctx) == 0, CUT_OFF_TIMEOUT)
+        await wait_until(lambda: ctx.hub.subscriber_count == 0)
