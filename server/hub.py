@@ -243,8 +243,8 @@ class Subscription:
         A client that asks for more answers than it reads (pings, say, sent faster than
         it takes the heartbeats back) is closed as a slow consumer once ``queue_size``
         of them wait: what it sends never grows the server's memory without bound."""
-        if self._closed is not None:
-            return
+        if self._closed is not None or self._final_seen:
+            return  # nothing follows the final event, even while it is being written
         self._leave_steady()  # the transport's task sends it, in order with what follows
         if self._control is None:
             self._control = deque()

@@ -24,6 +24,7 @@ from server.brokers.redis import RedisBroker
 from server.errors import ServiceUnavailable, SessionEnded
 from server.hub import Hub, Subscription, SubscriptionClosed
 from server.messages import (
+    INVALID_MESSAGE,
     REPLAY_GAP,
     CompleteEvent,
     ControlEvent,
@@ -586,6 +587,23 @@ async def test_live_events_held_for_a_waiting_re_read_are_bounded_by_the_queue_s
         assert sub._closed is None
         await hub.publish(progress(51))
         assert sub._closed == "slow_consumer"
+    await hub.close()
+
+
+async def test_nothing_follows_the_final_event_once_it_is_taken() -> None:
+    """Once the transport has taken the final event (it may still be writing it to a slow
+    socket), a heartbeat round or a notice for the connection queues nothing more: the
+    final event is the last thing on the stream (PROTOCOL.md)."""
+    hub = await make_memory_hub()
+    await hub.publish(progress(1))
+    await hub.publish(final())
+    async with hub.subscribe(SID) as sub:
+        frames = await drain(sub)
+        assert seqs(frames) == [1, 2] and isinstance(frames[-1], StoredEvent)
+        assert frames[-1].final and sub.finished
+        await hub.send_heartbeats()
+        sub.push_control(ControlEvent.error(SID, INVALID_MESSAGE, "x"))
+        assert sub.get_nowait() is None and sub.finished
     await hub.close()
 
 
