@@ -15,7 +15,9 @@ handler: it is the socket's asyncio protocol, which writes to and closes its
 leaves the server's connections, drops its parser and its keep-alive timer, and
 lets its task end). For a WebSocket, also on ``WebSocketResponse.prepare()`` not
 yielding to the event loop between sending the 101 and returning, so that no
-client frame reaches aiohttp's reader before the hand-over. The transport and
+client frame reaches aiohttp's reader before the hand-over, and on the handler's
+``_message_tail``, where aiohttp keeps what a client sent after its upgrade request
+before the 101 (see :func:`early_bytes`). The transport and
 hardening tests pass on aiohttp 3.12, 3.13 and 3.14, and fail at once if any of
 this changes.
 """
@@ -40,3 +42,15 @@ def take_over(request: web.BaseRequest, protocol: asyncio.BaseProtocol) -> async
     transport.set_protocol(protocol)
     handler.connection_lost(None)
     return transport
+
+
+def early_bytes(request: web.BaseRequest) -> bytes:
+    """What the client sent after its upgrade request, before the response: WebSocket
+    frames from a client that did not wait for the 101 (RFC 6455 4.1 asks it to; some do
+    not). aiohttp keeps them for the reader ``prepare()`` makes, which nobody reads once
+    the stream is taken over; taken here, right before ``prepare()``, they go to the
+    stream's own reader instead."""
+    handler = request.protocol
+    tail: bytes = handler._message_tail
+    handler._message_tail = b""
+    return tail

@@ -24,6 +24,7 @@ from ..error_answers import INTERNAL_ERROR_MESSAGE, answer_error, log_failure
 from ..errors import ServiceUnavailable, StreamError, refusal_reason
 from ..messages import INVALID_SESSION_ID, ControlEvent, is_valid_session_id
 from ..query import query_value
+from .takeover import early_bytes
 from .ws_stream import CLOSE_TIMEOUT, WsStream
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             return await _fail(request, session_id, failure)
         try:
             try:
+                early = early_bytes(request)  # nothing awaited between this and prepare()
                 await ws.prepare(request)
                 begun = WsStream(
                     ctx.hub,
@@ -91,6 +93,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 # the socket takes its bytes), so no frame of the client's, which may only
                 # follow the 101, can reach aiohttp's reader first.
                 begun.begin(request, ctx.metrics, ctx.settings.heartbeat_interval)
+                if early:
+                    begun.data_received(early)
             except ConnectionError:
                 return ws  # the client went away
             stream = begun

@@ -9,6 +9,7 @@ on its own: the test decides whether a ping gets its pong, or a close its answer
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import secrets
@@ -378,3 +379,38 @@ async def test_a_client_that_does_not_answer_the_close_is_dropped(
     ws.forget_queued()  # the answer websockets queued is never sent
     await ws.closed_by_server()
     await subscribed(client, 0)
+
+
+async def test_frames_sent_with_the_handshake_are_read_as_if_sent_after_it(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    """A client that does not wait for the 101 (RFC 6455 4.1 asks it to) sends its first
+    frames in the same packet as its handshake: they are read like any later frame (a
+    ping gets its pong, a ``ping`` command its heartbeat), not dropped unread."""
+    client = await make_client(settings.replace(heartbeat_interval=QUIET_HEARTBEAT_INTERVAL))
+    early = Protocol(Side.CLIENT, max_size=None)
+    early.send_ping(b"early")
+    early.send_text(b'{"type": "ping"}')
+    handshake = "\r\n".join(
+        [
+            f"GET {ws_path(new_session_id())} HTTP/1.1",
+            "Host: 127.0.0.1",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {base64.b64encode(secrets.token_bytes(16)).decode()}",
+            "Sec-WebSocket-Version: 13",
+            "",
+            "",
+        ]
+    ).encode()
+    connection = await RawConnection.open(client.server)
+    try:
+        connection.writer.write(handshake + b"".join(early.data_to_send()))
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            head = await connection.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        ws = RawWebSocket(connection)
+        assert (await ws.next_of(Opcode.PONG)).data == b"early"
+        assert (await ws.next_event())["type"] == "heartbeat"
+    finally:
+        connection.abort()
