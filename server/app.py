@@ -222,8 +222,11 @@ def create_app(
     app.on_shutdown.append(on_shutdown)
     app.on_response_prepare.append(_on_response_prepare(settings.cors_origins))
 
-    app.router.add_get(f"/ws/orchestrator/{SESSION_ID_SEGMENT}", websocket_handler)
-    app.router.add_get(f"/sse/orchestrator/{SESSION_ID_SEGMENT}", sse_handler)
+    # GET only: a HEAD would take a connection's place and read a replay, then be refused.
+    app.router.add_get(
+        f"/ws/orchestrator/{SESSION_ID_SEGMENT}", websocket_handler, allow_head=False
+    )
+    app.router.add_get(f"/sse/orchestrator/{SESSION_ID_SEGMENT}", sse_handler, allow_head=False)
     add_routes(app)
     add_contract_routes(app)
     app.router.add_get("/", index)

@@ -42,6 +42,7 @@ from tests.transports.conftest import (
     live_tasks,
     sse_path,
     subscribed,
+    ws_path,
 )
 
 
@@ -500,3 +501,25 @@ async def test_slow_consumer_is_ended_without_delaying_another_subscriber(
     async with open_aiohttp_sse(client.session, url, headers) as sse:
         resumed = await read_to_end(sse)
     assert seqs(slow_events) + seqs(resumed) == list(range(1, published + 2))
+
+
+@pytest.mark.parametrize("method", ["HEAD", "POST"])
+async def test_a_method_other_than_get_is_405_before_anything_is_subscribed(
+    client: AppClient, method: str
+) -> None:
+    """A stream's address (SSE, and WebSocket too) takes GET only: HEAD and POST get 405
+    with ``Allow: GET``, and neither takes a connection's place nor joins the session (no
+    replay is read), even for a session that has ended."""
+    session_id = new_session_id()
+    await publish(client, session_id, final())
+    registry = hub_of(client.server)._metrics.registry
+    replays = registry.get_sample_value("orchestrator_replays_total")
+    for path in (
+        sse_path(session_id),
+        sse_path(session_id) + "?last_event_id=x",
+        ws_path(session_id),
+    ):
+        async with client.request(method, path) as response:
+            assert response.status == 405
+            assert response.headers["Allow"] == "GET"
+    assert registry.get_sample_value("orchestrator_replays_total") == replays
