@@ -256,8 +256,15 @@ class LiveChannels:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         async with self._sub_lock:
             # Registered before sending: the confirmation may be read while we await.
-            self._inflight.setdefault(channel, deque()).append([future])
+            batches = self._inflight.setdefault(channel, deque())
             life = self._life
+            if life is None and batches:
+                # No connection, so no SUBSCRIBE goes out now: the reconnect's confirms
+                # every watcher still waiting. Joined to those (less the ones that gave
+                # up), so that watches retried all through an outage do not pile up.
+                batches[-1][:] = [f for f in batches[-1] if not f.done()] + [future]
+            else:
+                batches.append([future])
             if life is not None:
                 try:
                     life.subscription("SUBSCRIBE", [channel])

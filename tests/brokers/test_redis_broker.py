@@ -1047,6 +1047,34 @@ async def test_watch_while_down_fails_and_works_once_redis_is_back(
     await b.recorder.wait_until(lambda: [e.id for e in b.recorder.of(sid)] == [stored.id])
 
 
+async def test_watches_retried_through_an_outage_do_not_pile_up(
+    make_node: NodeFactory, own_redis: ServerFactory
+) -> None:
+    """Clients retry their streams all through an outage, and each retry asks to watch:
+    what the process keeps for the watches waiting stays one entry per session, however
+    many came and gave up, and the session is watched once Redis is back."""
+    server = own_redis()
+    node = await make_node(server.url, watch_timeout=0.05)
+    sid = new_session_id()
+    channel = node.broker.channel(sid)
+    server.stop()
+    await eventually(lambda: node.broker._live._life is None)
+    for _ in range(30):
+        with pytest.raises(ServiceUnavailable):
+            await node.broker.watch(sid)
+    batches = node.broker._live._inflight[channel]
+    assert len(batches) == 1 and len(batches[0]) == 1
+    server.start()
+    async with asyncio.timeout(TIMEOUT):
+        while True:  # the reader reconnects with back-off; watch until it has
+            try:
+                await node.broker.watch(sid)
+                break
+            except ServiceUnavailable:
+                continue
+    assert channel not in node.broker._live._inflight
+
+
 async def test_close_is_idempotent(make_node: NodeFactory) -> None:
     """close() may be called twice; a closed broker is not ready."""
     node = await make_node()
