@@ -1021,6 +1021,18 @@ async def test_errors_are_sanitized(
     assert all(e.code == "service_unavailable" and e.status == 503 for e in errors)
 
 
+async def watch_once_back(broker: RedisBroker, session_id: str) -> None:
+    """Watch ``session_id`` as soon as Redis is back: the reader reconnects with back-off,
+    and a watch before it has fails."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            try:
+                await broker.watch(session_id)
+                return
+            except ServiceUnavailable:
+                continue
+
+
 async def test_watch_while_down_fails_and_works_once_redis_is_back(
     make_node: NodeFactory, own_redis: ServerFactory
 ) -> None:
@@ -1036,13 +1048,7 @@ async def test_watch_while_down_fails_and_works_once_redis_is_back(
     await b.broker.unwatch(sid)
     server.start()
     await eventually(a.broker.ping)
-    async with asyncio.timeout(TIMEOUT):
-        while True:  # the reader reconnects with back-off; watch until it has
-            try:
-                await b.broker.watch(sid)
-                break
-            except ServiceUnavailable:
-                continue
+    await watch_once_back(b.broker, sid)
     stored = await a.broker.append(sid, "progress", body(1), False)
     await b.recorder.wait_until(lambda: [e.id for e in b.recorder.of(sid)] == [stored.id])
 
@@ -1065,13 +1071,7 @@ async def test_watches_retried_through_an_outage_do_not_pile_up(
     batches = node.broker._live._inflight[channel]
     assert len(batches) == 1 and len(batches[0]) == 1
     server.start()
-    async with asyncio.timeout(TIMEOUT):
-        while True:  # the reader reconnects with back-off; watch until it has
-            try:
-                await node.broker.watch(sid)
-                break
-            except ServiceUnavailable:
-                continue
+    await watch_once_back(node.broker, sid)
     assert channel not in node.broker._live._inflight
 
 
