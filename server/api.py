@@ -67,10 +67,11 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     a file descriptor) for as long as its client likes, and no connection limit counts
     REST requests.
 
-    JSON is UTF-8 (RFC 8259), so the raw bytes are parsed whatever charset the
-    Content-Type names: bytes that do not decode (``UnicodeDecodeError`` is a
-    ``ValueError``), a bogus charset and nesting deeper than the parser's
-    recursion limit are all "not valid JSON", never a 500.
+    JSON is UTF-8 (RFC 8259), so the raw bytes are read as UTF-8 whatever charset
+    the Content-Type names (a leading byte order mark is read past): bytes that do not
+    decode (``UnicodeDecodeError`` is a ``ValueError``), a bogus charset, a body in
+    UTF-16 or UTF-32 and nesting deeper than the parser's recursion limit are all "not
+    valid JSON", never a 500.
     """
     try:
         if request.content.is_eof():
@@ -87,14 +88,15 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
             "The request body does not decode as its Content-Encoding says.", code="invalid_body"
         ) from None
     try:
-        body = json.loads(raw)
+        # Decoded here, not by json.loads(bytes), which would guess UTF-16 or UTF-32.
+        body = json.loads(raw.decode("utf-8-sig"))
     except (ValueError, RecursionError):
         raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    # Only an escape ("\ud800") makes a lone surrogate: UTF-8 cannot carry one. An ASCII
-    # body without "\u" (most of them) is not walked.
-    if (b"\\u" in raw or not raw.isascii()) and _holds_lone_surrogate(body):
+    # Only an escape ("\ud800") makes a lone surrogate: UTF-8 cannot carry one. A body
+    # without "\u" (most of them) is not walked.
+    if b"\\u" in raw and _holds_lone_surrogate(body):
         raise InvalidRequest(
             "The request body holds a lone surrogate escape (such as \\ud800), which is "
             "not text: escape characters beyond U+FFFF as a pair, or send them as UTF-8.",

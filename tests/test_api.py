@@ -519,6 +519,32 @@ async def test_json_is_read_as_utf8_whatever_charset_is_declared(
     assert event["status"] == "Prévision prête"
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16", "utf-32"])
+@pytest.mark.parametrize(
+    "data", [{"note": "plain"}, {"\ud800": 1}], ids=["plain", "a lone surrogate key"]
+)
+async def test_a_body_not_in_utf8_is_400_and_stores_nothing(
+    client: AppClient, encoding: str, data: dict[str, Any]
+) -> None:
+    """JSON is UTF-8 (RFC 8259): a body in UTF-16 or UTF-32 is not valid JSON here (400
+    ``invalid_json``), whatever it holds, so none of it is stored, altered or not. (A
+    parser that guessed the encoding took a lone surrogate key in UTF-16 past the check
+    that refuses it in UTF-8.) A UTF-8 byte order mark is read past."""
+    session_id = new_session_id()
+    body = json.dumps({**progress(1), "data": data}).encode(encoding, "surrogatepass")
+    response = await client.post(events_path(session_id), data=body)
+    await error_of(response, 400, "invalid_json")
+    assert (await client.get(f"/api/sessions/{session_id}")).status == 404
+    if data == {"note": "plain"}:
+        bom = "\ufeff" + json.dumps({**progress(1), "data": data})
+        await publish_raw(client, session_id, bom.encode())
+
+
+async def publish_raw(client: AppClient, session_id: str, body: bytes) -> None:
+    response = await client.post(events_path(session_id), data=body)
+    assert response.status == 202, await response.text()
+
+
 @pytest.mark.parametrize(
     "session_id", ["", "short", "a" * 129, "abcdefgh%2Fijkl", "s%C3%A9ssion-01"]
 )
