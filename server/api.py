@@ -20,7 +20,7 @@ from pydantic_core import PydanticSerializationError
 
 from .auth import check_stream_access, issue_stream_token
 from .brokers.base import IdempotencyKey, Repeated, Replay, SessionInfo
-from .context import STREAM_CONTEXT
+from .context import STREAM_CONTEXT, StreamContext
 from .errors import (
     BodyTimeout,
     InvalidRequest,
@@ -140,6 +140,19 @@ def session_id_of(request: web.Request) -> str:
     return session_id
 
 
+async def _exists(ctx: StreamContext, session_id: str) -> bool:
+    """Whether the event store has the session: ``False`` too when it cannot say soon (a
+    refusal under load must stay cheap)."""
+    try:
+        async with asyncio.timeout(_EXISTS_TIMEOUT):
+            return await ctx.hub.broker.info(session_id) is not None
+    except (ServiceUnavailable, TimeoutError):
+        return False
+
+
+_EXISTS_TIMEOUT = 0.5  # seconds
+
+
 def stream_urls(session_id: str) -> dict[str, str]:
     return {
         "websocket": f"/ws/orchestrator/{session_id}",
@@ -163,12 +176,13 @@ async def run_workflow(request: web.Request) -> web.Response:
     session_id = run.session_id or str(uuid.uuid4())
     try:
         ticket = ctx.admission.workflow(session_id)
-    except Overloaded:
+    except Overloaded as overloaded:
         # At max_sessions. A session that exists can never run again, whatever the load:
-        # 409, not a 503 that would have its client retry in vain.
-        if await ctx.hub.broker.info(session_id) is not None:
+        # 409, not a 503 that would have its client retry in vain. (Only a client's own
+        # id may exist; if the store cannot say, the refusal stands as it is.)
+        if run.session_id is not None and await _exists(ctx, session_id):
             raise session_exists() from None
-        raise
+        raise overloaded
     try:
         task = await request.app[WORKFLOW_RUNNER].start(session_id, run.strategy_description)
     except BaseException:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import BaseTestServer
 
+from server.errors import ServiceUnavailable
 from server.messages import ProgressEvent
 from tests.hardening.clients import (
     assert_error_body,
@@ -154,6 +156,36 @@ async def test_at_max_sessions_a_session_that_already_exists_still_gets_409(
                 assert response.status == status
                 assert_error_body(await response.json(), code)
         assert metric(ctx, "orchestrator_refusals_total", reason="sessions") == 1
+
+
+async def test_at_max_sessions_a_refusal_costs_no_store_call_it_does_not_need(
+    start: StartServer, http: ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At ``max_sessions`` a run-workflow with no session id (a new one is made) is
+    refused at once, asking the event store nothing; with an id, the store is asked
+    whether it exists, and if it cannot say, the answer is still the ``overloaded`` 503
+    (counted as such), not the store's ``service_unavailable``."""
+    server = await start(max_sessions=1)
+    ctx = context_of(server)
+    asked: list[str] = []
+
+    async def unavailable(session_id: str) -> None:
+        asked.append(session_id)
+        raise ServiceUnavailable("down")
+
+    monkeypatch.setattr(ctx.hub.broker, "info", unavailable)
+    async with http.ws_connect(ws_url(server, new_session_id())):
+        await wait_until(lambda: metric(ctx, "orchestrator_sessions", state="live") == 1)
+        given = new_session_id()
+        for run in ({}, {"session_id": given}):
+            async with http.post(
+                url(server, "/api/orchestrator/run-workflow"),
+                json={"strategy_description": "10% off chairs", **run},
+            ) as response:
+                assert response.status == 503
+                assert_error_body(await response.json(), "overloaded")
+        assert asked == [given]
+        assert metric(ctx, "orchestrator_refusals_total", reason="sessions") == 2
 
 
 async def test_a_running_workflow_keeps_its_session_live_until_it_ends(
