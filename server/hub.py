@@ -142,6 +142,7 @@ class Subscription:
         "_queue_size",
         "_replay_left",
         "_sink",
+        "_store_away",
         "_waiter",
         "session_id",
     )
@@ -157,6 +158,7 @@ class Subscription:
         self._queue: deque[Frame] | None = None  # the replay (a gap notice first), then live
         self._replay_left = 0  # the head of _queue that is replay, not live backlog
         self._pending: list[StoredEvent] | None = []  # live events held back during replay
+        self._store_away = False  # a re-read waits for the event store: _pending is capped
         self._epoch: str | None = None
         self._last_seq = 0
         self._final_seen = False
@@ -218,8 +220,11 @@ class Subscription:
         if self._closed is not None:
             return
         if self._pending is not None:
-            if len(self._pending) >= self._queue_size:
-                self.close("slow_consumer")  # held back too long (a re-read that waits)
+            if self._store_away and len(self._pending) >= self._queue_size:
+                # Held while a re-read waits for the store, for as long as it is away: at
+                # most queue_size of them, as for any subscriber that far behind. (A read
+                # that is only under way ends soon, and then drops what it covers.)
+                self.close("slow_consumer")
                 return
             self._pending.append(event)
             return
@@ -581,8 +586,10 @@ class Hub:
             held_before_read = len(subscription._pending or ())
             try:
                 replay = await self.broker.read(session_id, subscription.position)
+                subscription._store_away = False
                 break
             except ServiceUnavailable:
+                subscription._store_away = True
                 # The event store is away (the broker has retried for its budget). Open
                 # streams stay open through an outage: this one holds its live events
                 # (up to its queue size) and reads again until it can, or is gone.

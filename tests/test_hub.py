@@ -562,9 +562,10 @@ async def test_a_re_read_that_meets_an_unavailable_store_keeps_the_stream_open()
 
 
 async def test_live_events_held_for_a_waiting_re_read_are_bounded_by_the_queue_size() -> None:
-    """While a subscriber's re-read waits for the event store, its live events are held,
-    at most its queue size of them: one more and it is closed as a slow consumer (it
-    resumes from the buffer), so a long wait never grows the server's memory unbounded."""
+    """While a subscriber's re-read waits for an unavailable event store, its live events
+    are held, at most its queue size of them: one more and it is closed as a slow
+    consumer (it resumes from the buffer), so a long outage never grows the server's
+    memory without bound."""
     clock = Clock()
     hub = await make_memory_hub(ttl=60.0, clock=clock)  # queue_size=50
     broker = hub.broker
@@ -581,13 +582,48 @@ async def test_live_events_held_for_a_waiting_re_read_are_bounded_by_the_queue_s
         clock.now += 120
         broker.sweep()
         broker.read = unavailable  # type: ignore[method-assign]
-        for n in range(1, 51):  # a new life: the first makes it re-read; 50 held in all
+        await hub.publish(progress(1))  # a new life: the subscriber re-reads, and waits
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            while not sub._store_away:
+                await asyncio.sleep(POLL_INTERVAL)
+        for n in range(2, 51):  # 50 held in all
             await hub.publish(progress(n))
         assert sub._pending is not None and len(sub._pending) == 50
         assert sub._closed is None
         await hub.publish(progress(51))
         assert sub._closed == "slow_consumer"
     await hub.close()
+
+
+async def test_events_published_while_a_join_reads_its_replay_all_arrive() -> None:
+    """More events than a subscriber's queue holds are published while it joins (its
+    replay is being read): the replay covers them, and the subscriber gets each once,
+    in order; it is not cut off as a slow consumer for events it was never behind on."""
+    hub = await make_memory_hub()  # queue_size=50
+    broker = hub.broker
+    read = broker.read
+    reading, release = asyncio.Event(), asyncio.Event()
+
+    async def held_read(
+        session_id: str, after: StreamPosition | None, limit: int | None = None
+    ) -> Replay:
+        reading.set()
+        await release.wait()
+        return await read(session_id, after, limit)
+
+    broker.read = held_read  # type: ignore[method-assign]
+    joining = asyncio.create_task(hub.join(SID, None))
+    await reading.wait()
+    for n in range(1, 61):
+        await hub.publish(progress(n))
+    release.set()
+    sub = await joining
+    try:
+        assert seqs(await receive(sub, 60)) == list(range(1, 61))
+        assert sub._closed is None
+    finally:
+        await hub.leave(sub)
+        await hub.close()
 
 
 async def test_nothing_follows_the_final_event_once_it_is_taken() -> None:
