@@ -34,6 +34,7 @@ from .messages import (
     CONTROL_ERROR_CODES,
     PUBLISHABLE_ADAPTER,
     SESSION_ID_PATTERN,
+    CompleteEvent,
     ErrorEvent,
     StorableEvent,
     is_valid_session_id,
@@ -360,7 +361,10 @@ async def publish_event(request: web.Request) -> web.Response:
         key = _idempotency_key(request, event)
         stored = await ctx.hub.publish(event, key)
     except Repeated as first:
-        # Sent before and stored then: the same answer, and nothing stored again.
+        # Sent before and stored then: the same answer, and nothing stored again. A final
+        # event still stops the workflow here, in case the first answer never got that far.
+        if isinstance(event, CompleteEvent | ErrorEvent) and event.final:
+            request.app[WORKFLOW_RUNNER].ended(event)
         return _published(first.id, first.seq, {"Idempotent-Replayed": "true"})
     except PydanticSerializationError:
         # The event is written as JSON before anything is stored. What passes validation

@@ -292,6 +292,34 @@ async def test_a_final_event_from_a_service_stops_the_running_workflow(
     assert metric(server, "orchestrator_workflows_total", outcome="interrupted") == 1
 
 
+@BOTH_BROKERS
+async def test_a_service_final_event_sent_again_stops_the_workflow_its_first_did_not(
+    start: StartServer, agents: FakeAgents, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service's final event is stored, but its request ends before it can stop the
+    running workflow (its client hung up: the handler is cancelled). The service sends it
+    again with the same ``Idempotency-Key``: the retry is answered as the first
+    (``Idempotent-Replayed``), and stops the work at once."""
+    server = await start(lease_ttl=60.0)
+    session_id = new_session_id()
+    runner = app_of(server)[WORKFLOW_RUNNER]
+    async with ClientSession() as http:
+        waiting = asyncio.create_task(run_and_wait(http, server, session_id))
+        await wait_until(lambda: runner.running == 1, "the workflow running")
+        url = http_url(server, f"/api/sessions/{session_id}/events")
+        headers = {"Idempotency-Key": "final-1"}
+        with monkeypatch.context() as patch:
+            patch.setattr(runner, "ended", lambda final: None)  # the first request stops short
+            async with http.post(url, json=SERVICE_ENDS["error"], headers=headers) as first:
+                assert first.status == 202
+        assert not agents.stopped.is_set()
+        async with http.post(url, json=SERVICE_ENDS["error"], headers=headers) as again:
+            assert again.status == 202 and again.headers["Idempotent-Replayed"] == "true"
+        await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
+        status, outcome = await asyncio.wait_for(waiting, EVENT_TIMEOUT)
+    assert (status, outcome["error"]["code"]) == (200, SERVICE_ENDS["error"]["code"])
+
+
 @pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store never loses one
 async def test_a_running_workflow_whose_session_the_store_lost_can_still_be_cancelled(
     start: StartServer, agents: FakeAgents, settings: Settings
