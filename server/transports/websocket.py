@@ -94,7 +94,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 # follow the 101, can reach aiohttp's reader first.
                 begun.begin(request, ctx.metrics, ctx.settings.heartbeat_interval)
                 if early:
-                    begun.data_received(early)
+                    begun.early_frames(early)
             except ConnectionError:
                 return ws  # the client went away
             stream = begun

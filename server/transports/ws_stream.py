@@ -49,6 +49,10 @@ _FRAMES_LOG = logging.getLogger(__name__ + ".frames")
 _FRAMES_LOG.setLevel(logging.WARNING)
 
 
+# A client frame's header at its longest: 2 bytes, an 8-byte length, a 4-byte mask.
+_LARGEST_HEADER = 14
+
+
 def _ws_frame(frame: Frame) -> bytes:
     return frame.ws_frame
 
@@ -131,6 +135,18 @@ class WsStream(Stream):
             self._subscription.detach()
             if isinstance(reader.parser_exc, PayloadTooBig):
                 self._metrics.refused("frame_too_large")
+        self._flush()
+
+    def early_frames(self, data: bytes) -> None:
+        """Frames the client sent before the 101 (:func:`.takeover.early_bytes`), read like
+        any later ones, up to one largest message and its header. More is refused (1008)
+        rather than parsed in one go, which would hold the event loop up: aiohttp before
+        3.14 keeps all a client sends before the 101, however much."""
+        if len(data) <= (self._reader.max_message_size or 0) + _LARGEST_HEADER:
+            self.data_received(data)
+            return
+        self._subscription.detach()  # the close frame must be the last
+        self._reader.fail(CloseCode.POLICY_VIOLATION, "frames sent before the handshake")
         self._flush()
 
     def _take(self, frame: WireFrame) -> None:

@@ -381,6 +381,19 @@ async def test_a_client_that_does_not_answer_the_close_is_dropped(
     await subscribed(client, 0)
 
 
+def handshake_of(path: str) -> bytes:
+    """A client's WebSocket handshake request for ``path``."""
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {base64.b64encode(secrets.token_bytes(16)).decode()}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
 async def test_frames_sent_with_the_handshake_are_read_as_if_sent_after_it(
     make_client: ClientFactory, settings: Settings
 ) -> None:
@@ -391,26 +404,40 @@ async def test_frames_sent_with_the_handshake_are_read_as_if_sent_after_it(
     early = Protocol(Side.CLIENT, max_size=None)
     early.send_ping(b"early")
     early.send_text(b'{"type": "ping"}')
-    handshake = "\r\n".join(
-        [
-            f"GET {ws_path(new_session_id())} HTTP/1.1",
-            "Host: 127.0.0.1",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {base64.b64encode(secrets.token_bytes(16)).decode()}",
-            "Sec-WebSocket-Version: 13",
-            "",
-            "",
-        ]
-    ).encode()
     connection = await RawConnection.open(client.server)
     try:
-        connection.writer.write(handshake + b"".join(early.data_to_send()))
+        connection.writer.write(
+            handshake_of(ws_path(new_session_id())) + b"".join(early.data_to_send())
+        )
         async with asyncio.timeout(EVENT_TIMEOUT):
             head = await connection.reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101 ")
         ws = RawWebSocket(connection)
         assert (await ws.next_of(Opcode.PONG)).data == b"early"
         assert (await ws.next_event())["type"] == "heartbeat"
+    finally:
+        connection.abort()
+
+
+async def test_more_sent_with_the_handshake_than_one_largest_message_is_refused(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    """What a client sends before the 101 is read in one go: more than one message of
+    ``max_frame_size`` (and its header) is refused with 1008 rather than parsed at once,
+    which would hold every other stream up while it is."""
+    client = await make_client(settings.replace(heartbeat_interval=QUIET_HEARTBEAT_INTERVAL))
+    early = Protocol(Side.CLIENT, max_size=None)
+    for _ in range(2):
+        early.send_text(b'{"type": "ping"}'.ljust(settings.max_frame_size // 2 + 1))
+    connection = await RawConnection.open(client.server)
+    try:
+        connection.writer.write(
+            handshake_of(ws_path(new_session_id())) + b"".join(early.data_to_send())
+        )
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            head = await connection.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        ws = RawWebSocket(connection)
+        assert close_of(await ws.next_of(Opcode.CLOSE)).code == CloseCode.POLICY_VIOLATION
     finally:
         connection.abort()
