@@ -17,9 +17,10 @@ lets its task end). For a WebSocket, also on ``WebSocketResponse.prepare()`` not
 yielding to the event loop between sending the 101 and returning, so that no
 client frame reaches aiohttp's reader before the hand-over, and on the handler's
 ``_message_tail``, where aiohttp keeps what a client sent after its upgrade request
-before the 101 (see :func:`early_bytes`). The transport and
-hardening tests pass on aiohttp 3.12, 3.13 and 3.14, and fail at once if any of
-this changes.
+before the 101 (see :func:`early_bytes`). The transport and hardening tests pass
+on aiohttp 3.12, 3.13 and 3.14, and fail at once if any of this changes; 3.14 is
+required since it stops reading at 64 KiB what a client sends before the 101
+(3.12 and 3.13 keep all of it).
 """
 
 from __future__ import annotations
