@@ -6,8 +6,10 @@ cluster slot and one Lua script may touch them all::
     <prefix>:{<sid>}:state    hash: epoch, seq (last seq), final (id), claimed, leased,
                               keyed, and "k:<idempotency key>" = "<seq>:<fingerprint>"
     <prefix>:{<sid>}:events   stream, entry id "<seq>-0", fields t f n b, MAXLEN = buffer_size
-    <prefix>:{<sid>}:nonces   stream: "<nonce>:<seq>" per append of the retry window
-    <prefix>:{<sid>}:nonce-seqs  hash: nonce -> seq, for the same appends (a retry's lookup)
+    <prefix>:{<sid>}:nonce-seqs  hash: nonce -> seq of the appends of the retry window
+                              (and "~" -> when it began); a window old, it is renamed to
+    <prefix>:{<sid>}:nonce-seqs-before  the one a retry looks in next
+    <prefix>:{<sid>}:nonces   stream: written by earlier versions only, deleted with a life
     <prefix>:{<sid>}:keys     list: the idempotency keys of the state hash, oldest first
     <prefix>:{<sid>}:lease    string: the owner of the workflow lease, expiring after its ttl
     <prefix>:{<sid>}:live     pub/sub channel: "<seq>|<epoch>|<type>|<final>|<body>"
@@ -106,7 +108,8 @@ class _Append:
         retried = "1" if retry else "0"
         key = ("", "") if self.key is None else (self.key.key, self.key.fingerprint)
         seen = [part for position in self.seen for part in position or ("", 0)]
-        return [self.type, final, self.body, *self.settings, retried, *key, *seen]
+        now_ms = int(time.time() * 1000)  # the wall clock: every process's, kept by NTP
+        return [self.type, final, self.body, *self.settings, retried, *key, *seen, now_ms]
 
     def stored(self, epoch: str, seq: int) -> StoredEvent:
         return StoredEvent(self.session_id, epoch, seq, self.type, self.final, self.body)
@@ -231,6 +234,9 @@ class RedisBroker:
 
     def _nonce_seqs_key(self, session_id: str) -> str:
         return f"{self._prefix}:{{{session_id}}}:nonce-seqs"
+
+    def _earlier_nonce_seqs_key(self, session_id: str) -> str:
+        return f"{self._prefix}:{{{session_id}}}:nonce-seqs-before"
 
     def _keys_key(self, session_id: str) -> str:
         return f"{self._prefix}:{{{session_id}}}:keys"
@@ -365,6 +371,7 @@ class RedisBroker:
             self._nonces_key(session_id),
             self._keys_key(session_id),
             self._nonce_seqs_key(session_id),
+            self._earlier_nonce_seqs_key(session_id),
         ]
         settings = [self._buffer_size, self._ttl_ms, new_epoch(), self.channel(session_id)]
         settings.append(secrets.token_hex(6))  # the nonce a retry looks for
@@ -435,7 +442,7 @@ class RedisBroker:
         sha = self._append_script.sha
         # hiredis packs in C: 2.5 µs a command here, against 16.6 for redis-py's packer.
         return [
-            hiredis.pack_command(("EVALSHA", sha, 5, *r.keys, *r.arguments(retry))) for r in batch
+            hiredis.pack_command(("EVALSHA", sha, 6, *r.keys, *r.arguments(retry))) for r in batch
         ]
 
     async def read(
@@ -508,6 +515,7 @@ class RedisBroker:
             self._nonces_key(session_id),
             self._keys_key(session_id),
             self._nonce_seqs_key(session_id),
+            self._earlier_nonce_seqs_key(session_id),
         ]
         args = [new_epoch(), self._ttl_ms, secrets.token_hex(8)]
         args += ["", 0] if lease is None else [lease.owner, _milliseconds(lease.ttl)]

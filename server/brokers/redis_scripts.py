@@ -10,22 +10,25 @@ from __future__ import annotations
 
 from .base import LeaseState
 
-# KEYS: state, stream, nonces, keys, nonce seqs. ARGV: type, final (0|1), body, maxlen,
-# ttl_ms, fresh epoch, channel, nonce, retry window ms, retry (0|1), idempotency key (''
-# for none), its fingerprint, then two positions (epoch, seq) this process has seen the
-# stream reach: the last it stored and the last it delivered (('', 0) for none). Returns:
+# KEYS: state, stream, nonces, keys, nonce seqs, earlier nonce seqs. ARGV: type, final
+# (0|1), body, maxlen, ttl_ms, fresh epoch, channel, nonce, retry window ms, retry (0|1),
+# idempotency key ('' for none), its fingerprint, then two positions (epoch, seq) this
+# process has seen the stream reach: the last it stored and the last it delivered (('',
+# 0) for none), and the time now in ms (the caller's clock: TIME would need an ACL grant
+# of its own). Returns:
 #   {1, epoch, seq, rewound}  stored; rewound is the id of the position seen when the
 #                             stream took a new epoch for lost writes (below), else ''
 #   {0, final_id}             the session has ended
 #   {2, epoch, seq}           the key was stored before: nothing stored now
 #   {3}                       the key was stored before, with another fingerprint
 #
-# Every append leaves its nonce for the retry window: nonce -> seq in the nonce seqs hash,
-# which a retry reads in one step however many appends came in between, and
-# "<nonce>:<seq>" in the nonces stream, whose entry ids are Redis's clock, which says
-# when each leaves the hash. (A retry used to scan the whole stream: with a session
-# taking thousands of appends a second, every retried batch held Redis up for seconds,
-# for every process.)
+# Every append leaves its nonce -> seq in the nonce seqs hash for at least the retry
+# window, where a retry finds it in one step however many appends came in between. The
+# hash is renamed to the earlier nonce seqs (which it replaces) once it is a window old,
+# and a new one started: a nonce lives one to two windows, with nothing to prune. (A
+# retry used to scan a stream of the window's nonces: with a session taking thousands
+# of appends a second, each retried batch held Redis up for seconds, for every process.
+# That stream, "nonces", is no longer written; a new life of the stream deletes it.)
 #
 # A publisher's idempotency key is a field of the state hash, "k:<key>" = "<seq>:<fp>",
 # so it lives and dies with the session; the keys list holds them oldest first, and the
@@ -37,21 +40,22 @@ from .base import LeaseState
 # events other than those its subscribers have; it takes a fresh epoch instead (keeping
 # its entries, now under the new epoch), so that every subscriber gets a gap notice.
 APPEND_LUA = """
-local state, stream, nonces, keys, seqs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local state, stream, nonces, keys = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local seqs, earlier = KEYS[5], KEYS[6]
 local key = ARGV[11]
 local st = redis.call('HMGET', state, 'epoch', 'final', 'keyed', 'k:' .. key, 'seq')
 local epoch = st[1]
 local rewound = ''
 if epoch and ARGV[10] == '1' then
   -- A retry: the first attempt may have been stored and its answer lost.
-  local first = redis.call('HGET', seqs, ARGV[8])
+  local first = redis.call('HGET', seqs, ARGV[8]) or redis.call('HGET', earlier, ARGV[8])
   if first then
     return {1, epoch, tonumber(first), ''}
   end
 end
 if not epoch then
   -- A new life of the stream: drop any orphan entries, nonces and keys of an earlier one.
-  redis.call('DEL', stream, nonces, seqs, keys)
+  redis.call('DEL', stream, nonces, seqs, earlier, keys)
   epoch = ARGV[6]
   redis.call('HSET', state, 'epoch', epoch, 'seq', 0)
 else
@@ -92,25 +96,17 @@ redis.call('PEXPIRE', stream, ARGV[5])
 if key ~= '' or st[3] then
   redis.call('PEXPIRE', keys, ARGV[5])
 end
-local noted = redis.call('XADD', nonces, '*', 'n', ARGV[8] .. ':' .. seq)
-redis.call('HSET', seqs, ARGV[8], seq)
-if seq % 16 == 0 then
-  -- Pruned every 16th append (a few notes past the window cost less than a trim each
-  -- time), at most 64 at once: four times the pace they come at, in bounded steps.
-  local now_ms = tonumber(string.match(noted, '^(%d+)'))
-  local old = redis.call('XRANGE', nonces, '-', '(' .. (now_ms - tonumber(ARGV[9])), 'COUNT', 64)
-  if #old > 0 then
-    local ids, gone = {}, {}
-    for i, entry in ipairs(old) do
-      ids[i] = entry[1]
-      gone[i] = string.match(entry[2][2], '^(.*):')
-    end
-    redis.call('HDEL', seqs, unpack(gone))
-    redis.call('XDEL', nonces, unpack(ids))
-  end
+local now_ms = tonumber(ARGV[17])
+local since = redis.call('HGET', seqs, '~')  -- when this hash began ('~': never a nonce)
+if since and now_ms - tonumber(since) >= tonumber(ARGV[9]) then
+  redis.call('RENAME', seqs, earlier)
+  since = nil
 end
-redis.call('PEXPIRE', nonces, ARGV[9])
-redis.call('PEXPIRE', seqs, ARGV[9])
+if not since then
+  redis.call('HSET', seqs, '~', now_ms)
+end
+redis.call('HSET', seqs, ARGV[8], seq)
+redis.call('PEXPIRE', seqs, 2 * tonumber(ARGV[9]))
 redis.call('PUBLISH', ARGV[7],
            seq .. '|' .. epoch .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3])
 return {1, epoch, seq, rewound}
@@ -171,8 +167,9 @@ end
 return {epoch, last, final, gap, range('-', most)}
 """
 
-# KEYS: state, stream, lease, nonces, keys, nonce seqs. ARGV: fresh epoch, ttl_ms, nonce,
-# lease owner ('' for no lease), lease ttl_ms. Returns 1 for the first caller.
+# KEYS: state, stream, lease, nonces, keys, nonce seqs, earlier nonce seqs. ARGV: fresh
+# epoch, ttl_ms, nonce, lease owner ('' for no lease), lease ttl_ms. Returns 1 for the
+# first caller.
 #
 # A claim is also taken again by the process that made it, while its lease holds, if
 # nothing was stored in it and it has not ended: a claim whose answers never reached
@@ -197,7 +194,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   end
   redis.call('HSET', KEYS[1], 'claimed', ARGV[3])  -- taken again: same epoch, nothing in it
 else
-  redis.call('DEL', KEYS[2], KEYS[4], KEYS[5], KEYS[6])
+  redis.call('DEL', KEYS[2], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
   redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0, 'claimed', ARGV[3])
 end
 if ARGV[4] ~= '' then

@@ -332,54 +332,47 @@ async def test_nonces_are_kept_only_for_the_retry_window(
     make_node: NodeFactory, raw_redis: Redis
 ) -> None:
     """A session's nonces live as long as a retry may come (twice the retry budget and the
-    time-out of an attempt), then expire: an ended session holds only its state and events."""
-    node = await make_node(op_timeout=0.2, retry_budget=0.3)
+    time-out of an attempt: the window), at most two windows, then expire: an ended
+    session holds only its state and events."""
+    node = await make_node(op_timeout=0.2, retry_budget=0.3)  # a window of 1 s
     sid = new_session_id()
     await append_many(node.broker, sid, 3)
-    nonces, seqs = node.broker._nonces_key(sid), node.broker._nonce_seqs_key(sid)
-    assert await raw_redis.xlen(nonces) == 3
-    assert sorted((await raw_redis.hgetall(seqs)).values()) == ["1", "2", "3"]
-    for key in (nonces, seqs):
-        assert 0 < await raw_redis.pttl(key) <= 1000
+    seqs = node.broker._nonce_seqs_key(sid)
+    noted = await raw_redis.hgetall(seqs)
+    assert sorted(seq for nonce, seq in noted.items() if nonce != "~") == ["1", "2", "3"]
+    assert 1000 < await raw_redis.pttl(seqs) <= 2000
 
     async def expired() -> bool:
-        return await raw_redis.exists(nonces, seqs) == 0
+        return await raw_redis.exists(seqs, node.broker._earlier_nonce_seqs_key(sid)) == 0
 
     await eventually(expired)
     assert await raw_redis.exists(*keys_of(node.broker, sid)) == 2
 
 
-async def test_nonces_past_the_retry_window_leave_in_bounded_steps(
+async def test_a_retry_finds_its_first_attempt_for_a_window_then_its_nonce_is_gone(
     make_node: NodeFactory, raw_redis: Redis
 ) -> None:
-    """While appends go on, the notes older than the retry window leave both the nonces
-    stream and the hash a retry reads (every 16th append, at most 64 at a time, so no
-    append holds Redis up for long), and the two always name the same nonces."""
-    node = await make_node()
+    """The nonces of a window's appends are kept in one hash, which is set aside once a
+    window old, and dropped a window later: a retry within the window finds what its
+    first attempt stored, even across that turn, and nothing is pruned note by note, so
+    a burst of appends costs its memory for two windows at most."""
+    node = await make_node(op_timeout=0.2, retry_budget=0.3)  # a window of 1 s
     sid = new_session_id()
-    await append_many(node.broker, sid, 1)
-    nonces, seqs = node.broker._nonces_key(sid), node.broker._nonce_seqs_key(sid)
-    # 100 notes from long before the window (entry ids are Redis's clock, in ms).
-    await raw_redis.delete(nonces, seqs)
-    for n in range(100):
-        await raw_redis.xadd(nonces, {"n": f"old{n}:{n}"}, id=f"1-{n}")
-        await raw_redis.hset(seqs, f"old{n}", n)
-
-    async def notes() -> tuple[list[str], list[str]]:
-        entries = await raw_redis.xrange(nonces) or []
-        named = sorted(str(fields["n"]).split(":")[0] for _, fields in entries if fields)
-        return named, sorted(str(name) for name in await raw_redis.hkeys(seqs))
-
-    await append_many(node.broker, sid, 14, start=2)  # seq 15: nothing pruned yet
-    stream, hash_ = await notes()
-    assert stream == hash_ and len(stream) == 114
-    await append_many(node.broker, sid, 1, start=16)  # seq 16: the 64 oldest go
-    stream, hash_ = await notes()
-    assert stream == hash_ and len(stream) == 51
-    await append_many(node.broker, sid, 16, start=17)  # seq 32: the rest of them
-    stream, hash_ = await notes()
-    assert stream == hash_ and len(stream) == 31
-    assert not any(name.startswith("old") for name in stream)
+    broker = node.broker
+    first = broker._append_request(sid, "progress", body(1), False)
+    nonce = first.settings[4]
+    [stored] = await broker._live.call(broker._packed_appends([first], False))
+    assert (stored[0], stored[2]) == (1, 1)
+    await asyncio.sleep(1.1)  # the window passing is what is tested
+    await append_many(broker, sid, 1, start=2)  # the hash holding seq 1's nonce is set aside
+    [again] = await broker._live.call(broker._packed_appends([first], True))
+    assert (again[0], again[2]) == (1, 1)  # found: nothing stored twice
+    earlier = broker._earlier_nonce_seqs_key(sid)
+    assert nonce in await raw_redis.hkeys(earlier)
+    await asyncio.sleep(1.1)
+    await append_many(broker, sid, 1, start=3)  # a window later, seq 1's nonce is gone
+    assert nonce not in await raw_redis.hkeys(earlier)
+    assert len(await raw_redis.hkeys(broker._nonce_seqs_key(sid))) == 2  # seq 3's, and "~"
 
 
 async def test_concurrent_appends_share_round_trips_and_are_stored_once(
@@ -1092,12 +1085,7 @@ async def test_memory_per_session_stays_small(make_node: NodeFactory, raw_redis:
     for n in range(60):
         text = body(n, agent="demand", status=status, progress=n, data={"step": n})
         await node.broker.append(sid, "agent_status", text, n == 59)
-    # Nonces: still there.
-    keys = [
-        *keys_of(node.broker, sid),
-        node.broker._nonces_key(sid),
-        node.broker._nonce_seqs_key(sid),
-    ]
+    keys = [*keys_of(node.broker, sid), node.broker._nonce_seqs_key(sid)]  # nonces: still there
     used = sum([await raw_redis.memory_usage(key) or 0 for key in keys])
     assert used < 64 * 1024, used
 
