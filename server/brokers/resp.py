@@ -81,8 +81,9 @@ class RespStream:
         self._parser = hiredis.Reader(
             encoding="utf-8",
             # What this server writes is UTF-8; bytes that are not (a message another
-            # client published on a channel of ours) decode with U+FFFD and are then
-            # dropped as malformed, rather than failing the whole connection.
+            # client published on a channel of ours) decode with U+FFFD, rather than
+            # failing the whole connection. Such a message is then taken as any other
+            # on the channel: dropped if malformed (Redis and its channels are trusted).
             errors="replace",
             notEnoughData=_MORE,
             replyError=ResponseError,
