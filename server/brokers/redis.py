@@ -6,8 +6,8 @@ cluster slot and one Lua script may touch them all::
     <prefix>:{<sid>}:state    hash: epoch, seq (last seq), final (id), claimed, leased,
                               keyed, and "k:<idempotency key>" = "<seq>:<fingerprint>"
     <prefix>:{<sid>}:events   stream, entry id "<seq>-0", fields t f n b, MAXLEN = buffer_size
-    <prefix>:{<sid>}:nonce-seqs  hash: nonce -> seq of the appends of the retry window
-                              (and "~" -> when it began); a window old, it is renamed to
+    <prefix>:{<sid>}:nonce-seqs  hash: nonce -> seq of the appends of the retry window,
+                              expiring two windows after it began; a window old, renamed to
     <prefix>:{<sid>}:nonce-seqs-before  the one a retry looks in next
     <prefix>:{<sid>}:nonces   stream: written by earlier versions only, deleted with a life
     <prefix>:{<sid>}:keys     list: the idempotency keys of the state hash, oldest first
@@ -108,8 +108,7 @@ class _Append:
         retried = "1" if retry else "0"
         key = ("", "") if self.key is None else (self.key.key, self.key.fingerprint)
         seen = [part for position in self.seen for part in position or ("", 0)]
-        now_ms = int(time.time() * 1000)  # the wall clock: every process's, kept by NTP
-        return [self.type, final, self.body, *self.settings, retried, *key, *seen, now_ms]
+        return [self.type, final, self.body, *self.settings, retried, *key, *seen]
 
     def stored(self, epoch: str, seq: int) -> StoredEvent:
         return StoredEvent(self.session_id, epoch, seq, self.type, self.final, self.body)

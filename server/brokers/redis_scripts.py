@@ -14,8 +14,7 @@ from .base import LeaseState
 # (0|1), body, maxlen, ttl_ms, fresh epoch, channel, nonce, retry window ms, retry (0|1),
 # idempotency key ('' for none), its fingerprint, then two positions (epoch, seq) this
 # process has seen the stream reach: the last it stored and the last it delivered (('',
-# 0) for none), and the time now in ms (the caller's clock: TIME would need an ACL grant
-# of its own). Returns:
+# 0) for none). Returns:
 #   {1, epoch, seq, rewound}  stored; rewound is the id of the position seen when the
 #                             stream took a new epoch for lost writes (below), else ''
 #   {0, final_id}             the session has ended
@@ -25,7 +24,8 @@ from .base import LeaseState
 # Every append leaves its nonce -> seq in the nonce seqs hash for at least the retry
 # window, where a retry finds it in one step however many appends came in between. The
 # hash is renamed to the earlier nonce seqs (which it replaces) once it is a window old,
-# and a new one started: a nonce lives one to two windows, with nothing to prune. (A
+# and a new one started: a nonce lives one to two windows, with nothing to prune. Its
+# age is read from its expiry, set once when it begins: Redis's clock, not a caller's. (A
 # retry used to scan a stream of the window's nonces: with a session taking thousands
 # of appends a second, each retried batch held Redis up for seconds, for every process.
 # That stream, "nonces", is no longer written; a new life of the stream deletes it.)
@@ -96,17 +96,18 @@ redis.call('PEXPIRE', stream, ARGV[5])
 if key ~= '' or st[3] then
   redis.call('PEXPIRE', keys, ARGV[5])
 end
-local now_ms = tonumber(ARGV[17])
-local since = redis.call('HGET', seqs, '~')  -- when this hash began ('~': never a nonce)
-if since and now_ms - tonumber(since) >= tonumber(ARGV[9]) then
-  redis.call('RENAME', seqs, earlier)
-  since = nil
-end
-if not since then
-  redis.call('HSET', seqs, '~', now_ms)
+-- The hash's expiry is set once, two windows from when it began, so what is left of it
+-- tells its age by Redis's own clock (no process's clock, which may be off).
+local window = tonumber(ARGV[9])
+local left = redis.call('PTTL', seqs)
+if left >= 0 and left <= window then
+  redis.call('RENAME', seqs, earlier)  -- a window old: it lives out its second one aside
+  left = -2
 end
 redis.call('HSET', seqs, ARGV[8], seq)
-redis.call('PEXPIRE', seqs, 2 * tonumber(ARGV[9]))
+if left < 0 then
+  redis.call('PEXPIRE', seqs, 2 * window)
+end
 redis.call('PUBLISH', ARGV[7],
            seq .. '|' .. epoch .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3])
 return {1, epoch, seq, rewound}
