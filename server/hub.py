@@ -63,6 +63,11 @@ CloseReason = Literal["slow_consumer", "shutdown"]
 # broker has given up on an unavailable event store.
 _RESYNC_PAUSE = 0.5
 
+# Live events a subscriber may hold back while its replay is read, in queue sizes: the
+# replay covers most of them (they are dropped then), and a read takes a few seconds at
+# the most (the broker's retries).
+_HELD_WHILE_READING = 4
+
 # Subscribers a heartbeat round writes before it lets the event loop run other work.
 _HEARTBEATS_PER_TURN = 128
 
@@ -220,10 +225,12 @@ class Subscription:
         if self._closed is not None:
             return
         if self._pending is not None:
-            if self._store_away and len(self._pending) >= self._queue_size:
-                # Held while a re-read waits for the store, for as long as it is away: at
-                # most queue_size of them, as for any subscriber that far behind. (A read
-                # that is only under way ends soon, and then drops what it covers.)
+            # Held while a replay or re-read is read. One that waits for an unavailable
+            # store, for as long as it is away, holds at most queue_size of them, as any
+            # subscriber that far behind; one under way ends soon and then drops what it
+            # covers, so it may hold more, within a bound all the same.
+            held = self._queue_size * (1 if self._store_away else _HELD_WHILE_READING)
+            if len(self._pending) >= held:
                 self.close("slow_consumer")
                 return
             self._pending.append(event)

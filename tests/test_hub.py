@@ -84,9 +84,11 @@ async def make_hub(broker_kind: str, request: pytest.FixtureRequest) -> AsyncIte
         await hub.close()  # idempotent: a test may have closed it already
 
 
-async def make_memory_hub(ttl: float = 60.0, clock: Clock | None = None) -> Hub:
+async def make_memory_hub(
+    ttl: float = 60.0, clock: Clock | None = None, buffer_size: int = 100
+) -> Hub:
     """A hub on the in-memory broker with a fake clock (its expiry sweep)."""
-    broker = MemoryBroker(100, ttl, clock=clock or Clock())
+    broker = MemoryBroker(buffer_size, ttl, clock=clock or Clock())
     hub = Hub(broker, queue_size=50, metrics=Metrics())
     await hub.start()
     return hub
@@ -595,11 +597,16 @@ async def test_live_events_held_for_a_waiting_re_read_are_bounded_by_the_queue_s
     await hub.close()
 
 
-async def test_events_published_while_a_join_reads_its_replay_all_arrive() -> None:
+@pytest.mark.parametrize(("published", "cut_off"), [(60, False), (200, False), (201, True)])
+async def test_events_published_while_a_join_reads_its_replay_are_held_within_a_bound(
+    published: int, cut_off: bool
+) -> None:
     """More events than a subscriber's queue holds are published while it joins (its
-    replay is being read): the replay covers them, and the subscriber gets each once,
-    in order; it is not cut off as a slow consumer for events it was never behind on."""
-    hub = await make_memory_hub()  # queue_size=50
+    replay is being read): the replay covers them, and the subscriber gets each once, in
+    order, without being cut off for events it was never behind on. What it holds back
+    meanwhile is bounded all the same: four queue sizes, and one more cuts it off as a
+    slow consumer (it resumes from the buffer)."""
+    hub = await make_memory_hub(buffer_size=500)  # queue_size=50
     broker = hub.broker
     read = broker.read
     reading, release = asyncio.Event(), asyncio.Event()
@@ -614,13 +621,16 @@ async def test_events_published_while_a_join_reads_its_replay_all_arrive() -> No
     broker.read = held_read  # type: ignore[method-assign]
     joining = asyncio.create_task(hub.join(SID, None))
     await reading.wait()
-    for n in range(1, 61):
+    for n in range(1, published + 1):
         await hub.publish(progress(n))
     release.set()
     sub = await joining
     try:
-        assert seqs(await receive(sub, 60)) == list(range(1, 61))
-        assert sub._closed is None
+        if cut_off:
+            assert sub._closed == "slow_consumer"
+        else:
+            assert seqs(await receive(sub, published)) == list(range(1, published + 1))
+            assert sub._closed is None
     finally:
         await hub.leave(sub)
         await hub.close()
