@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -1178,3 +1179,20 @@ async def test_the_publishing_process_hands_its_events_over_at_once_and_once(
                     received.append(frame)
         assert [f.id for f in received] == [e.id for e in (first, second, third, fourth)]
         assert subscription.get_nowait() is None
+
+
+async def test_a_process_clock_that_is_off_does_not_change_how_long_nonces_are_kept(
+    make_node: NodeFactory, raw_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process whose wall clock is an hour ahead appends first: the nonces' hash is
+    still set aside one window later, by Redis's clock (it never was with the time taken
+    from the appending process)."""
+    node = await make_node(op_timeout=0.2, retry_budget=0.3)  # a window of 1 s
+    sid = new_session_id()
+    ahead = time.time() + 3600
+    with monkeypatch.context() as patch:
+        patch.setattr(time, "time", lambda: ahead)
+        await append_many(node.broker, sid, 1)
+    await asyncio.sleep(1.1)  # the window passing is what is tested
+    await append_many(node.broker, sid, 1, start=2)
+    assert len(await raw_redis.hkeys(node.broker._earlier_nonce_seqs_key(sid))) == 1
