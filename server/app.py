@@ -161,6 +161,7 @@ def create_app(
         queue_size=settings.subscriber_queue_size,
         metrics=metrics,
         heartbeat_interval=settings.heartbeat_interval,
+        buffer_size=settings.buffer_size,
     )
     handoff = AgentHandoffManager(
         hub.publish,

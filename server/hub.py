@@ -63,9 +63,10 @@ CloseReason = Literal["slow_consumer", "shutdown"]
 # broker has given up on an unavailable event store.
 _RESYNC_PAUSE = 0.5
 
-# Live events a subscriber may hold back while its replay is read, in queue sizes: the
-# replay covers most of them (they are dropped then), and a read takes a few seconds at
-# the most (the broker's retries).
+# Live events a subscriber may hold back while its replay is read, in queue sizes (or a
+# session's whole buffer and a queue, if more: a Redis catch-up may deliver that at
+# once): the replay covers most of them (they are dropped then), and a read takes a few
+# seconds at the most (the broker's retries).
 _HELD_WHILE_READING = 4
 
 # Subscribers a heartbeat round writes before it lets the event loop run other work.
@@ -229,7 +230,7 @@ class Subscription:
             # store, for as long as it is away, holds at most queue_size of them, as any
             # subscriber that far behind; one under way ends soon and then drops what it
             # covers, so it may hold more, within a bound all the same.
-            held = self._queue_size * (1 if self._store_away else _HELD_WHILE_READING)
+            held = self._queue_size if self._store_away else self._hub._held_while_reading
             if len(self._pending) >= held:
                 self.close("slow_consumer")
                 return
@@ -437,9 +438,14 @@ class Hub:
         queue_size: int,
         metrics: Metrics,
         heartbeat_interval: float | None = None,
+        buffer_size: int = 0,
     ) -> None:
+        """``buffer_size``: the events the broker keeps per session, which a Redis live
+        connection's catch-up may deliver at once to a subscriber whose replay is read."""
         self.broker = broker
         self._queue_size = queue_size
+        # Live events a subscriber may hold back while its replay is read (see deliver).
+        self._held_while_reading = max(_HELD_WHILE_READING * queue_size, buffer_size + queue_size)
         self._metrics = metrics
         self._heartbeat_interval = heartbeat_interval
         self._sessions: dict[str, _Local] = {}
