@@ -1196,3 +1196,22 @@ async def test_a_process_clock_that_is_off_does_not_change_how_long_nonces_are_k
     await asyncio.sleep(1.1)  # the window passing is what is tested
     await append_many(node.broker, sid, 1, start=2)
     assert len(await raw_redis.hkeys(node.broker._earlier_nonce_seqs_key(sid))) == 1
+
+
+async def test_nonces_turn_every_window_while_appends_keep_coming(
+    make_node: NodeFactory, raw_redis: Redis
+) -> None:
+    """Appends several times a window: the nonces' hash is still set aside once it is a
+    window old (its expiry is set when it begins, not moved on by each append), so it
+    holds only the newest window's nonces and the earlier hash the one before."""
+    node = await make_node(op_timeout=0.2, retry_budget=0.3)  # a window of 1 s
+    sid = new_session_id()
+    started = time.monotonic()
+    n = 0
+    while time.monotonic() - started < 2.5:  # appends every 0.25 s: the time is the test
+        n += 1
+        await append_many(node.broker, sid, 1, start=n)
+        await asyncio.sleep(0.25)
+    current = await raw_redis.hlen(node.broker._nonce_seqs_key(sid))
+    earlier = await raw_redis.hlen(node.broker._earlier_nonce_seqs_key(sid))
+    assert n >= 6 and 0 < earlier <= 5 and 0 < current <= 5, (n, earlier, current)
