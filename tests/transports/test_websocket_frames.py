@@ -394,6 +394,23 @@ def handshake_of(path: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+@contextlib.asynccontextmanager
+async def upgraded_with(client: AppClient, early: Protocol) -> AsyncIterator[RawWebSocket]:
+    """A WebSocket whose client sent ``early``'s frames with its handshake, in one
+    packet, without waiting for the 101; dropped on the way out."""
+    connection = await RawConnection.open(client.server)
+    try:
+        connection.writer.write(
+            handshake_of(ws_path(new_session_id())) + b"".join(early.data_to_send())
+        )
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            head = await connection.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        yield RawWebSocket(connection)
+    finally:
+        connection.abort()
+
+
 async def test_frames_sent_with_the_handshake_are_read_as_if_sent_after_it(
     make_client: ClientFactory, settings: Settings
 ) -> None:
@@ -404,19 +421,9 @@ async def test_frames_sent_with_the_handshake_are_read_as_if_sent_after_it(
     early = Protocol(Side.CLIENT, max_size=None)
     early.send_ping(b"early")
     early.send_text(b'{"type": "ping"}')
-    connection = await RawConnection.open(client.server)
-    try:
-        connection.writer.write(
-            handshake_of(ws_path(new_session_id())) + b"".join(early.data_to_send())
-        )
-        async with asyncio.timeout(EVENT_TIMEOUT):
-            head = await connection.reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101 ")
-        ws = RawWebSocket(connection)
+    async with upgraded_with(client, early) as ws:
         assert (await ws.next_of(Opcode.PONG)).data == b"early"
         assert (await ws.next_event())["type"] == "heartbeat"
-    finally:
-        connection.abort()
 
 
 async def test_more_sent_with_the_handshake_than_one_largest_message_is_refused(
@@ -429,15 +436,5 @@ async def test_more_sent_with_the_handshake_than_one_largest_message_is_refused(
     early = Protocol(Side.CLIENT, max_size=None)
     for _ in range(2):
         early.send_text(b'{"type": "ping"}'.ljust(settings.max_frame_size // 2 + 1))
-    connection = await RawConnection.open(client.server)
-    try:
-        connection.writer.write(
-            handshake_of(ws_path(new_session_id())) + b"".join(early.data_to_send())
-        )
-        async with asyncio.timeout(EVENT_TIMEOUT):
-            head = await connection.reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101 ")
-        ws = RawWebSocket(connection)
+    async with upgraded_with(client, early) as ws:
         assert close_of(await ws.next_of(Opcode.CLOSE)).code == CloseCode.POLICY_VIOLATION
-    finally:
-        connection.abort()
