@@ -217,8 +217,13 @@ def _blank_all(text: str, spans: list[tuple[int, int]]) -> str:
     return "".join(pieces)
 
 
+# Larger than any field's range, so that the field's clamp (and its note) applies; a
+# number of 309 digits or more would otherwise be infinity, which no week count rounds.
+_LARGEST = 1e9
+
+
 def _number(value: str) -> float:
-    return 1.0 if value in ("a", "an") else float(value)
+    return 1.0 if value in ("a", "an") else max(min(float(value), _LARGEST), -_LARGEST)
 
 
 def _weeks(amount: float, unit: str) -> int:
@@ -281,9 +286,9 @@ def _extract_price(text: str, notes: list[str]) -> tuple[str, float | None, bool
             if any(word in _PRICE_WORDS for word in before + after):
                 notes.append(f"'{match.group(0).strip()}' names no direction; price unchanged")
             continue
-        value = abs(float(raw))
+        value = abs(_number(raw))
         if direction == 2:
-            signed_value = float(raw)
+            signed_value = _number(raw)
         else:
             signed_value = value * direction
         if found is None:
@@ -357,7 +362,7 @@ def extract_rules(text: str) -> RuleExtraction:
     values: dict[str, Any] = {}
 
     if (match := _SERVICE_RE.search(work)) is not None:
-        level = float(match.group(1) or match.group(2))
+        level = _number(match.group(1) or match.group(2))
         level = level / 100 if level > 1 else level
         if 0.5 <= level <= 0.999:
             values["service_level"] = level
@@ -366,7 +371,7 @@ def extract_rules(text: str) -> RuleExtraction:
         work = _blank(work, match.start(), match.end())
 
     if (match := _LEAD_TIME_RE.search(work)) is not None:
-        amount = float(match.group(1) or match.group(3))
+        amount = _number(match.group(1) or match.group(3))
         unit = match.group(2) or match.group(4)
         values["lead_time_weeks"] = min(max(_weeks(amount, unit), 1), 26)
         work = _blank(work, match.start(), match.end())

@@ -200,3 +200,24 @@ def test_runs_of_spaces_do_not_change_what_is_read() -> None:
     assert found.parameters.horizon_weeks == 6
     found = extract_rules("service level of  90 percent, lead time is 2-weeks, 10% off lamps")
     assert (found.parameters.service_level, found.parameters.lead_time_weeks) == (0.9, 2)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "grills for " + "9" * 400 + " weeks",
+        "grills for 8 weeks with a lead time of " + "9" * 320 + " days",
+        "9" * 400 + "% off grills for 8 weeks",
+    ],
+    ids=["horizon", "lead time", "price change"],
+)
+def test_a_number_too_large_for_a_float_is_held_to_its_range(strategy: str) -> None:
+    """A number of hundreds of digits (well within a strategy's length) is read as
+    very large, then held to its field's range like any number out of it; it does not
+    fail the extraction (it was infinity, which no week count rounds)."""
+    found = extract_rules(strategy)
+    parameters = found.parameters
+    assert 1 <= parameters.horizon_weeks <= 52
+    assert parameters.lead_time_weeks is None or 1 <= parameters.lead_time_weeks <= 26
+    assert -50 <= parameters.price_change_pct <= 50
+    assert "inf" not in " ".join(found.notes)
