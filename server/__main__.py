@@ -8,10 +8,12 @@ import gc
 import io
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
+from .agents.llm import LLMSettings
 from .app import create_app
 from .config import Settings
 from .logs import setup_logging
@@ -136,6 +138,11 @@ def _log_pending_tasks() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings.from_args(argv)
+    try:
+        LLMSettings.from_env()  # read again at start-up; a bad value stops us here, named
+    except ValueError as bad:
+        print(f"python -m server: error: {bad}", file=sys.stderr)
+        raise SystemExit(2) from None
     setup_logging(settings.log_level, settings.log_format)
     raise_open_files_limit(settings.max_connections)
     app = create_app(settings)

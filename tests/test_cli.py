@@ -153,6 +153,16 @@ async def test_invalid_environment_value_is_refused_with_its_name() -> None:
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("value", ["soon", "nan", "-1"])
+async def test_an_invalid_language_model_setting_is_refused_with_its_name(value: str) -> None:
+    """A bad ``OPENAI_TIMEOUT`` stops the server at start, with status 2 and one line
+    naming it, like any other setting (not a traceback from the app's start-up)."""
+    status, _, err = await run_cli(environ=clean_environ(OPENAI_TIMEOUT=value))
+    assert status == 2, err
+    assert "OPENAI_TIMEOUT" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("variable", "flag"),
     [

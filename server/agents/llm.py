@@ -21,6 +21,7 @@ The API key is a secret: it is left out of ``repr()``, and :meth:`describe`
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -78,8 +79,10 @@ class LLMSettings:
             max_retries = int(get("OPENAI_MAX_RETRIES") or DEFAULT_MAX_RETRIES)
         except ValueError:
             raise ValueError("OPENAI_TIMEOUT and OPENAI_MAX_RETRIES must be numbers") from None
-        if timeout <= 0 or max_retries < 0:
-            raise ValueError("OPENAI_TIMEOUT must be > 0 and OPENAI_MAX_RETRIES >= 0")
+        if not (0 < timeout < math.inf) or max_retries < 0:  # NaN fails every comparison
+            raise ValueError(
+                "OPENAI_TIMEOUT must be a finite number above 0 and OPENAI_MAX_RETRIES >= 0"
+            )
 
         endpoint = get("AZURE_OPENAI_ENDPOINT")
         if endpoint:

@@ -68,7 +68,10 @@ def test_key_and_url_secrets_are_never_shown() -> None:
     assert "api_key='***'" in repr(settings)
 
 
-def test_bad_numbers_are_refused() -> None:
-    """A time-out that is not a number is a configuration error, not a silent default."""
+@pytest.mark.parametrize("timeout", ["soon", "0", "-1", "nan", "inf"])
+def test_bad_numbers_are_refused(timeout: str) -> None:
+    """A time-out that is not a finite number above 0 is a configuration error, not a
+    silent default: NaN would have every answer end as unreadable, and infinity would
+    leave a slow model to the agent's own time-out (a failed workflow)."""
     with pytest.raises(ValueError, match="OPENAI_TIMEOUT"):
-        LLMSettings.from_env({"OPENAI_API_KEY": KEY, "OPENAI_TIMEOUT": "soon"})
+        LLMSettings.from_env({"OPENAI_API_KEY": KEY, "OPENAI_TIMEOUT": timeout})
