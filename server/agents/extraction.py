@@ -44,7 +44,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_STRATEGY_CHARS = 4000
 FALLBACK_STATUS = "Language model unavailable ({reason}); used rule-based extraction"
 
 
@@ -133,7 +132,8 @@ async def extract_with_llm(strategy: str, settings: LLMSettings) -> ForecastPara
                 model=settings.model,
                 messages=[
                     {"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": strategy[:MAX_STRATEGY_CHARS]},
+                    # Whole: its length is what run-workflow accepted (max_strategy_length).
+                    {"role": "user", "content": strategy},
                 ],
                 response_format=LLMOutput,
                 temperature=0,

@@ -174,6 +174,19 @@ async def test_success_gives_the_models_parameters(
     assert_no_key(recorder, caplog)
 
 
+async def test_the_model_reads_the_whole_strategy_however_long_it_is_allowed_to_be(
+    chat_server: ChatServer, recorder: Recorder
+) -> None:
+    """A strategy longer than the default limit (an operator raised
+    ``--max-strategy-length``) reaches the model whole, as the rules read it whole: its
+    last sentence may be what matters."""
+    chat_server.script = [json.dumps(LLM_ANSWER)]
+    strategy = "Background. " * 400 + STRATEGY  # about 4,800 characters
+    await ExtractionAgent(chat_server.settings())(strategy, recorder)
+    (sent,) = chat_server.requests
+    assert sent["body"]["messages"][-1]["content"] == strategy
+
+
 async def test_output_that_is_not_json_falls_back_to_the_rules(
     chat_server: ChatServer, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
