@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
+from .agents.extraction import budget_warning
 from .agents.llm import LLMSettings
 from .app import create_app
 from .config import Settings
@@ -139,11 +140,13 @@ def _log_pending_tasks() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings.from_args(argv)
     try:
-        LLMSettings.from_env()  # read again at start-up; a bad value stops us here, named
+        llm = LLMSettings.from_env()  # read again at start-up; a bad value stops us here
     except ValueError as bad:
         print(f"python -m server: error: {bad}", file=sys.stderr)
         raise SystemExit(2) from None
     setup_logging(settings.log_level, settings.log_format)
+    if (warning := budget_warning(llm, settings.agent_timeout)) is not None:
+        logging.getLogger("server").warning(warning)
     raise_open_files_limit(settings.max_connections)
     app = create_app(settings)
     # First, before the app's own shutdown (the grace period) starts.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from server.agents.extraction import budget_warning
 from server.agents.llm import DEFAULT_MODEL, NO_KEY_NEEDED, LLMSettings
 
 KEY = "sk-live-abcdef0123456789"
@@ -75,3 +76,15 @@ def test_bad_numbers_are_refused(timeout: str) -> None:
     leave a slow model to the agent's own time-out (a failed workflow)."""
     with pytest.raises(ValueError, match="OPENAI_TIMEOUT"):
         LLMSettings.from_env({"OPENAI_API_KEY": KEY, "OPENAI_TIMEOUT": timeout})
+
+
+def test_a_model_budget_not_below_the_agent_timeout_is_warned_of() -> None:
+    """With the defaults (15 s, 2 retries: 50 s) under a 60 s agent time-out, nothing is
+    said; with a 20 s agent time-out, start-up warns, naming both settings; with no model,
+    nothing."""
+    llm = LLMSettings.from_env({"OPENAI_API_KEY": KEY})
+    assert budget_warning(llm, 60.0) is None
+    warning = budget_warning(llm, 20.0)
+    assert warning is not None and "--agent-timeout (20 s)" in warning
+    assert "OPENAI_TIMEOUT" in warning and KEY not in warning
+    assert budget_warning(LLMSettings.from_env({}), 1.0) is None
