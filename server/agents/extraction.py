@@ -48,9 +48,10 @@ FALLBACK_STATUS = "Language model unavailable ({reason}); used rule-based extrac
 
 
 class LLMOutput(BaseModel):
-    """What the model must answer: every field required (a strict JSON schema)."""
+    """What the model must answer: every field required (a strict JSON schema), each of
+    its JSON type (strict: ``true`` is not a week count, nor ``"8"`` a number)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     product_category: CategoryChoice = Field(
         description="the product category the strategy is about, or 'all'"

@@ -219,6 +219,20 @@ async def test_output_outside_the_schema_falls_back_to_the_rules(
     assert_no_key(recorder, caplog)
 
 
+@pytest.mark.parametrize(
+    "wrong", [{"horizon_weeks": True}, {"horizon_weeks": "8"}, {"promotion": "yes"}]
+)
+async def test_output_of_the_wrong_json_type_falls_back_to_the_rules(
+    chat_server: ChatServer, recorder: Recorder, wrong: dict[str, Any]
+) -> None:
+    """The schema is strict, and so is reading the answer: ``true`` is not a week count
+    (it was read as 1 week), nor ``"8"`` a number, nor ``"yes"`` a boolean."""
+    chat_server.script = [json.dumps({**LLM_ANSWER, **wrong})]
+    result = await ExtractionAgent(chat_server.settings())(STRATEGY, recorder)
+    assert result.method == "rules"
+    assert fallback_reported(recorder, "did not match the parameters schema")
+
+
 async def test_429_then_success_is_retried_by_the_sdk(
     chat_server: ChatServer, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
