@@ -360,22 +360,21 @@ async def publish_event(request: web.Request) -> web.Response:
     try:
         key = _idempotency_key(request, event)
         stored = await ctx.hub.publish(event, key)
+        answer = _published(stored.id, stored.seq)
     except Repeated as first:
-        # Sent before and stored then: the same answer, and nothing stored again. A final
-        # event still stops the workflow here, in case the first answer never got that far.
-        if isinstance(event, CompleteEvent | ErrorEvent) and event.final:
-            request.app[WORKFLOW_RUNNER].ended(event)
-        return _published(first.id, first.seq, {"Idempotent-Replayed": "true"})
+        # Sent before and stored then: the same answer, and nothing stored again.
+        answer = _published(first.id, first.seq, {"Idempotent-Replayed": "true"})
     except PydanticSerializationError:
         # The event is written as JSON before anything is stored. What passes validation
         # but cannot be written is in `data`, whose values are any JSON: nesting deeper
         # than the encoder goes.
         raise _unwritable_data() from None
-    if stored.final:
+    if isinstance(event, CompleteEvent | ErrorEvent) and event.final:
         # The session has ended: a workflow running it here stops now, as for a cancel
-        # (elsewhere, at its process's next lease renewal).
+        # (elsewhere, at its process's next lease renewal). Sent again too, in case the
+        # first request never got this far.
         request.app[WORKFLOW_RUNNER].ended(event)
-    return _published(stored.id, stored.seq)
+    return answer
 
 
 def _unwritable_data() -> InvalidRequest:

@@ -126,10 +126,11 @@ def answer_budget(settings: LLMSettings) -> float:
 def budget_warning(settings: LLMSettings, agent_timeout: float) -> str | None:
     """What to tell the operator when the model's budget is not below the agent's
     time-out: a slow model would then fail the workflow instead of ending in the rules."""
-    if settings.provider is None or answer_budget(settings) < agent_timeout:
+    budget = answer_budget(settings)
+    if settings.provider is None or budget < agent_timeout:
         return None
     return (
-        f"the language model may take up to {answer_budget(settings):g} s "
+        f"the language model may take up to {budget:g} s "
         "(OPENAI_TIMEOUT for each of 1 + OPENAI_MAX_RETRIES attempts, and the back-off), "
         f"not less than --agent-timeout ({agent_timeout:g} s): a slow model would fail "
         "the workflow instead of falling back to the rules; raise --agent-timeout or "
