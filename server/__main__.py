@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import functools
 import gc
 import io
 import logging
@@ -13,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
+from .agents import register_agents
 from .agents.extraction import budget_warning
 from .agents.llm import LLMSettings
 from .app import create_app
@@ -140,7 +142,7 @@ def _log_pending_tasks() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings.from_args(argv)
     try:
-        llm = LLMSettings.from_env()  # read again at start-up; a bad value stops us here
+        llm = LLMSettings.from_env()  # a bad value stops us here, named
     except ValueError as bad:
         print(f"python -m server: error: {bad}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -148,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if (warning := budget_warning(llm, settings.agent_timeout)) is not None:
         logging.getLogger("server").warning(warning)
     raise_open_files_limit(settings.max_connections)
-    app = create_app(settings)
+    # The model's settings as read and checked above, not read again at start-up.
+    app = create_app(settings, agents=functools.partial(register_agents, llm=llm))
     # First, before the app's own shutdown (the grace period) starts.
     app.on_shutdown.insert(0, report_a_stuck_shutdown(settings.shutdown_grace))
     # First, as aiohttp's own handlers would be: a signal during start-up stops it too.
