@@ -94,6 +94,24 @@ async def make_memory_hub(
     return hub
 
 
+class UnavailableReads:
+    """A broker's ``read`` that fails as an unavailable event store would, ``times``
+    times (``None``: always), then reads; the real one is kept in :attr:`read`."""
+
+    def __init__(self, broker: Broker, times: int | None = None) -> None:
+        self.read = broker.read
+        self.times = times
+        self.failures = 0
+
+    async def __call__(
+        self, session_id: str, after: StreamPosition | None, limit: int | None = None
+    ) -> Replay:
+        if self.times is None or self.failures < self.times:
+            self.failures += 1
+            raise ServiceUnavailable("down")
+        return await self.read(session_id, after, limit)
+
+
 async def drain(sub: Subscription) -> list[Frame]:
     """Everything queued for ``sub`` right now (a replay is queued once subscribed)."""
     frames = []
@@ -372,25 +390,16 @@ async def test_a_subscription_whose_replay_cannot_be_read_leaves_nothing_behind(
     subscriber, session or watch is left (a later subscriber joins as if first)."""
     hub = await make_memory_hub()
     broker = hub.broker
-    read = broker.read
-    failures = 0
-
-    async def failing_read(
-        session_id: str, after: StreamPosition | None, limit: int | None = None
-    ) -> Replay:
-        nonlocal failures
-        failures += 1
-        raise ServiceUnavailable("down")
-
-    broker.read = failing_read  # type: ignore[method-assign]
+    reads = UnavailableReads(broker)
+    broker.read = reads  # type: ignore[method-assign]
     try:
         with pytest.raises(ServiceUnavailable):
             async with hub.subscribe(SID):
                 pytest.fail("entered a subscription that has no replay")
-        assert failures == 1
+        assert reads.failures == 1
         assert hub.subscriber_count == 0 and hub.session_count == 0
     finally:
-        broker.read = read  # type: ignore[method-assign]
+        broker.read = reads.read  # type: ignore[method-assign]
     await hub.publish(progress(1))
     async with hub.subscribe(SID) as sub:
         assert seqs(await drain(sub)) == [1]
@@ -532,28 +541,18 @@ async def test_a_re_read_that_meets_an_unavailable_store_keeps_the_stream_open()
     hub = await make_memory_hub(ttl=60.0, clock=clock)
     broker = hub.broker
     assert isinstance(broker, MemoryBroker)
-    read = broker.read
-    failures = 0
-
-    async def unavailable_twice(
-        session_id: str, after: StreamPosition | None, limit: int | None = None
-    ) -> Replay:
-        nonlocal failures
-        if failures < 2:
-            failures += 1
-            raise ServiceUnavailable("down")
-        return await read(session_id, after, limit)
+    reads = UnavailableReads(broker, times=2)
 
     async with hub.subscribe(SID) as sub:
         await hub.publish(progress(1))
         assert seqs(await receive(sub, 1)) == [1]
         clock.now += 120
         broker.sweep()
-        broker.read = unavailable_twice  # type: ignore[method-assign]
+        broker.read = reads  # type: ignore[method-assign]
         await hub.publish(progress(1))  # a new life: the subscriber re-reads, and waits
         await hub.publish(progress(2))
         rest = await receive(sub, 2)
-        assert failures == 2
+        assert reads.failures == 2
         assert codes(rest) == [REPLAY_GAP] and seqs(rest) == [1, 2]
         await hub.publish(progress(3))
         assert seqs(await receive(sub, 1)) == [3]
@@ -572,18 +571,12 @@ async def test_live_events_held_for_a_waiting_re_read_are_bounded_by_the_queue_s
     hub = await make_memory_hub(ttl=60.0, clock=clock)  # queue_size=50
     broker = hub.broker
     assert isinstance(broker, MemoryBroker)
-
-    async def unavailable(
-        session_id: str, after: StreamPosition | None, limit: int | None = None
-    ) -> Replay:
-        raise ServiceUnavailable("down")
-
     await hub.publish(progress(1))
     async with hub.subscribe(SID) as sub:
         assert seqs(await drain(sub)) == [1]
         clock.now += 120
         broker.sweep()
-        broker.read = unavailable  # type: ignore[method-assign]
+        broker.read = UnavailableReads(broker)  # type: ignore[method-assign]
         await hub.publish(progress(1))  # a new life: the subscriber re-reads, and waits
         async with asyncio.timeout(EVENT_TIMEOUT):
             while not sub._store_away:
