@@ -147,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"python -m server: error: {bad}", file=sys.stderr)
         raise SystemExit(2) from None
     setup_logging(settings.log_level, settings.log_format)
+    logging.getLogger("server").info("strategies are read by %s", llm.describe())
     if (warning := budget_warning(llm, settings.agent_timeout)) is not None:
         logging.getLogger("server").warning(warning)
     raise_open_files_limit(settings.max_connections)

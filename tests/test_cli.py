@@ -314,11 +314,13 @@ async def test_server_process_serves_with_env_and_flags_and_stops_cleanly_on_sig
 
 async def test_idle_server_process_exits_0_on_ctrl_c(tmp_path: Path) -> None:
     """An idle server stops with status 0 on SIGINT (Ctrl+C in a terminal), without a
-    traceback."""
+    traceback. At start it logged which model reads strategies, and where (the events
+    name the model only)."""
     port = free_port()
     log = tmp_path / "server.log"
+    environ = clean_environ(OPENAI_BASE_URL="http://llm.internal:8443/v1", OPENAI_MODEL="llama")
     async with (
-        serving("--port", str(port), environ=clean_environ(), log=log) as server,
+        serving("--port", str(port), environ=environ, log=log) as server,
         ClientSession() as http,
     ):
         await wait_healthy(http, f"http://127.0.0.1:{port}", server, log)
@@ -327,6 +329,7 @@ async def test_idle_server_process_exits_0_on_ctrl_c(tmp_path: Path) -> None:
             status = await server.wait()
     assert status == 0, log.read_text()
     assert "Traceback" not in log.read_text()
+    assert "strategies are read by llama at http://llm.internal:8443" in log.read_text()
 
 
 # --- the open-file limit ----------------------------------------------------------------------

@@ -200,7 +200,8 @@ class ExtractionAgent:
     async def __call__(self, strategy: str, report: Reporter) -> ExtractionResult:
         llm = self._llm
         if llm is not None and llm.enabled:
-            await report(f"Asking {llm.describe()} to read the strategy", 10)
+            # The model's name only: its host is an internal address, for the log.
+            await report(f"Asking the language model ({llm.model}) to read the strategy", 10)
             try:
                 parameters = await extract_with_llm(strategy, llm)
             except LLMUnavailable as exc:

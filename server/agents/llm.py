@@ -16,7 +16,8 @@ Read from the environment by :meth:`LLMSettings.from_env`:
 ==========================  =================================================================
 
 The API key is a secret: it is left out of ``repr()``, and :meth:`describe`
-(what logs and events may show) names the provider, model and host only.
+(what the log may show) names the provider, model and host only. Events name the
+model alone: the host may be an internal address.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class LLMSettings:
         return self.provider is not None
 
     def describe(self) -> str:
-        """Provider, model and host: safe for logs and events (never the key)."""
+        """Provider, model and host: safe for the log (never the key), not for events."""
         if self.provider == "azure":
             return f"Azure OpenAI deployment {self.model} at {_host(self.azure_endpoint)}"
         if self.provider == "openai":
