@@ -21,6 +21,7 @@ from typing import Any
 import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .answer_cap import AnswerRefused
 from .handoff import Reporter
 from .llm import LLMSettings
 from .parameters import (
@@ -168,6 +169,8 @@ async def extract_with_llm(strategy: str, settings: LLMSettings) -> ForecastPara
         raise LLMUnavailable(f"no answer within {budget:g} s") from None
     except openai.APITimeoutError:
         raise LLMUnavailable(f"timed out after {settings.timeout:g} s") from None
+    except AnswerRefused as exc:
+        raise LLMUnavailable(exc.reason) from None
     except openai.APIStatusError as exc:
         raise LLMUnavailable(_status_reason(exc)) from None
     except openai.APIConnectionError:

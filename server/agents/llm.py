@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 
 from openai import AsyncAzureOpenAI, AsyncOpenAI
 
+from .answer_cap import capped_http_client
+
 DEFAULT_MODEL = "gpt-4o-mini"
 DEFAULT_AZURE_API_VERSION = "2024-10-21"
 DEFAULT_TIMEOUT = 15.0
@@ -155,6 +157,7 @@ class LLMSettings:
                 api_version=self.api_version,
                 timeout=self.timeout,
                 max_retries=self.max_retries,
+                http_client=capped_http_client(),
             )
         if self.provider == "openai":
             return AsyncOpenAI(
@@ -162,5 +165,6 @@ class LLMSettings:
                 base_url=self.base_url,
                 timeout=self.timeout,
                 max_retries=self.max_retries,
+                http_client=capped_http_client(),
             )
         raise RuntimeError(f"no language model: {self.unavailable_reason or 'not configured'}")

@@ -8,18 +8,21 @@ responses, one per request, and recording what it received.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from aiohttp import web
 
+from server.agents.answer_cap import MAX_ANSWER_BYTES
 from server.agents.extraction import FALLBACK_STATUS, ExtractionAgent
 from server.agents.llm import LLMSettings
 from tests.agents.conftest import Recorder
+from tests.timing import EVENT_TIMEOUT
 
 API_KEY = "sk-test-SECRET-4c8f2e9a1b7d"
 STRATEGY = "15% off outdoor furniture for 8 weeks"
@@ -68,13 +71,17 @@ def status(code: int, message: str) -> web.Response:
     )
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 @dataclass
 class ChatServer:
     """The script of responses and the requests received."""
 
     url: str = ""
-    # content, an HTTP status, or a whole response as the server should send it
-    script: list[str | int | web.Response] = field(default_factory=list)
+    # content, an HTTP status, a whole response as the server should send it, or a
+    # handler that streams one
+    script: list[str | int | web.Response | Handler] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -90,6 +97,8 @@ class ChatServer:
             return status(503, "released")
         if isinstance(step, web.Response):
             return step
+        if callable(step):
+            return await step(request)
         if isinstance(step, int):
             return status(step, f"scripted {step} for key {API_KEY}")
         return ok(step)
@@ -391,3 +400,94 @@ async def test_azure_goes_through_the_deployment_path(
     assert sent["query"]["api-version"] == "2024-10-21"
     assert sent["headers"]["api-key"] == API_KEY
     assert_no_key(recorder, caplog)
+
+
+# --- answers too large to read -------------------------------------------------------
+
+
+@dataclass
+class Flood:
+    """An answer of ``size`` bytes (a JSON object that never ends), streamed as fast as the
+    client reads it; ``written`` counts what the client took before it hung up."""
+
+    status: int
+    size: int
+    written: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=self.status)
+        response.content_type = "application/json"
+        await response.prepare(request)
+        chunk = b" " * 65536
+        try:
+            await response.write(b'{"id": "chatcmpl-flood",')
+            while self.written < self.size:
+                await response.write(chunk)
+                self.written += len(chunk)
+        except ConnectionError:
+            pass  # the client stopped reading and closed the connection
+        finally:
+            self.done.set()
+        return response
+
+
+@pytest.mark.parametrize("status", [200, 502])
+async def test_an_answer_over_the_size_limit_is_not_read_whole(
+    chat_server: ChatServer, recorder: Recorder, status: int
+) -> None:
+    """A 160 MiB answer (a model that loops, or a proxy's error page): the client stops
+    reading soon after the limit instead of holding it all in memory, does not ask again
+    (the same answer would come back), and the rules read the strategy."""
+    flood = Flood(status, size=160 << 20)
+    chat_server.script = [flood]
+    result = await ExtractionAgent(chat_server.settings(max_retries=2))(STRATEGY, recorder)
+    assert result.method == "rules"
+    assert result.fallback_reason == "its answer was over 1 MiB"
+    assert fallback_reported(recorder, "over 1 MiB")
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        await flood.done.wait()
+    # What loopback's socket buffers can hold beyond the limit (the receive buffer grows
+    # to tcp_rmem's 32 MiB here), not the whole answer.
+    assert flood.written < 64 << 20
+    assert len(chat_server.requests) == 1
+
+
+async def test_an_answer_declared_over_the_size_limit_is_refused_before_its_body(
+    chat_server: ChatServer, recorder: Recorder
+) -> None:
+    """A ``Content-Length`` over the limit: refused on the headers, not after a wait for
+    a body that trickles in (the time-out would end it otherwise, attempt after attempt)."""
+
+    async def declared(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_type = "application/json"
+        response.content_length = MAX_ANSWER_BYTES + 1
+        await response.prepare(request)
+        await response.write(b"{")
+        await chat_server.release.wait()
+        return response
+
+    chat_server.script = [declared]
+    settings = chat_server.settings(timeout=1.0, max_retries=2)
+    result = await ExtractionAgent(settings)(STRATEGY, recorder)
+    assert result.fallback_reason == "its answer was over 1 MiB"
+    assert len(chat_server.requests) == 1
+
+
+async def test_the_answer_is_asked_for_uncompressed_and_refused_compressed(
+    chat_server: ChatServer, recorder: Recorder
+) -> None:
+    """1 MiB of gzip can hold a gigabyte: the client asks for ``identity`` and does not
+    decode an answer compressed anyway (a proxy that ignores the request), even a good one."""
+    body = gzip.compress(json.dumps(completion(json.dumps(LLM_ANSWER))).encode())
+    chat_server.script = [
+        web.Response(
+            body=body, content_type="application/json", headers={"Content-Encoding": "gzip"}
+        )
+    ]
+    result = await ExtractionAgent(chat_server.settings())(STRATEGY, recorder)
+    (sent,) = chat_server.requests
+    assert sent["headers"]["Accept-Encoding"] == "identity"
+    assert result.method == "rules"
+    assert result.fallback_reason == "its answer was compressed, though asked not to be"
