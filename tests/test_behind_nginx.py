@@ -221,3 +221,25 @@ async def test_outside_the_network_a_sessions_events_can_be_read_not_published(
         async with http.post(target, json=progress(2), headers={"Host": HOST}) as response:
             assert response.status == 403
             assert response.content_type == "text/html"  # nginx's page, not the server's
+
+
+async def test_outside_the_network_a_frontend_may_ask_to_read_a_sessions_events(
+    proxied: ProxyFactory,
+) -> None:
+    """The frontend on another origin (the default ``--cors-origins``) reads the events
+    with a header a browser asks about first (``Last-Event-ID``): the preflight reaches
+    the server and is answered, where ``limit_except GET`` alone had nginx refuse it,
+    and the browser the read."""
+    proxy = await proxied(BEHIND_NGINX)
+    target = proxy.url(f"/api/sessions/{new_session_id()}/events")
+    frontend = "http://localhost:5173"
+    preflight = {
+        "Host": HOST,
+        "Origin": frontend,
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "last-event-id",
+    }
+    async with ClientSession() as http, http.options(target, headers=preflight) as response:
+        assert response.status == 204
+        assert response.headers["Access-Control-Allow-Origin"] == frontend
+        assert "Last-Event-ID" in response.headers["Access-Control-Allow-Headers"]
