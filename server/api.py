@@ -357,8 +357,16 @@ async def publish_event(request: web.Request) -> web.Response:
             "needs a code of its own.",
             status=422,
         )
+    key = _idempotency_key(request, event)
+    # Seen through once begun: a publisher that hangs up (its handler cancelled) while
+    # the store is answering must not leave its event stored and a workflow running on.
+    return await asyncio.shield(_store(ctx, request.app[WORKFLOW_RUNNER], event, key))
+
+
+async def _store(
+    ctx: StreamContext, runner: WorkflowRunner, event: StorableEvent, key: IdempotencyKey | None
+) -> web.Response:
     try:
-        key = _idempotency_key(request, event)
         stored = await ctx.hub.publish(event, key)
         answer = _published(stored.id, stored.seq)
     except Repeated as first:
@@ -373,7 +381,7 @@ async def publish_event(request: web.Request) -> web.Response:
         # The session has ended: a workflow running it here stops now, as for a cancel
         # (elsewhere, at its process's next lease renewal). Sent again too, in case the
         # first request never got this far.
-        request.app[WORKFLOW_RUNNER].ended(event)
+        runner.ended(event)
     return answer
 
 

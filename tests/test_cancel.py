@@ -21,6 +21,7 @@ from server.api import WORKFLOW_RUNNER
 from server.app import create_app
 from server.auth import issue_stream_token
 from server.config import Settings
+from server.context import STREAM_CONTEXT
 from tests.clients import (
     Event,
     app_of,
@@ -318,6 +319,56 @@ async def test_a_service_final_event_sent_again_stops_the_workflow_its_first_did
         await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
         status, outcome = await asyncio.wait_for(waiting, EVENT_TIMEOUT)
     assert (status, outcome["error"]["code"]) == (200, SERVICE_ENDS["error"]["code"])
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store answers at once
+async def test_a_service_that_hangs_up_while_its_final_event_is_stored_still_stops_the_workflow(
+    start: StartServer, agents: FakeAgents, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service sends its final event and hangs up while Redis is storing it (its
+    handler is cancelled): the event is stored, and the running workflow stops at once,
+    as if the service had waited for its answer; not at a lease renewal, a minute on."""
+    server = await start(lease_ttl=60.0)
+    session_id = new_session_id()
+    app = app_of(server)
+    hub = app[STREAM_CONTEXT].hub
+    publishing = asyncio.Event()
+    publish = hub.publish
+
+    async def noted_publish(*args: Any) -> Any:
+        publishing.set()
+        return await publish(*args)
+
+    monkeypatch.setattr(hub, "publish", noted_publish)
+    assert server.runner is not None
+    handlers = server.runner.server
+    assert handlers is not None
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        async with ClientSession() as http:
+            waiting = asyncio.create_task(run_and_wait(http, server, session_id))
+            await asyncio.wait_for(agents.started.wait(), EVENT_TIMEOUT)  # at its gate
+            await redis.client_pause(10_000, all=False)  # appends (writes) wait
+            _, service = await asyncio.open_connection(server.host, server.port)
+            body = json.dumps(SERVICE_ENDS["error"]).encode()
+            service.write(
+                f"POST /api/sessions/{session_id}/events HTTP/1.1\r\nHost: test\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await asyncio.wait_for(publishing.wait(), EVENT_TIMEOUT)
+            before = len(handlers.connections)
+            service.transport.abort()
+            await wait_until(
+                lambda: len(handlers.connections) < before, "the publisher's handler to end"
+            )
+            await redis.client_unpause()
+            await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
+            status, outcome = await asyncio.wait_for(waiting, EVENT_TIMEOUT)
+        assert (status, outcome["error"]["code"]) == (200, SERVICE_ENDS["error"]["code"])
+    finally:
+        await redis.client_unpause()
+        await redis.aclose()
 
 
 @pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store never loses one
