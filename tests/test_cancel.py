@@ -273,10 +273,9 @@ async def test_a_final_event_from_a_service_stops_the_running_workflow(
     session_id = new_session_id()
     async with ClientSession() as http:
         waiting = asyncio.create_task(run_and_wait(http, server, session_id))
-        await wait_until(
-            lambda: agents.gate is not None and app_of(server)[WORKFLOW_RUNNER].running == 1,
-            "the workflow running",
-        )
+        # At the demand agent's gate, whose wait the stop cancels (stopping the workflow
+        # any earlier would end it before that agent began, and `stopped` would not be set).
+        await asyncio.wait_for(agents.started.wait(), EVENT_TIMEOUT)
         ended = SERVICE_ENDS[ending]
         response = await http.post(
             http_url(server, f"/api/sessions/{session_id}/events"), json=ended
@@ -306,7 +305,7 @@ async def test_a_service_final_event_sent_again_stops_the_workflow_its_first_did
     runner = app_of(server)[WORKFLOW_RUNNER]
     async with ClientSession() as http:
         waiting = asyncio.create_task(run_and_wait(http, server, session_id))
-        await wait_until(lambda: runner.running == 1, "the workflow running")
+        await asyncio.wait_for(agents.started.wait(), EVENT_TIMEOUT)  # at its gate
         url = http_url(server, f"/api/sessions/{session_id}/events")
         headers = {"Idempotency-Key": "final-1"}
         with monkeypatch.context() as patch:
