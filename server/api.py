@@ -30,6 +30,7 @@ from .errors import (
     SessionNotFound,
     Unauthorized,
 )
+from .limits import Ticket
 from .messages import (
     CONTROL_ERROR_CODES,
     PUBLISHABLE_ADAPTER,
@@ -41,7 +42,7 @@ from .messages import (
 )
 from .query import query_value
 from .snapshot import session_snapshot
-from .workflow import WorkflowRunner, session_exists, wait_outcome
+from .workflow import WorkflowOutcome, WorkflowRunner, session_exists, wait_outcome
 
 WORKFLOW_RUNNER = web.AppKey("workflow_runner", WorkflowRunner)
 
@@ -184,12 +185,10 @@ async def run_workflow(request: web.Request) -> web.Response:
         if run.session_id is not None and await _exists(ctx, session_id):
             raise session_exists() from None
         raise overloaded
-    try:
-        task = await request.app[WORKFLOW_RUNNER].start(session_id, run.strategy_description)
-    except BaseException:
-        ticket.release()
-        raise
-    task.add_done_callback(lambda _: ticket.release())
+    # Seen through once begun: a client that hangs up (its handler cancelled) while the
+    # store is claiming the session must not leave it claimed with nothing running it.
+    runner = request.app[WORKFLOW_RUNNER]
+    task = await asyncio.shield(_start(runner, ticket, session_id, run.strategy_description))
     secret = ctx.settings.stream_token_secret
     token = {}
     if secret is not None:
@@ -215,6 +214,20 @@ async def run_workflow(request: web.Request) -> web.Response:
     if outcome.error is not None:
         body_out["error"] = outcome.error
     return web.json_response(body_out)
+
+
+async def _start(
+    runner: WorkflowRunner, ticket: Ticket, session_id: str, strategy: str
+) -> asyncio.Task[WorkflowOutcome]:
+    """Start the workflow, which holds ``ticket`` (its place among the live sessions)
+    until it ends."""
+    try:
+        task = await runner.start(session_id, strategy)
+    except BaseException:
+        ticket.release()
+        raise
+    task.add_done_callback(lambda _: ticket.release())
+    return task
 
 
 async def cancel_workflow(request: web.Request) -> web.Response:

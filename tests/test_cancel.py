@@ -320,6 +320,46 @@ async def test_a_service_final_event_sent_again_stops_the_workflow_its_first_did
     assert (status, outcome["error"]["code"]) == (200, SERVICE_ENDS["error"]["code"])
 
 
+def noted(monkeypatch: pytest.MonkeyPatch, owner: object, method: str) -> asyncio.Event:
+    """An event set when ``owner.method`` (a coroutine method) is called, which goes on
+    as before."""
+    called = asyncio.Event()
+    original = getattr(owner, method)
+
+    async def noting(*args: Any) -> Any:
+        called.set()
+        return await original(*args)
+
+    monkeypatch.setattr(owner, method, noting)
+    return called
+
+
+async def post_and_hang_up_while_redis_writes(
+    server: BaseTestServer, redis: Redis, path: str, body: Any, writing: asyncio.Event
+) -> None:
+    """POST ``body`` to ``path`` while Redis holds every write back, hang up once the
+    handler is ``writing`` (the handler is cancelled, as for any client that goes), and
+    let Redis write once the handler has ended."""
+    assert server.runner is not None
+    handlers = server.runner.server
+    assert handlers is not None
+    await redis.client_pause(10_000, all=False)
+    try:
+        _, client = await asyncio.open_connection(server.host, server.port)
+        data = json.dumps(body).encode()
+        client.write(
+            f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        await asyncio.wait_for(writing.wait(), EVENT_TIMEOUT)
+        before = len(handlers.connections)
+        client.transport.abort()
+        await wait_until(lambda: len(handlers.connections) < before, "the handler to end")
+    finally:
+        await redis.client_unpause()
+
+
 @pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store answers at once
 async def test_a_service_that_hangs_up_while_its_final_event_is_stored_still_stops_the_workflow(
     start: StartServer, agents: FakeAgents, settings: Settings, monkeypatch: pytest.MonkeyPatch
@@ -329,45 +369,58 @@ async def test_a_service_that_hangs_up_while_its_final_event_is_stored_still_sto
     as if the service had waited for its answer; not at a lease renewal, a minute on."""
     server = await start(lease_ttl=60.0)
     session_id = new_session_id()
-    app = app_of(server)
-    hub = app[STREAM_CONTEXT].hub
-    publishing = asyncio.Event()
-    publish = hub.publish
-
-    async def noted_publish(*args: Any) -> Any:
-        publishing.set()
-        return await publish(*args)
-
-    monkeypatch.setattr(hub, "publish", noted_publish)
-    assert server.runner is not None
-    handlers = server.runner.server
-    assert handlers is not None
+    publishing = noted(monkeypatch, app_of(server)[STREAM_CONTEXT].hub, "publish")
     redis = Redis.from_url(settings.redis_url)
     try:
         async with ClientSession() as http:
             waiting = asyncio.create_task(run_and_wait(http, server, session_id))
             await asyncio.wait_for(agents.started.wait(), EVENT_TIMEOUT)  # at its gate
-            await redis.client_pause(10_000, all=False)  # appends (writes) wait
-            _, service = await asyncio.open_connection(server.host, server.port)
-            body = json.dumps(SERVICE_ENDS["error"]).encode()
-            service.write(
-                f"POST /api/sessions/{session_id}/events HTTP/1.1\r\nHost: test\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                + body
+            await post_and_hang_up_while_redis_writes(
+                server,
+                redis,
+                f"/api/sessions/{session_id}/events",
+                SERVICE_ENDS["error"],
+                publishing,
             )
-            await asyncio.wait_for(publishing.wait(), EVENT_TIMEOUT)
-            before = len(handlers.connections)
-            service.transport.abort()
-            await wait_until(
-                lambda: len(handlers.connections) < before, "the publisher's handler to end"
-            )
-            await redis.client_unpause()
             await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
             status, outcome = await asyncio.wait_for(waiting, EVENT_TIMEOUT)
         assert (status, outcome["error"]["code"]) == (200, SERVICE_ENDS["error"]["code"])
     finally:
-        await redis.client_unpause()
         await redis.aclose()
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store answers at once
+async def test_a_client_that_hangs_up_while_its_session_is_claimed_still_has_it_run(
+    start: StartServer, agents: FakeAgents, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client asks for a run and hangs up while Redis is claiming its session (its
+    handler is cancelled): the session is claimed, and its workflow runs and ends as if
+    the client had waited for its answer, which its stream would show. It is not left
+    claimed with nothing running it, for a lease monitor to end as interrupted."""
+    server = await start()
+    session_id = new_session_id()
+    ctx = app_of(server)[STREAM_CONTEXT]
+    claiming = noted(monkeypatch, ctx.hub.broker, "claim")
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await post_and_hang_up_while_redis_writes(
+            server,
+            redis,
+            "/api/orchestrator/run-workflow",
+            {"strategy_description": STRATEGY, "session_id": session_id},
+            claiming,
+        )
+    finally:
+        await redis.aclose()
+    await asyncio.wait_for(agents.started.wait(), EVENT_TIMEOUT)
+    assert agents.gate is not None
+    agents.gate.set()
+    await wait_until(lambda: ctx.admission.sessions == 0, "the run to end, and its place freed")
+    async with (
+        ClientSession() as http,
+        http.get(http_url(server, f"/api/sessions/{session_id}")) as response,
+    ):
+        assert (await response.json())["state"] == "complete"
 
 
 @pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store never loses one
