@@ -235,7 +235,8 @@ async def cancel_workflow(request: web.Request) -> web.Response:
     ``workflow_cancelled`` and its work stops (:meth:`WorkflowRunner.cancel`). Allowed
     to whoever may watch the session: the starter of the workflow."""
     session_id = _watched_session(request)
-    await request.app[WORKFLOW_RUNNER].cancel(session_id)
+    # Seen through once begun, as a publish is: a cancel stored must stop the work.
+    await asyncio.shield(request.app[WORKFLOW_RUNNER].cancel(session_id))
     return web.json_response({"session_id": session_id, "status": "cancelled"})
 
 

@@ -390,6 +390,29 @@ async def test_a_service_that_hangs_up_while_its_final_event_is_stored_still_sto
 
 
 @pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store answers at once
+async def test_a_cancel_whose_client_hangs_up_while_it_is_stored_still_stops_the_workflow(
+    start: StartServer, agents: FakeAgents, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user cancels and closes the page while Redis is storing the cancel: the
+    ``workflow_cancelled`` event is stored, and the work stops at once."""
+    server = await start(lease_ttl=60.0)
+    session_id = new_session_id()
+    publishing = noted(monkeypatch, app_of(server)[STREAM_CONTEXT].hub, "publish")
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        async with ClientSession() as http:
+            waiting = asyncio.create_task(run_and_wait(http, server, session_id))
+            await asyncio.wait_for(agents.started.wait(), EVENT_TIMEOUT)  # at its gate
+            path = f"/api/sessions/{session_id}/cancel"
+            await post_and_hang_up_while_redis_writes(server, redis, path, {}, publishing)
+            await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
+            status, outcome = await asyncio.wait_for(waiting, EVENT_TIMEOUT)
+        assert (status, outcome["error"]["code"]) == (200, "workflow_cancelled")
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store answers at once
 async def test_a_client_that_hangs_up_while_its_session_is_claimed_still_has_it_run(
     start: StartServer, agents: FakeAgents, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
