@@ -9,9 +9,11 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import re
 import uuid
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -28,6 +30,7 @@ from .errors import (
     Overloaded,
     ServiceUnavailable,
     SessionNotFound,
+    StreamError,
     Unauthorized,
 )
 from .limits import Ticket
@@ -45,6 +48,34 @@ from .snapshot import session_snapshot
 from .workflow import WorkflowOutcome, WorkflowRunner, session_exists, wait_outcome
 
 WORKFLOW_RUNNER = web.AppKey("workflow_runner", WorkflowRunner)
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Tasks seen through after their request was cancelled: held here until done, since the
+# event loop keeps only weak references to tasks (see asyncio.shield's documentation).
+_SEEN_THROUGH: set[asyncio.Task[Any]] = set()
+
+
+async def seen_through(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work``, which goes on to its end even if the request is cancelled meanwhile
+    (its client hung up): a write to the store that has begun must be acted on."""
+    task = asyncio.ensure_future(work)
+    _SEEN_THROUGH.add(task)
+    task.add_done_callback(_SEEN_THROUGH.discard)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_log_unanswered_failure)  # no client left to tell
+        raise
+
+
+def _log_unanswered_failure(task: asyncio.Task[Any]) -> None:
+    if task.cancelled() or (failure := task.exception()) is None:
+        return
+    if isinstance(failure, StreamError):  # what the client would have been answered
+        log.warning("after its client hung up, a request failed: %s", failure.message)
+    else:
+        log.error("after its client hung up, a request failed", exc_info=failure)
 
 
 class RunWorkflowRequest(BaseModel):
@@ -188,7 +219,7 @@ async def run_workflow(request: web.Request) -> web.Response:
     # Seen through once begun: a client that hangs up (its handler cancelled) while the
     # store is claiming the session must not leave it claimed with nothing running it.
     runner = request.app[WORKFLOW_RUNNER]
-    task = await asyncio.shield(_start(runner, ticket, session_id, run.strategy_description))
+    task = await seen_through(_start(runner, ticket, session_id, run.strategy_description))
     secret = ctx.settings.stream_token_secret
     token = {}
     if secret is not None:
@@ -236,7 +267,7 @@ async def cancel_workflow(request: web.Request) -> web.Response:
     to whoever may watch the session: the starter of the workflow."""
     session_id = _watched_session(request)
     # Seen through once begun, as a publish is: a cancel stored must stop the work.
-    await asyncio.shield(request.app[WORKFLOW_RUNNER].cancel(session_id))
+    await seen_through(request.app[WORKFLOW_RUNNER].cancel(session_id))
     return web.json_response({"session_id": session_id, "status": "cancelled"})
 
 
@@ -374,7 +405,7 @@ async def publish_event(request: web.Request) -> web.Response:
     key = _idempotency_key(request, event)
     # Seen through once begun: a publisher that hangs up (its handler cancelled) while
     # the store is answering must not leave its event stored and a workflow running on.
-    return await asyncio.shield(_store(ctx, request.app[WORKFLOW_RUNNER], event, key))
+    return await seen_through(_store(ctx, request.app[WORKFLOW_RUNNER], event, key))
 
 
 async def _store(

@@ -390,6 +390,36 @@ async def test_a_service_that_hangs_up_while_its_final_event_is_stored_still_sto
 
 
 @pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store answers at once
+async def test_a_publish_that_fails_after_its_service_hung_up_is_logged(
+    start: StartServer,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A publish whose service hung up while Redis was writing, and which then fails
+    (its session had ended): nobody is left to answer, so the log says it."""
+    server = await start()
+    session_id = new_session_id()
+    async with ClientSession() as http:
+        url = http_url(server, f"/api/sessions/{session_id}/events")
+        async with http.post(url, json=SERVICE_ENDS["complete"]) as response:
+            assert response.status == 202
+    publishing = noted(monkeypatch, app_of(server)[STREAM_CONTEXT].hub, "publish")
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        path = f"/api/sessions/{session_id}/events"
+        await post_and_hang_up_while_redis_writes(server, redis, path, progress(1), publishing)
+    finally:
+        await redis.aclose()
+    await wait_until(
+        lambda: any("after its client hung up" in r.getMessage() for r in caplog.records),
+        "the failure to be logged",
+    )
+    (logged,) = [r for r in caplog.records if "after its client hung up" in r.getMessage()]
+    assert logged.levelname == "WARNING" and "ended" in logged.getMessage(), logged.getMessage()
+
+
+@pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store answers at once
 async def test_a_cancel_whose_client_hangs_up_while_it_is_stored_still_stops_the_workflow(
     start: StartServer, agents: FakeAgents, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
