@@ -113,3 +113,8 @@ def setup_logging(level: str, fmt: str = "text", *, stream: TextIO | None = None
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):
             logger.addFilter(kind())
+    # The OpenAI SDK's HTTP client (httpx, httpx2 in openai 3) logs each request's whole
+    # URL at INFO: OPENAI_BASE_URL's user info (a password) and query included. The
+    # model's host is logged once at start instead; the SDK's own debug lines remain.
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
