@@ -147,7 +147,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"python -m server: error: {bad}", file=sys.stderr)
         raise SystemExit(2) from None
     setup_logging(settings.log_level, settings.log_format)
-    logging.getLogger("server").info("strategies are read by %s", llm.describe())
+    if llm.enabled:
+        logging.getLogger("server").info("strategies are read by %s", llm.describe())
+    else:
+        reason = llm.unavailable_reason or "not configured"
+        logging.getLogger("server").info("strategies are read by the rules: %s", reason)
     if (warning := budget_warning(llm, settings.agent_timeout)) is not None:
         logging.getLogger("server").warning(warning)
     raise_open_files_limit(settings.max_connections)

@@ -50,8 +50,8 @@ def capped_http_client() -> Any:
 
 async def _cap(response: Any) -> None:
     """Runs once the headers are in, before the SDK reads the body."""
-    encoding = response.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
+    encodings = response.headers.get("content-encoding", "").lower().split(",")
+    if any(encoding.strip() not in ("", "identity") for encoding in encodings):
         raise AnswerRefused("its answer was compressed, though asked not to be")
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
@@ -84,3 +84,8 @@ class _CappedStream:
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+    @property
+    def elapsed(self) -> Any:
+        """The inner stream's request time, which httpx2's ``Response.elapsed`` reads."""
+        return getattr(self._inner, "elapsed", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,9 +19,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from server.agents.answer_cap import MAX_ANSWER_BYTES
+from server.agents.answer_cap import MAX_ANSWER_BYTES, capped_http_client
 from server.agents.extraction import FALLBACK_STATUS, ExtractionAgent
 from server.agents.llm import LLMSettings
+from server.logs import setup_logging
 from tests.agents.conftest import Recorder
 from tests.timing import EVENT_TIMEOUT
 
@@ -475,19 +477,69 @@ async def test_an_answer_declared_over_the_size_limit_is_refused_before_its_body
     assert len(chat_server.requests) == 1
 
 
+@pytest.mark.parametrize(
+    ("encoding", "method"),
+    [
+        ("gzip", "rules"),
+        ("GZIP", "rules"),
+        ("identity, gzip", "rules"),
+        ("identity", "llm"),
+        ("Identity", "llm"),
+        ("identity, identity", "llm"),  # the header sent twice
+    ],
+)
 async def test_the_answer_is_asked_for_uncompressed_and_refused_compressed(
-    chat_server: ChatServer, recorder: Recorder
+    chat_server: ChatServer, recorder: Recorder, encoding: str, method: str
 ) -> None:
     """1 MiB of gzip can hold a gigabyte: the client asks for ``identity`` and does not
-    decode an answer compressed anyway (a proxy that ignores the request), even a good one."""
-    body = gzip.compress(json.dumps(completion(json.dumps(LLM_ANSWER))).encode())
+    decode an answer compressed anyway (a proxy that ignores the request), even a good one.
+    One that says ``identity``, in any case and however often, is read."""
+    body = json.dumps(completion(json.dumps(LLM_ANSWER))).encode()
+    if method == "rules":
+        body = gzip.compress(body)
     chat_server.script = [
         web.Response(
-            body=body, content_type="application/json", headers={"Content-Encoding": "gzip"}
+            body=body, content_type="application/json", headers={"Content-Encoding": encoding}
         )
     ]
     result = await ExtractionAgent(chat_server.settings())(STRATEGY, recorder)
     (sent,) = chat_server.requests
     assert sent["headers"]["Accept-Encoding"] == "identity"
-    assert result.method == "rules"
-    assert result.fallback_reason == "its answer was compressed, though asked not to be"
+    assert result.method == method
+    if method == "rules":
+        assert result.fallback_reason == "its answer was compressed, though asked not to be"
+
+
+async def test_a_capped_answer_still_tells_how_long_it_took(chat_server: ChatServer) -> None:
+    """The cap wraps the body, and what the HTTP client reads from it still works: the
+    response's ``elapsed`` (the SDK's raw responses give it to callers)."""
+    chat_server.script = [json.dumps(LLM_ANSWER)]
+    async with capped_http_client() as client:
+        response = await client.post(f"{chat_server.url}/v1/chat/completions", json={})
+    assert response.json()["object"] == "chat.completion"
+    assert response.elapsed.total_seconds() >= 0
+
+
+async def test_no_log_line_shows_the_base_urls_password(
+    chat_server: ChatServer, recorder: Recorder
+) -> None:
+    """``OPENAI_BASE_URL`` may carry a password (``http://svc:secret@host/v1``). With the
+    server's logging, even at DEBUG, no line shows it; the HTTP client used to log each
+    request's whole URL at INFO."""
+    root = logging.getLogger()
+    loggers = [logging.getLogger(name) for name in ("httpx", "httpx2")]
+    saved = (list(root.handlers), root.level, [logger.level for logger in loggers])
+    stream = io.StringIO()
+    chat_server.script = [json.dumps(LLM_ANSWER)]
+    base_url = chat_server.url.replace("http://", "http://svc:pw-SECRET-123@") + "/v1"
+    try:
+        setup_logging("DEBUG", stream=stream)
+        result = await ExtractionAgent(chat_server.settings(base_url=base_url))(STRATEGY, recorder)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        for logger, level in zip(loggers, saved[2], strict=True):
+            logger.setLevel(level)
+    assert result.method == "llm"
+    assert "openai" in stream.getvalue()  # the SDK's own lines were written
+    assert "pw-SECRET-123" not in stream.getvalue()
