@@ -139,8 +139,11 @@ async def _end_with(
     """The handshake, the ``error`` event that says why (if the peer still reads), then
     the close; aiohttp drops the socket itself when the peer does not answer in time."""
     ws = _websocket(handshake_only=False)
-    with contextlib.suppress(ConnectionError):
+    try:
         await ws.prepare(request)
+    except ConnectionError:
+        return ws  # the client is gone: no handshake was made, so none is to be closed
+    with contextlib.suppress(ConnectionError):
         await ws.send_frame(notice.payload, WSMsgType.TEXT)
     with contextlib.suppress(TimeoutError, ConnectionError):
         async with asyncio.timeout(CLOSE_TIMEOUT * 2):

@@ -3,10 +3,14 @@ two independent client libraries: aiohttp's client and ``websockets``."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import re
 import secrets
+import socket
+import struct
 from collections.abc import Callable
 
 import pytest
@@ -436,6 +440,33 @@ async def test_bad_session_id_gets_one_invalid_session_id_error_then_1008(
         assert ws.close_code == POLICY_VIOLATION
     assert hub_of(client.server).subscriber_count == 0
     await assert_still_streams(client, open_ws)
+
+
+async def test_a_refused_client_gone_before_its_answer_is_no_error_in_the_log(
+    client: AppClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients refused (a bad session id) that reset their connection right after the
+    handshake request: there is no one to answer, and nothing to log as an error; a
+    scanner, or a reconnect storm meeting a limit, would fill the log with tracebacks."""
+    assert client.server.runner is not None
+    handlers = client.server.runner.server
+    assert handlers is not None
+    loop = asyncio.get_running_loop()
+    for _ in range(5):
+        with socket.socket() as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (client.server.host, client.server.port))
+            await loop.sock_sendall(
+                sock,
+                b"GET /ws/orchestrator/bad HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n",
+            )
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await wait_until(lambda: not handlers.connections, "the refused handshake to end")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    assert hub_of(client.server).subscriber_count == 0
 
 
 async def test_session_id_with_a_slash_is_not_a_stream_at_all(client: AppClient) -> None:
