@@ -64,8 +64,10 @@ _RESUME_PARAMETERS = ("lastEventId", "lastEventID", "last_event_id")
 
 def resume_point(request: web.Request) -> str | None:
     """The ``Last-Event-ID`` header wins over the query (PROTOCOL.md); there, a polyfill's
-    parameter wins over ``?last_event_id=``."""
-    return request.headers.get("Last-Event-ID") or query_value(request, *_RESUME_PARAMETERS) or None
+    parameter wins over ``?last_event_id=``. An empty one is none, wherever it is."""
+    if header := request.headers.get("Last-Event-ID"):
+        return header
+    return next(filter(None, (query_value(request, name) for name in _RESUME_PARAMETERS)), None)
 
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:
