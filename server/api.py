@@ -340,12 +340,13 @@ _PAGE_BYTES = 1 << 20
 
 
 def _limit(text: str | None, default: int, most: int) -> int:
-    """``?limit=``: a whole number from 1, at most ``most``; ``default`` when absent."""
+    """``?limit=``: a whole number from 1, at most ``most``; ``default`` when absent.
+    More is a page of ``most`` (the page says ``more``), as a page is never over 1 MiB."""
     if text is None:
         return default
     digits = text.lstrip("0")
     if not (text.isascii() and text.isdigit() and digits):
-        raise InvalidRequest(f"'limit' must be a whole number from 1 to {most}.")
+        raise InvalidRequest(f"'limit' must be a whole number from 1 (pages hold up to {most}).")
     # Compared by length first: int() refuses strings of over 4,300 digits.
     return most if len(digits) > len(str(most)) else min(int(digits), most)
 

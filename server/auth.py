@@ -56,7 +56,7 @@ def check_stream_token(
     ``session_id``. What was wrong is told (missing, invalid, expired), never why
     a signature did not match."""
     if not token:
-        raise Unauthorized("This stream needs its token: add ?token=<token from run-workflow>.")
+        raise Unauthorized("This session needs its token: add ?token=<token from run-workflow>.")
     expires_text, _, signature = token.partition(".")
     valid_shape = (
         expires_text.isascii()
