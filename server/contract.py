@@ -393,7 +393,9 @@ class WorkflowCancelled(BaseModel):
 class AgentSnapshot(BaseModel):
     status: str
     progress: int = Field(ge=0, le=100)
-    state: Literal["running", "complete", "failed"]
+    state: Literal["running", "complete", "failed", "stopped"] = Field(
+        description="stopped: still running when the session ended (cancelled, say)"
+    )
 
 
 class SessionError(BaseModel):

@@ -14,7 +14,8 @@ async def session_snapshot(
     session_id: str, info: SessionInfo, events: list[StoredEvent]
 ) -> dict[str, Any]:
     """``state`` is ``pending`` (nothing published yet), ``running``, ``complete`` or
-    ``failed``; ``agents`` holds each agent's latest status and progress."""
+    ``failed``; ``agents`` holds each agent's latest status and progress, and its state:
+    ``running``, ``complete``, ``failed``, or ``stopped`` when the session ended first."""
     progress = 0
     agents: dict[str, dict[str, Any]] = {}
     result: Any = None
@@ -48,6 +49,12 @@ async def session_snapshot(
                 error = {k: event[k] for k in ("code", "error", "details")}
     if info.ended and state == "running":
         state = "complete"  # the final event was trimmed from a tiny buffer
+    if state in ("complete", "failed"):
+        # The session ended while these ran (a cancel, a restart, a service's final
+        # event): they are not running any more, and never finished.
+        for status in agents.values():
+            if status["state"] == "running":
+                status["state"] = "stopped"
     return {
         "session_id": session_id,
         "state": state,

@@ -149,6 +149,9 @@ async def test_a_cancelled_workflow_ends_every_stream_and_its_work_stops(
         assert status == 200 and snapshot["state"] == "failed"
         assert snapshot["error"]["code"] == "workflow_cancelled"
         assert snapshot["last_seq"] == story[-1]["seq"]
+        assert snapshot["agents"]["demand"]["state"] == "stopped"  # it was cancelled
+        assert snapshot["agents"]["extraction"]["state"] == "complete"
+        openapi_validate(openapi_validator(), "SessionSnapshot", snapshot)
 
         assert await cancel(http, server, session_id) == (200, body)
         status, again = await answer(
