@@ -262,6 +262,19 @@ async def test_listed_same_origin_and_originless_websockets_are_admitted(
         assert message["seq"] == 1
 
 
+async def test_credentials_are_allowed_to_listed_origins_only_not_to_any_by_a_wildcard(
+    start: StartServer, http: ClientSession
+) -> None:
+    """``--cors-origins '*'`` lets any page read, without the user's cookies: were a
+    proxy in front to authenticate users by cookie, every site they visit could read
+    their sessions. A listed origin may send them."""
+    server = await start(cors_origins=("*", FRONTEND))
+    for origin, credentials in (("https://any.example", None), (FRONTEND, "true")):
+        async with http.get(url(server, "/healthz"), headers={"Origin": origin}) as response:
+            assert response.headers.get("Access-Control-Allow-Origin") == origin
+            assert response.headers.get("Access-Control-Allow-Credentials") == credentials
+
+
 async def test_an_origin_configured_with_capitals_or_a_slash_is_one_origin_everywhere(
     start: StartServer, http: ClientSession
 ) -> None:
