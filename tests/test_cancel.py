@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -363,39 +363,51 @@ async def post_and_hang_up_while_redis_writes(
         await redis.client_unpause()
 
 
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    """A client of the tests' Redis, for the Redis-only tests."""
+    client = Redis.from_url(settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+STOPPING_REQUESTS = {
+    "a service's final event": ("events", SERVICE_ENDS["error"], SERVICE_ENDS["error"]["code"]),
+    "a cancel": ("cancel", {}, "workflow_cancelled"),
+}
+
+
 @pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store answers at once
-async def test_a_service_that_hangs_up_while_its_final_event_is_stored_still_stops_the_workflow(
-    start: StartServer, agents: FakeAgents, settings: Settings, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("request_kind", list(STOPPING_REQUESTS))
+async def test_a_stop_whose_client_hangs_up_while_it_is_stored_still_stops_the_workflow(
+    start: StartServer,
+    agents: FakeAgents,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    request_kind: str,
 ) -> None:
-    """A service sends its final event and hangs up while Redis is storing it (its
-    handler is cancelled): the event is stored, and the running workflow stops at once,
-    as if the service had waited for its answer; not at a lease renewal, a minute on."""
+    """A service sends its final event, or a user cancels and closes the page, and the
+    client hangs up while Redis is storing it (its handler is cancelled): the event is
+    stored, and the running workflow stops at once, as if the client had waited for its
+    answer; not at a lease renewal, a minute on."""
+    endpoint, body, code = STOPPING_REQUESTS[request_kind]
     server = await start(lease_ttl=60.0)
     session_id = new_session_id()
     publishing = noted(monkeypatch, app_of(server)[STREAM_CONTEXT].hub, "publish")
-    redis = Redis.from_url(settings.redis_url)
-    try:
-        async with ClientSession() as http:
-            waiting = asyncio.create_task(run_and_wait(http, server, session_id))
-            await asyncio.wait_for(agents.started.wait(), EVENT_TIMEOUT)  # at its gate
-            await post_and_hang_up_while_redis_writes(
-                server,
-                redis,
-                f"/api/sessions/{session_id}/events",
-                SERVICE_ENDS["error"],
-                publishing,
-            )
-            await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
-            status, outcome = await asyncio.wait_for(waiting, EVENT_TIMEOUT)
-        assert (status, outcome["error"]["code"]) == (200, SERVICE_ENDS["error"]["code"])
-    finally:
-        await redis.aclose()
+    async with ClientSession() as http:
+        waiting = asyncio.create_task(run_and_wait(http, server, session_id))
+        await asyncio.wait_for(agents.started.wait(), EVENT_TIMEOUT)  # at its gate
+        path = f"/api/sessions/{session_id}/{endpoint}"
+        await post_and_hang_up_while_redis_writes(server, redis, path, body, publishing)
+        await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
+        status, outcome = await asyncio.wait_for(waiting, EVENT_TIMEOUT)
+    assert (status, outcome["error"]["code"]) == (200, code)
 
 
 @pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store answers at once
 async def test_a_publish_that_fails_after_its_service_hung_up_is_logged(
     start: StartServer,
-    settings: Settings,
+    redis: Redis,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -403,17 +415,12 @@ async def test_a_publish_that_fails_after_its_service_hung_up_is_logged(
     (its session had ended): nobody is left to answer, so the log says it."""
     server = await start()
     session_id = new_session_id()
+    path = f"/api/sessions/{session_id}/events"
     async with ClientSession() as http:
-        url = http_url(server, f"/api/sessions/{session_id}/events")
-        async with http.post(url, json=SERVICE_ENDS["complete"]) as response:
+        async with http.post(http_url(server, path), json=SERVICE_ENDS["complete"]) as response:
             assert response.status == 202
     publishing = noted(monkeypatch, app_of(server)[STREAM_CONTEXT].hub, "publish")
-    redis = Redis.from_url(settings.redis_url)
-    try:
-        path = f"/api/sessions/{session_id}/events"
-        await post_and_hang_up_while_redis_writes(server, redis, path, progress(1), publishing)
-    finally:
-        await redis.aclose()
+    await post_and_hang_up_while_redis_writes(server, redis, path, progress(1), publishing)
     await wait_until(
         lambda: any("after its client hung up" in r.getMessage() for r in caplog.records),
         "the failure to be logged",
@@ -423,31 +430,8 @@ async def test_a_publish_that_fails_after_its_service_hung_up_is_logged(
 
 
 @pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store answers at once
-async def test_a_cancel_whose_client_hangs_up_while_it_is_stored_still_stops_the_workflow(
-    start: StartServer, agents: FakeAgents, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The user cancels and closes the page while Redis is storing the cancel: the
-    ``workflow_cancelled`` event is stored, and the work stops at once."""
-    server = await start(lease_ttl=60.0)
-    session_id = new_session_id()
-    publishing = noted(monkeypatch, app_of(server)[STREAM_CONTEXT].hub, "publish")
-    redis = Redis.from_url(settings.redis_url)
-    try:
-        async with ClientSession() as http:
-            waiting = asyncio.create_task(run_and_wait(http, server, session_id))
-            await asyncio.wait_for(agents.started.wait(), EVENT_TIMEOUT)  # at its gate
-            path = f"/api/sessions/{session_id}/cancel"
-            await post_and_hang_up_while_redis_writes(server, redis, path, {}, publishing)
-            await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
-            status, outcome = await asyncio.wait_for(waiting, EVENT_TIMEOUT)
-        assert (status, outcome["error"]["code"]) == (200, "workflow_cancelled")
-    finally:
-        await redis.aclose()
-
-
-@pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store answers at once
 async def test_a_client_that_hangs_up_while_its_session_is_claimed_still_has_it_run(
-    start: StartServer, agents: FakeAgents, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    start: StartServer, agents: FakeAgents, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client asks for a run and hangs up while Redis is claiming its session (its
     handler is cancelled): the session is claimed, and its workflow runs and ends as if
@@ -457,17 +441,13 @@ async def test_a_client_that_hangs_up_while_its_session_is_claimed_still_has_it_
     session_id = new_session_id()
     ctx = app_of(server)[STREAM_CONTEXT]
     claiming = noted(monkeypatch, ctx.hub.broker, "claim")
-    redis = Redis.from_url(settings.redis_url)
-    try:
-        await post_and_hang_up_while_redis_writes(
-            server,
-            redis,
-            "/api/orchestrator/run-workflow",
-            {"strategy_description": STRATEGY, "session_id": session_id},
-            claiming,
-        )
-    finally:
-        await redis.aclose()
+    await post_and_hang_up_while_redis_writes(
+        server,
+        redis,
+        "/api/orchestrator/run-workflow",
+        {"strategy_description": STRATEGY, "session_id": session_id},
+        claiming,
+    )
     await asyncio.wait_for(agents.started.wait(), EVENT_TIMEOUT)
     assert agents.gate is not None
     agents.gate.set()
@@ -481,7 +461,7 @@ async def test_a_client_that_hangs_up_while_its_session_is_claimed_still_has_it_
 
 @pytest.mark.parametrize("broker_kind", ["redis"])  # the in-memory store never loses one
 async def test_a_running_workflow_whose_session_the_store_lost_can_still_be_cancelled(
-    start: StartServer, agents: FakeAgents, settings: Settings
+    start: StartServer, agents: FakeAgents, settings: Settings, redis: Redis
 ) -> None:
     """Redis loses a running workflow's keys (restarted empty, say). Before the next
     renewal takes its lease again, a cancel through its own process is still a cancel:
@@ -489,23 +469,19 @@ async def test_a_running_workflow_whose_session_the_store_lost_can_still_be_canc
     409 ``no_workflow``."""
     server = await start(lease_ttl=60.0)  # no renewal during the test
     session_id = new_session_id()
-    redis = Redis.from_url(settings.redis_url)
-    try:
-        async with ClientSession() as http:
-            response = await http.post(
-                http_url(server, "/api/orchestrator/run-workflow"),
-                json={"strategy_description": STRATEGY, "session_id": session_id},
-            )
-            assert response.status == 202
-            await asyncio.wait_for(agents.started.wait(), EVENT_TIMEOUT)
-            keys = await redis.keys(f"{settings.redis_key_prefix}:{{{session_id}}}:*")
-            assert keys and await redis.delete(*keys) == len(keys)
-            status, body = await cancel(http, server, session_id)
-            assert (status, body) == (200, {"session_id": session_id, "status": "cancelled"})
-            await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
-            status, snapshot = await answer(
-                await http.get(http_url(server, f"/api/sessions/{session_id}"))
-            )
-        assert snapshot["state"] == "failed" and snapshot["error"]["code"] == "workflow_cancelled"
-    finally:
-        await redis.aclose()
+    async with ClientSession() as http:
+        response = await http.post(
+            http_url(server, "/api/orchestrator/run-workflow"),
+            json={"strategy_description": STRATEGY, "session_id": session_id},
+        )
+        assert response.status == 202
+        await asyncio.wait_for(agents.started.wait(), EVENT_TIMEOUT)
+        keys = await redis.keys(f"{settings.redis_key_prefix}:{{{session_id}}}:*")
+        assert keys and await redis.delete(*keys) == len(keys)
+        status, body = await cancel(http, server, session_id)
+        assert (status, body) == (200, {"session_id": session_id, "status": "cancelled"})
+        await asyncio.wait_for(agents.stopped.wait(), EVENT_TIMEOUT)
+        status, snapshot = await answer(
+            await http.get(http_url(server, f"/api/sessions/{session_id}"))
+        )
+    assert snapshot["state"] == "failed" and snapshot["error"]["code"] == "workflow_cancelled"
