@@ -156,6 +156,13 @@ function setAgent(name, { state, progress, status }) {
   if (status !== undefined) $(".status", card).textContent = status;
 }
 
+// The run is over: an agent still shown running will not finish.
+function stopRunningAgents() {
+  for (const card of document.querySelectorAll('.agent[data-state="running"]')) {
+    setAgent(card.dataset.agent, { state: "stopped" });
+  }
+}
+
 function showError(message, details) {
   $("#error-text").textContent = message;
   $("#error-details").textContent = details || "";
@@ -208,12 +215,12 @@ const handlers = {
       // The user's own doing (here or in another tab): no error banner.
       setRun("cancelled");
       $("#overall-status").textContent = "Cancelled";
-      for (const card of document.querySelectorAll('.agent[data-state="running"]')) {
-        setAgent(card.dataset.agent, { state: "stopped" });
-      }
+      stopRunningAgents();
     } else if (event.final) {
+      // Interrupted (server shutdown), or a service's own final error: no agent runs on.
       setRun("failed");
       $("#overall-status").textContent = "Stopped";
+      stopRunningAgents();
       showError(event.error, event.details);
     }
   },

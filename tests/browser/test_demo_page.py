@@ -368,3 +368,49 @@ async def test_a_cancel_the_server_refuses_shows_why_and_can_be_sent_again(
         await page.wait_for_function("window.__stream.run === 'cancelled'", timeout=EVENT_MS)
         await expect(page.locator("#cancel-error")).to_be_hidden()
         await expect(page.locator("#error-banner")).to_be_hidden()
+
+
+async def publish(server: LiveServer, session_id: str, *events: dict[str, Any]) -> None:
+    async with aiohttp.ClientSession() as http:
+        for body in events:
+            url = f"{server.url}/api/sessions/{session_id}/events"
+            async with http.post(url, json=body) as response:
+                assert response.status == 202, await response.text()
+
+
+@pytest.mark.parametrize("code", ["workflow_interrupted", "workflow_failed"])
+async def test_a_final_error_stops_the_cards_still_running(
+    page: Page, live_server: LiveServer, code: str
+) -> None:
+    """A run that ends with a final error while an agent runs (the server shut down:
+    ``workflow_interrupted``, or a service's own final error) shows that agent stopped,
+    not running for ever; the agent that had finished stays done."""
+    session_id = f"interrupted-{code}"
+    await publish(
+        live_server,
+        session_id,
+        {"type": "complete", "agent": "extraction", "status": "Read", "progress": 100},
+        {"type": "agent_status", "agent": "demand", "status": "Forecasting", "progress": 30},
+    )
+    await page.goto(f"{live_server.url}/?session={session_id}")
+    demand = page.locator('.agent[data-agent="demand"]')
+    await expect(demand).to_have_attribute("data-state", "running")
+    await publish(
+        live_server,
+        session_id,
+        {
+            "type": "error",
+            "agent": "orchestrator",
+            "code": code,
+            "error": "The forecast was interrupted.",
+            "details": "",
+            "final": True,
+        },
+    )
+    await page.wait_for_function("window.__stream.run === 'failed'", timeout=EVENT_MS)
+    await expect(page.locator("#error-text")).to_have_text("The forecast was interrupted.")
+    await expect(demand).to_have_attribute("data-state", "stopped")
+    await expect(demand.locator(".badge")).to_have_text("Stopped")
+    await expect(page.locator('.agent[data-agent="extraction"]')).to_have_attribute(
+        "data-state", "done"
+    )
