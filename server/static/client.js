@@ -172,9 +172,10 @@ export class OrchestratorStream {
     return this;
   }
 
-  /** Stop for good. */
+  /** Stop for good. Called once the final event came (from its handler, say), the
+   * stream still ended with it: `closeReason` stays "final". */
   close() {
-    this._finish("client");
+    this._finish(this.finalEvent ? "final" : "client");
   }
 
   /** Ask the server for a heartbeat at once (WebSocket only); false when not possible. */
@@ -451,11 +452,11 @@ export class OrchestratorStream {
       return;
     }
 
+    // Recorded before the handlers run, which may look at it or call close().
+    const final = stored && event.final === true;
+    if (final) this.finalEvent = event;
     this._dispatch(event);
-    if (stored && event.final === true) {
-      this.finalEvent = event;
-      this._finish("final");
-    }
+    if (final) this._finish("final");
   }
 
   _dispatch(event) {

@@ -361,3 +361,36 @@ async def test_sse_refusals_stop_and_overload_retries(
     result = await run_client(page, live_server, "sse")
     assert result["closeReason"] == reason
     assert len(urls) == requests
+
+
+async def test_close_called_by_the_final_events_handler_keeps_final(
+    page: Page, live_server: LiveServer
+) -> None:
+    """A handler that calls ``stream.close()`` on the final event (as one does with a plain
+    EventSource) leaves ``closeReason`` "final" and ``finalEvent`` set: the stream did end
+    with its final event."""
+    server = ScriptedWebSocketServer([Connection([event(1), event(2, final=True)], close=False)])
+    await page.route_web_socket("**/ws/orchestrator/**", server)
+    await page.goto(live_server.url + "/")
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        result = await page.evaluate(
+            """async (sessionId) => {
+                const { OrchestratorStream } = await import("/static/client.js");
+                const seen = [];
+                const stream = new OrchestratorStream(sessionId, {
+                  transport: "websocket",
+                  onEvent: {
+                    complete: (e, s) => {
+                      seen.push([s.closeReason, s.finalEvent && s.finalEvent.seq]);
+                      if (e.final) s.close();
+                    },
+                  },
+                });
+                const info = await stream.done;
+                return { info, seen, finalSeq: stream.finalEvent && stream.finalEvent.seq };
+            }""",
+            SID,
+        )
+    assert result["info"]["closeReason"] == "final"
+    assert result["finalSeq"] == 2
+    assert result["seen"] == [[None, 2]]  # the final event is recorded before handlers run
