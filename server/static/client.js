@@ -90,6 +90,10 @@ export class OrchestratorStream {
    * @param {function} [options.onStateChange]  called with `stream.info` on every change
    * @param {function} [options.onReplayGap]  called with the replay_gap notice
    * @param {{initialMs: number, maxMs: number}} [options.backoff]
+   * @param {number} [options.maxReconnects]  failed reconnects in a row before the stream
+   *   stops with closeReason "gave_up" (default Infinity: never). The count restarts
+   *   whenever a connection delivers a stored event or a heartbeat, so separate outages
+   *   that each heal do not add up; `reconnects` still counts every reconnect.
    * @param {boolean} [options.autoStart]  connect at once (default true); else call start()
    * @param {string} [options.token]  the stream token from run-workflow, when the server
    *   requires one (sent as `?token=`)
@@ -120,7 +124,7 @@ export class OrchestratorStream {
     this.finalEvent = null;
 
     this._seen = new Set();
-    this._attempt = 0; // failures since the last event: drives the back-off
+    this._attempt = 0; // reconnects since the connection last worked: back-off, maxReconnects
     this._wsWorked = false; // a WebSocket of this stream has delivered a frame
     this._useSse =
       this.options.transport === "sse" ||
@@ -366,7 +370,9 @@ export class OrchestratorStream {
   }
 
   _scheduleReconnect(delayMs) {
-    if (this.reconnects >= this.options.maxReconnects) {
+    // Failed attempts in a row: a connection that delivered an event or a heartbeat has
+    // reset the count, so separate outages that each heal do not add up.
+    if (this._attempt >= this.options.maxReconnects) {
       this._finish("gave_up");
       return;
     }
@@ -444,6 +450,8 @@ export class OrchestratorStream {
       this.lastEventId = event.id;
       this.lastSeq = event.seq;
       this._attempt = 0; // the connection works: the next reconnect starts fast
+    } else if (event.type === "heartbeat") {
+      this._attempt = 0; // so does one that carries the server's heartbeats
     } else if (event.type === "error" && event.code === REPLAY_GAP) {
       // The server could not resume where we asked; it now replays what it retains.
       this._seen.clear();

@@ -394,3 +394,58 @@ async def test_close_called_by_the_final_events_handler_keeps_final(
     assert result["info"]["closeReason"] == "final"
     assert result["finalSeq"] == 2
     assert result["seen"] == [[None, 2]]  # the final event is recorded before handlers run
+
+
+def heartbeat() -> dict[str, Any]:
+    return {"type": "heartbeat", "session_id": SID, "timestamp": TIMESTAMP}
+
+
+MAX_RECONNECTS_CLIENT = """
+async (sessionId) => {
+  const { OrchestratorStream } = await import("/static/client.js");
+  const stream = new OrchestratorStream(sessionId, {
+    transport: "websocket",
+    maxReconnects: 2,
+    backoff: { initialMs: 5, maxMs: 20 },
+  });
+  return await stream.done;
+}
+"""
+
+
+@pytest.mark.parametrize("proof", ["event", "heartbeat"])
+async def test_max_reconnects_counts_consecutive_failures_only(
+    page: Page, live_server: LiveServer, proof: str
+) -> None:
+    """``maxReconnects`` caps the failed attempts in a row, not all reconnects ever: four
+    separate drops, each healed at once (the new connection delivers a stored event or a
+    heartbeat), do not make a client with ``maxReconnects: 2`` give up."""
+    script = []
+    for n in range(1, 5):
+        frames = [event(n)] if proof == "event" or n == 1 else [heartbeat()]
+        script.append(Connection(frames, close_code=1001))
+    script.append(Connection([event(5, final=True)]))
+    server = ScriptedWebSocketServer(script)
+    await page.route_web_socket("**/ws/orchestrator/**", server)
+    await page.goto(live_server.url + "/")
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        result = await page.evaluate(MAX_RECONNECTS_CLIENT, SID)
+    assert result["closeReason"] == "final"
+    assert result["reconnects"] == 4
+    assert len(server.urls) == 5
+
+
+async def test_max_reconnects_gives_up_after_that_many_failures_in_a_row(
+    page: Page, live_server: LiveServer
+) -> None:
+    """Connections that deliver nothing before they drop are failures in a row: with
+    ``maxReconnects: 2`` the client reconnects twice, then stops with ``gave_up``."""
+    server = ScriptedWebSocketServer(
+        [Connection([event(1)], close_code=1001)] + [Connection([], close_code=1011)] * 3
+    )
+    await page.route_web_socket("**/ws/orchestrator/**", server)
+    await page.goto(live_server.url + "/")
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        result = await page.evaluate(MAX_RECONNECTS_CLIENT, SID)
+    assert result["closeReason"] == "gave_up"
+    assert len(server.urls) == 3  # the first, which worked, then two failed reconnects
