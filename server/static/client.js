@@ -80,6 +80,16 @@ export function backoffDelay(attempt, { initialMs, maxMs }, random = Math.random
   return Math.floor(random() * ceiling);
 }
 
+const MAX_RETRY_AFTER_MS = 300000; // a Retry-After beyond 5 minutes is read as 5 minutes
+
+/** A `Retry-After` header (seconds, or an HTTP date) in ms; 0 when absent or unreadable. */
+function retryAfterMs(value, now = Date.now()) {
+  if (!value) return 0;
+  const text = value.trim();
+  const ms = /^\d+$/.test(text) ? Number(text) * 1000 : Date.parse(text) - now;
+  return Number.isFinite(ms) ? Math.min(Math.max(ms, 0), MAX_RETRY_AFTER_MS) : 0;
+}
+
 export class OrchestratorStream {
   /**
    * @param {string} sessionId  8 to 128 letters, digits, "-" or "_"
@@ -307,19 +317,20 @@ export class OrchestratorStream {
       // Refused before it opened: EventSource does not say why. Ask once, so that a
       // refusal (4xx, like WebSocket 1008) or the end (204) stops it, while overload
       // (503) and network trouble are retried.
-      this._probeSse(url).then((status) => {
+      this._probeSse(url).then(({ status, retryAfterMs }) => {
         if (this.state === STATES.CLOSED || this._source !== null) return;
         if (status === 204) this._finish("ended");
         else if (status >= 400 && status < 500 && status !== 408 && status !== 429) {
           this._finish("refused");
-        } else this._transportFailed();
+        } else this._transportFailed(retryAfterMs); // a 503 says when to come back
       });
     });
   }
 
-  /** The HTTP status of an SSE URL (the body is not read), or 0 when unreachable. */
+  /** The HTTP status of an SSE URL (the body is not read), 0 when unreachable, and its
+   * `Retry-After` in ms (0 without one). */
   async _probeSse(url) {
-    if (typeof fetch !== "function") return 0;
+    if (typeof fetch !== "function") return { status: 0, retryAfterMs: 0 };
     const controller = new AbortController();
     try {
       const response = await fetch(url, {
@@ -327,9 +338,12 @@ export class OrchestratorStream {
         cache: "no-store",
         signal: controller.signal,
       });
-      return response.status;
+      return {
+        status: response.status,
+        retryAfterMs: retryAfterMs(response.headers.get("Retry-After")),
+      };
     } catch (_error) {
-      return 0;
+      return { status: 0, retryAfterMs: 0 };
     } finally {
       controller.abort();
     }
@@ -356,8 +370,9 @@ export class OrchestratorStream {
     if (source) source.close();
   }
 
-  /** The connection failed or ended without the final event. */
-  _transportFailed() {
+  /** The connection failed or ended without the final event; the next attempt waits at
+   * least `minDelayMs` (a 503's Retry-After). */
+  _transportFailed(minDelayMs = 0) {
     this._clearIdle();
     if (!this._useSse && !this._wsWorked && this.options.transport === "auto") {
       // The WebSocket never got a frame through (the handshake was refused, or a proxy
@@ -366,17 +381,17 @@ export class OrchestratorStream {
       this._scheduleReconnect(0);
       return;
     }
-    this._scheduleReconnect();
+    this._scheduleReconnect(undefined, minDelayMs);
   }
 
-  _scheduleReconnect(delayMs) {
+  _scheduleReconnect(delayMs, minDelayMs = 0) {
     // Failed attempts in a row: a connection that delivered an event or a heartbeat has
     // reset the count, so separate outages that each heal do not add up.
     if (this._attempt >= this.options.maxReconnects) {
       this._finish("gave_up");
       return;
     }
-    const delay = delayMs ?? backoffDelay(this._attempt, this.options.backoff);
+    const delay = Math.max(delayMs ?? backoffDelay(this._attempt, this.options.backoff), minDelayMs);
     this._attempt += 1;
     this.reconnects += 1;
     this.state = STATES.RECONNECTING;

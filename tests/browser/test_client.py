@@ -449,3 +449,34 @@ async def test_max_reconnects_gives_up_after_that_many_failures_in_a_row(
         result = await page.evaluate(MAX_RECONNECTS_CLIENT, SID)
     assert result["closeReason"] == "gave_up"
     assert len(server.urls) == 3  # the first, which worked, then two failed reconnects
+
+
+async def test_sse_waits_as_long_as_a_503s_retry_after_asks(
+    page: Page, live_server: LiveServer, page_problems: PageProblems
+) -> None:
+    """An SSE request refused with 503 and ``Retry-After: 1`` is retried no sooner than a
+    second later, however short the back-off (here at most 20 ms)."""
+    page_problems.allow(r"status of 503|EventSource's response has a")
+    times: list[float] = []
+
+    async def serve(route: Route) -> None:
+        times.append(asyncio.get_running_loop().time())
+        if len(times) <= 2:  # the EventSource, then the probe that reads its status
+            await route.fulfill(
+                status=503,
+                headers={"Retry-After": "1"},
+                content_type="application/json",
+                body=json.dumps({"error": "Busy.", "code": "service_unavailable"}),
+            )
+            return
+        await route.fulfill(
+            status=200,
+            headers={"Content-Type": "text/event-stream"},
+            body=sse_body([event(1, final=True)]),
+        )
+
+    await page.route("**/sse/orchestrator/**", serve)
+    result = await run_client(page, live_server, "sse")
+    assert result["closeReason"] == "final"
+    assert len(times) == 3
+    assert times[2] - times[1] >= 0.9, times
