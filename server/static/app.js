@@ -280,8 +280,11 @@ function watch(sessionId, token) {
     onStateChange: showConnection,
     onReplayGap() {
       // The server replays what it still has from the start: rebuild the view from it.
+      // It may have nothing left (the session expired, or a server that kept it in
+      // memory restarted): then nothing more will come, so ask.
       debug.replayGaps += 1;
       resetProgress();
+      checkSession(current, sessionId, token);
     },
   }));
   current.done.then((info) => {
@@ -291,6 +294,37 @@ function watch(sessionId, token) {
     if (!starting) streamEnded(info);
   });
   return current;
+}
+
+// A session the server no longer has (404 session_not_found): expired, lost in a restart
+// of a server that kept it in memory, or never started. false when it cannot say.
+async function sessionGone(sessionId, token) {
+  const query = token ? `?token=${encodeURIComponent(token)}` : "";
+  try {
+    const response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}${query}`, {
+      cache: "no-store",
+    });
+    if (response.status !== 404) return false;
+    const body = await response.json().catch(() => ({}));
+    return body.code === "session_not_found";
+  } catch (_error) {
+    return false;
+  }
+}
+
+// Ends the run of `current` if its session is gone (nothing would ever arrive).
+async function checkSession(current, sessionId, token) {
+  if (!(await sessionGone(sessionId, token))) return;
+  if (current === stream && debug.run === "running") sessionLost();
+}
+
+function sessionLost() {
+  setRun("failed"); // first: the stream's end then needs no other message
+  if (stream) stream.close();
+  $("#overall-status").textContent = "Not available";
+  stopRunningAgents();
+  showError("This forecast is no longer available; run it again.",
+    "The server no longer has this session: it expired, or the server restarted.");
 }
 
 function streamEnded(info) {
@@ -372,6 +406,11 @@ async function cancelRun() {
   if (started === null || started.sessionId !== sessionId) return;
   // session_ended: the run ended before the cancel came; its final event says how.
   if (response && (response.ok || body.code === "session_ended")) return;
+  // No such session any more: there is no run left to go on.
+  if (response && response.status === 404 && body.code === "session_not_found") {
+    sessionLost();
+    return;
+  }
   showCancel();
   if (!response) {
     showCancelError("Could not cancel: the server cannot be reached. The forecast goes on.");
@@ -584,6 +623,7 @@ $("#strategy").addEventListener("keydown", (event) => {
 const watched = params.get("session");
 if (watched && /^[A-Za-z0-9_-]{8,128}$/.test(watched)) {
   setRun("running");
-  watch(watched, params.get("token"));
+  const token = params.get("token");
+  checkSession(watch(watched, token), watched, token);
 }
 document.documentElement.dataset.ready = "true";

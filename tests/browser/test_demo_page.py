@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from playwright.async_api import Page, expect
 
+from server.brokers.memory import MemoryBroker
 from server.config import Settings
 from tests.browser.support import (
     LiveServer,
@@ -213,10 +214,15 @@ async def test_failed_workflow_shows_the_friendly_error(
     """A session that ends with a final ``error`` shows its user-facing text and details
     in the banner, and marks the failed agent (the page follows it with ``?session=``)."""
     session_id = "failing-session-0001"
+    # The page follows an existing session (an unknown one is "no longer available").
+    await publish(
+        live_server,
+        session_id,
+        {"type": "agent_status", "agent": "demand", "status": "Starting", "progress": 0},
+    )
     await page.goto(f"{live_server.url}/?session={session_id}")
     await page.wait_for_function("window.__stream.state === 'open'")
     events = [
-        {"type": "agent_status", "agent": "demand", "status": "Starting", "progress": 0},
         {
             "type": "error",
             "agent": "demand",
@@ -280,6 +286,8 @@ async def test_a_followed_session_that_another_agent_ends_shows_as_finished(
     a ``complete`` from that service's own agent, not the orchestrator's: the page shows
     the run as finished and Run can be pressed again."""
     session_id = "followed-0001"
+    started = {"type": "progress", "agent": "crawler", "status": "Started", "progress": 0}
+    await publish(live_server, session_id, started)
     await page.goto(f"{live_server.url}/?session={session_id}&transport={transport}")
     await page.wait_for_function("document.documentElement.dataset.ready === 'true'")
     async with aiohttp.ClientSession() as http:
@@ -414,3 +422,84 @@ async def test_a_final_error_stops_the_cards_still_running(
     await expect(page.locator('.agent[data-agent="extraction"]')).to_have_attribute(
         "data-state", "done"
     )
+
+
+GONE = "This forecast is no longer available; run it again."
+
+
+async def assert_run_gone(page: Page) -> None:
+    """The run is shown as over, with the "no longer available" message, and Run works."""
+    await page.wait_for_function("window.__stream.run === 'failed'", timeout=EVENT_MS)
+    await expect(page.locator("#error-text")).to_have_text(GONE)
+    await expect(page.locator("#run")).to_be_enabled()
+    await expect(page.locator("#cancel")).to_be_hidden()
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "closed")
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_following_an_unknown_session_says_it_is_not_available(
+    page: Page, live_server: LiveServer, page_problems: PageProblems, transport: str
+) -> None:
+    """``/?session=<id>`` naming a session the server does not have (expired, lost in a
+    restart, never started): the page says so instead of showing "Running…" for ever."""
+    page_problems.allow(r"status of 404")
+    await page.goto(f"{live_server.url}/?session=no-such-session-0001&transport={transport}")
+    await assert_run_gone(page)
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_a_session_gone_while_the_page_was_away_ends_the_run(
+    page: Page, browser_settings: Settings, page_problems: PageProblems, transport: str
+) -> None:
+    """The page loses its stream, and when it comes back the server no longer has the
+    session (expired; a memory broker's server restarted): the resume gets ``replay_gap``
+    and nothing more. The page asks the server, hears 404, and ends the run with a clear
+    message rather than "Starting…" for ever."""
+    page_problems.allow(r"status of 404")
+    now = [0.0]
+    broker = MemoryBroker(
+        browser_settings.buffer_size, browser_settings.session_ttl, clock=lambda: now[0]
+    )
+    session_id = "expiring-session-0001"
+    async with running_server(browser_settings, broker=broker) as server:
+        await publish(
+            server,
+            session_id,
+            {"type": "agent_status", "agent": "demand", "status": "Forecasting", "progress": 30},
+        )
+        await page.goto(f"{server.url}/?session={session_id}&transport={transport}")
+        await page.wait_for_function("window.__stream.events.length >= 1", timeout=EVENT_MS)
+        now[0] += browser_settings.session_ttl * 2
+        assert broker.sweep() == 1  # the session expires
+        server.hub.close_all("shutdown")  # and the page's stream drops
+        await page.wait_for_function("window.__stream.replayGaps >= 1", timeout=EVENT_MS)
+        await assert_run_gone(page)
+        await expect(page.locator('.agent[data-agent="demand"]')).not_to_have_attribute(
+            "data-state", "running"
+        )
+
+
+async def test_a_cancel_answered_session_not_found_ends_the_run(
+    page: Page, browser_settings: Settings, page_problems: PageProblems
+) -> None:
+    """Cancel answered 404 ``session_not_found``: the run cannot go on, so the page ends
+    it with the "no longer available" message, not "The forecast goes on"."""
+    page_problems.allow(r"status of 404")
+    broker = PausingBroker(browser_settings, pause_after=demand_started)
+    async with running_server(browser_settings, broker=broker) as server:
+        await page.route(
+            "**/api/sessions/*/cancel",
+            lambda route: route.fulfill(
+                status=404,
+                json={
+                    "error": "No such session (it never started, or has expired).",
+                    "code": "session_not_found",
+                    "reference": "r1",
+                },
+            ),
+        )
+        await run_on_page(page, server)
+        await expect(page.locator("#cancel")).to_be_visible(timeout=WORKFLOW_MS)
+        await page.click("#cancel")
+        await assert_run_gone(page)
+        await expect(page.locator("#cancel-error")).to_be_hidden()
