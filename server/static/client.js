@@ -24,7 +24,7 @@
  *   seen (by `seq`), so every stored event reaches the handlers exactly once;
  * - stops for good on the final event (`final: true`), on close 1000 (the stream
  *   ended) and on 1008 (refused), and over SSE on a 4xx refusal or a 204 (ended), or
- *   when `close()` is called; reconnects on 1001, 1011, 1013, abnormal closes, SSE
+ *   when `close()` is called, or after `maxReconnects` failed reconnects in a row; reconnects on 1001, 1011, 1013, abnormal closes, SSE
  *   responses that end early, 5xx and network errors;
  * - on a `replay_gap` notice (the resume point could not be served) it forgets the
  *   seqs it has seen, so the retained events the server replays next are delivered
@@ -108,6 +108,13 @@ export class OrchestratorStream {
    *   stops with closeReason "gave_up" (default Infinity: never). The count restarts
    *   whenever a connection delivers a stored event or a heartbeat, so separate outages
    *   that each heal do not add up; `reconnects` still counts every reconnect.
+   * @param {number} [options.connectTimeoutMs]  a WebSocket handshake or SSE request
+   *   unanswered this long fails and is retried (default 10000)
+   * @param {number} [options.idleTimeoutMs]  an open connection that brings nothing at
+   *   all (no event, no heartbeat) for this long is taken for dead and reconnected
+   *   (default 75000; 0: never). Keep it well above the server's --heartbeat-interval
+   *   (30 s by default), say 2.5 times it: with a longer interval, raise it, or healthy
+   *   idle streams are dropped and reconnected every idleTimeoutMs.
    * @param {boolean} [options.autoStart]  connect at once (default true); else call start()
    * @param {string} [options.token]  the stream token from run-workflow, when the server
    *   requires one (sent as `?token=`)
@@ -134,7 +141,7 @@ export class OrchestratorStream {
     this.reconnects = 0; // connection attempts after the first
     this.lastEventId = null; // id of the last stored event received
     this.lastSeq = 0;
-    this.closeReason = null; // "final" | "ended" | "refused" | "client" | "gave_up"
+    this.closeReason = null; // "final" | "ended" | "refused" | "client" | "gave_up" | "unsupported"
     this.finalEvent = null;
 
     this._seen = new Set();
