@@ -411,7 +411,7 @@ async def test_a_publish_that_fails_after_its_service_hung_up_is_logged(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A publish whose service hung up while Redis was writing, and which then fails
+    """A final event whose service hung up while Redis was writing, and which then fails
     (its session had ended): nobody is left to answer, so the log says it."""
     server = await start()
     session_id = new_session_id()
@@ -420,7 +420,8 @@ async def test_a_publish_that_fails_after_its_service_hung_up_is_logged(
         async with http.post(http_url(server, path), json=SERVICE_ENDS["complete"]) as response:
             assert response.status == 202
     publishing = noted(monkeypatch, app_of(server)[STREAM_CONTEXT].hub, "publish")
-    await post_and_hang_up_while_redis_writes(server, redis, path, progress(1), publishing)
+    ending = SERVICE_ENDS["error"]
+    await post_and_hang_up_while_redis_writes(server, redis, path, ending, publishing)
     await wait_until(
         lambda: any("after its client hung up" in r.getMessage() for r in caplog.records),
         "the failure to be logged",
