@@ -14,7 +14,7 @@ from .agents.llm import LLMSettings
 from .api import SESSION_ID_SEGMENT, WORKFLOW_RUNNER, add_routes
 from .brokers import create_broker
 from .brokers.base import Broker
-from .config import Settings, normalise_origin, origin_listed
+from .config import Settings, origin_listed, origin_named
 from .context import STREAM_CONTEXT, StreamContext
 from .contract import add_contract_routes
 from .error_answers import answer_error
@@ -128,7 +128,7 @@ def _on_response_prepare(allowed: tuple[str, ...]) -> Callable[..., Awaitable[No
         origin = request.headers.get("Origin")
         if origin and origin_listed(origin, allowed):
             response.headers["Access-Control-Allow-Origin"] = origin
-            if normalise_origin(origin) in allowed:  # named, not let in by a '*'
+            if origin_named(origin, allowed):  # not let in by a '*'
                 response.headers["Access-Control-Allow-Credentials"] = "true"
             # A 503's Retry-After says when to come back; unlisted, a page cannot read it.
             response.headers["Access-Control-Expose-Headers"] = "Retry-After"

@@ -25,9 +25,9 @@ import hmac
 import time
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from .config import Settings, normalise_origin, origin_listed
+from .config import Settings, normalise_origin, origin_named
 from .errors import Unauthorized
 from .query import query_value
 
@@ -73,11 +73,16 @@ def check_stream_token(
         raise Unauthorized("The stream token has expired; start a new session.")
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
-    """``True`` for no ``Origin``, a listed one (``*`` lists all), or the server's own."""
+def origin_allowed(
+    origin: str | None, host: str | None, allowed: tuple[str, ...], *, cookies: bool = False
+) -> bool:
+    """``True`` for no ``Origin``, a listed one, or the server's own. A ``*`` lets any
+    origin in only without the user's ``cookies``, as for CORS: browsers send them on a
+    WebSocket handshake, so were a proxy in front to authenticate users by cookie, any
+    site could otherwise read their sessions."""
     if origin is None:
         return True
-    if origin_listed(origin, allowed):
+    if origin_named(origin, allowed) or ("*" in allowed and not cookies):
         return True
     try:
         netloc = urlsplit(normalise_origin(origin)).netloc
@@ -95,7 +100,9 @@ def check_stream_access(request: web.Request, settings: Settings, session_id: st
 def check_websocket_origin(request: web.Request, settings: Settings) -> None:
     """Raise :class:`Unauthorized` (403 ``forbidden_origin``) for a foreign browser page."""
     host = request.headers.get("Host")
-    if not origin_allowed(request.headers.get("Origin"), host, settings.cors_origins):
+    origin = request.headers.get("Origin")
+    cookies = hdrs.COOKIE in request.headers
+    if not origin_allowed(origin, host, settings.cors_origins, cookies=cookies):
         raise Unauthorized(
             "This page's origin may not open this stream.", code="forbidden_origin", status=403
         )

@@ -22,15 +22,29 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+_DEFAULT_PORTS = ("https://", ":443"), ("http://", ":80")
+
+
 def normalise_origin(origin: str) -> str:
-    """An origin as browsers send it: no trailing slash, scheme and host in lower case."""
-    return origin.strip().rstrip("/").lower()
+    """An origin as browsers send it: no trailing slash, scheme and host in lower case,
+    no default port (a browser never sends ``https://app.example:443``)."""
+    origin = origin.strip().rstrip("/").lower()
+    for scheme, port in _DEFAULT_PORTS:
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin.removesuffix(port)
+    return origin
+
+
+def origin_named(origin: str, allowed: tuple[str, ...]) -> bool:
+    """``origin`` is one of ``allowed`` by name, not let in by a ``*``: it may send the
+    user's cookies. :class:`Settings` keeps ``cors_origins`` normalised."""
+    return normalise_origin(origin) in allowed
 
 
 def origin_listed(origin: str, allowed: tuple[str, ...]) -> bool:
     """``origin`` is one of ``allowed`` (``*`` lists all), as CORS and the WebSocket check
-    both read it; :class:`Settings` keeps ``cors_origins`` normalised."""
-    return "*" in allowed or normalise_origin(origin) in allowed
+    both read it."""
+    return "*" in allowed or origin_named(origin, allowed)
 
 
 # Secrets that, when set, protect something: set but empty they would protect nothing

@@ -225,6 +225,10 @@ def test_origin_rules() -> None:
     assert not origin_allowed("", "example.org", allowed)
     assert not origin_allowed("https://example.org", None, allowed)
     assert not origin_allowed("http://[::1", "example.org", allowed)
+    # A '*' lets any origin in without the user's cookies; a named one, with them.
+    assert not origin_allowed("https://evil.example", "example.org", ("*",), cookies=True)
+    assert origin_allowed(FRONTEND, "example.org", ("*", FRONTEND), cookies=True)
+    assert origin_allowed("https://example.org", "example.org", ("*",), cookies=True)
 
 
 async def test_a_browser_websocket_from_a_foreign_origin_is_refused_1008(
@@ -242,6 +246,41 @@ async def test_a_browser_websocket_from_a_foreign_origin_is_refused_1008(
     assert notice is not None and notice["code"] == "forbidden_origin"
     assert metric(ctx, "orchestrator_refusals_total", reason="forbidden_origin") == 1
     assert metric(ctx, "orchestrator_replays_total") == 0  # never subscribed
+
+
+async def test_a_wildcard_admits_a_foreign_websocket_only_without_the_users_cookies(
+    start: StartServer, http: ClientSession
+) -> None:
+    """With ``*`` in ``--cors-origins`` a foreign page's WebSocket is admitted, as its
+    reads are over CORS, but not with the user's cookies (which browsers send on the
+    handshake): behind a proxy that authenticates users by cookie, any site could read
+    their sessions. A page listed by name may send them."""
+    server = await start(cors_origins=("*", FRONTEND))
+    foreign = {"Origin": "https://evil.example", "Cookie": "session=user-1"}
+    notice, code = await refused_ws(http, ws_url(server, new_session_id()), headers=foreign)
+    assert code == POLICY_VIOLATION
+    assert notice is not None and notice["code"] == "forbidden_origin"
+    for headers in (
+        {"Origin": "https://evil.example"},
+        {"Origin": FRONTEND, "Cookie": "session=user-1"},
+    ):
+        async with http.ws_connect(ws_url(server, new_session_id()), headers=headers) as ws:
+            assert await ws.ping() is None and not ws.closed
+
+
+@pytest.mark.parametrize("listed", ["https://app.example:443", "HTTPS://App.Example:443/"])
+async def test_an_origin_listed_with_its_default_port_is_the_one_browsers_send(
+    start: StartServer, http: ClientSession, listed: str
+) -> None:
+    """Browsers never send a default port (``Origin: https://app.example``): an origin
+    listed with one is that origin, for CORS (with credentials) and the WebSocket check."""
+    server = await start(cors_origins=(listed,))
+    origin = {"Origin": "https://app.example"}
+    async with http.get(url(server, "/healthz"), headers=origin) as response:
+        assert response.headers.get("Access-Control-Allow-Origin") == "https://app.example"
+        assert response.headers.get("Access-Control-Allow-Credentials") == "true"
+    async with http.ws_connect(ws_url(server, new_session_id()), headers=origin) as ws:
+        assert await ws.ping() is None and not ws.closed
 
 
 @pytest.mark.parametrize("origin", [FRONTEND, "same", None])
