@@ -80,10 +80,6 @@ export function backoffDelay(attempt, { initialMs, maxMs }, random = Math.random
   return Math.floor(random() * ceiling);
 }
 
-// A cross-origin SSE answer the page may not read, this many attempts in a row before the
-// stream ever opened: the server does not let this origin in ("refused"). Fewer may be a
-// gateway's passing error page without CORS headers.
-const CORS_REFUSALS_TO_STOP = 3;
 const MAX_RETRY_AFTER_MS = 300000; // a Retry-After beyond 5 minutes is read as 5 minutes
 
 /** A `Retry-After` header (seconds, or an HTTP date) in ms; 0 when absent or unreadable. */
@@ -156,8 +152,6 @@ export class OrchestratorStream {
     this._connectTimer = null;
     this._idleTimer = null;
     this._started = false;
-    this._everOpened = false; // a connection of this stream has opened
-    this._corsRefusals = 0; // SSE attempts in a row answered but hidden by CORS
 
     this.opened = new Promise((resolve, reject) => {
       this._resolveOpened = resolve;
@@ -330,31 +324,20 @@ export class OrchestratorStream {
       // Refused before it opened: EventSource does not say why. Ask once, so that a
       // refusal (4xx, like WebSocket 1008) or the end (204) stops it, while overload
       // (503) and network trouble are retried.
-      this._probeSse(url).then(({ status, retryAfterMs, corsRefused }) => {
+      this._probeSse(url).then(({ status, retryAfterMs }) => {
         if (this.state === STATES.CLOSED || this._source !== null) return;
-        this._corsRefusals = corsRefused ? this._corsRefusals + 1 : 0;
         if (status === 204) this._finish("ended");
         else if (status >= 400 && status < 500 && status !== 408 && status !== 429) {
-          this._finish("refused");
-        } else if (
-          // Answered, but the page may not read it: this origin is not let in. Unless it
-          // was before (then it is a gateway's error page) or it passes soon.
-          !this._everOpened &&
-          this._corsRefusals >= CORS_REFUSALS_TO_STOP
-        ) {
           this._finish("refused");
         } else this._transportFailed(retryAfterMs); // a 503 says when to come back
       });
     });
   }
 
-  /** The HTTP status of an SSE URL (the body is not read), 0 when unreachable, its
-   * `Retry-After` in ms (0 without one), and `corsRefused`: a cross-origin answer came,
-   * but the browser's CORS check kept it from the page (the server does not list this
-   * page's origin, or a gateway's error page lacks the CORS headers). */
+  /** The HTTP status of an SSE URL (the body is not read), 0 when unreachable, and its
+   * `Retry-After` in ms (0 without one). */
   async _probeSse(url) {
-    const none = { status: 0, retryAfterMs: 0, corsRefused: false };
-    if (typeof fetch !== "function") return none;
+    if (typeof fetch !== "function") return { status: 0, retryAfterMs: 0 };
     const controller = new AbortController();
     try {
       const response = await fetch(url, {
@@ -363,24 +346,11 @@ export class OrchestratorStream {
         signal: controller.signal,
       });
       return {
-        ...none,
         status: response.status,
         retryAfterMs: retryAfterMs(response.headers.get("Retry-After")),
       };
     } catch (_error) {
-      // A CORS refusal and a network failure look the same here. Ask again without
-      // CORS: a server that answers gives an opaque response; one that is down fails.
-      if (new URL(url).origin === globalThis.location?.origin) return none;
-      try {
-        const opaque = await fetch(url, {
-          mode: "no-cors",
-          cache: "no-store",
-          signal: controller.signal,
-        });
-        return { ...none, corsRefused: opaque.type === "opaque" };
-      } catch (_networkError) {
-        return none;
-      }
+      return { status: 0, retryAfterMs: 0 };
     } finally {
       controller.abort();
     }
@@ -437,8 +407,6 @@ export class OrchestratorStream {
   }
 
   _setOpen() {
-    this._everOpened = true;
-    this._corsRefusals = 0;
     this.state = STATES.OPEN;
     this._armIdle();
     this._resolveOpened(this.info);

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from aiohttp import web
 from playwright.async_api import Page, Route, WebSocketRoute
 
 from tests.browser.support import LiveServer, PageProblems
@@ -482,95 +480,3 @@ async def test_sse_waits_as_long_as_a_503s_retry_after_asks(
     assert result["closeReason"] == "final"
     assert len(times) == 3
     assert times[2] - times[1] >= 0.9, times
-
-
-FOREIGN_CLIENT = """
-async ({ sessionId, baseUrl }) => {
-  const { OrchestratorStream } = await import("/static/client.js");
-  window.__foreign = new OrchestratorStream(sessionId, {
-    transport: "sse",
-    baseUrl,
-    backoff: { initialMs: 5, maxMs: 20 },
-  });
-  return true;
-}
-"""
-
-
-async def test_sse_from_a_foreign_origin_stops_as_refused(
-    page: Page, live_server: LiveServer, page_problems: PageProblems
-) -> None:
-    """A page whose origin the server does not let in (not in ``--cors-origins``) cannot
-    read any answer over SSE (the browser's CORS check): the client sees that the server
-    answers nonetheless (a ``no-cors`` probe gets a response) and stops with "refused"
-    after a few attempts, instead of retrying for ever."""
-    page_problems.allow(r"CORS policy|Failed to load resource|EventSource")
-    foreign = live_server.url.replace("127.0.0.1", "localhost")  # another origin, same server
-    await page.goto(live_server.url + "/")
-    await page.evaluate(FOREIGN_CLIENT, {"sessionId": SID, "baseUrl": foreign})
-    async with asyncio.timeout(EVENT_TIMEOUT):
-        info = await page.evaluate("window.__foreign.done")
-    assert info["closeReason"] == "refused"
-    assert info["reconnects"] == 2  # three attempts: a passing gateway error is ridden out
-
-
-async def test_sse_to_a_server_that_is_down_keeps_retrying(
-    page: Page, live_server: LiveServer, page_problems: PageProblems
-) -> None:
-    """A server that is really down (nothing listens: the ``no-cors`` probe fails too) is
-    not a refusal: the client keeps retrying well past the attempts a refusal gets."""
-    page_problems.allow(r"Failed to load resource|EventSource|ERR_CONNECTION_REFUSED")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # free once closed: nothing listens there
-    await page.goto(live_server.url + "/")
-    await page.evaluate(FOREIGN_CLIENT, {"sessionId": SID, "baseUrl": f"http://localhost:{port}"})
-    await page.wait_for_function(
-        "window.__foreign.reconnects >= 6 || window.__foreign.state === 'closed'",
-        timeout=EVENT_TIMEOUT * 1000,
-    )
-    info = await page.evaluate("window.__foreign.info")
-    assert info["state"] == "reconnecting", info
-    await page.evaluate("window.__foreign.close()")
-
-
-async def test_sse_rides_out_a_passing_gateway_error_without_cors_headers(
-    page: Page, live_server: LiveServer, page_problems: PageProblems
-) -> None:
-    """A cross-origin page whose gateway answers 502 without CORS headers (so the page
-    cannot read it) twice in a row is not refused: the third attempt streams to the end.
-    (A real server on another port: Playwright's routing would add the CORS headers.)"""
-    page_problems.allow(r"CORS policy|Failed to load resource|EventSource")
-    seen: list[str] = []
-
-    async def gateway(request: web.Request) -> web.Response:
-        seen.append(request.headers.get("Sec-Fetch-Mode", "?"))
-        if len(seen) <= 6:  # two attempts: the EventSource and its two probes each
-            return web.Response(status=502, text="Bad gateway")
-        return web.Response(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Access-Control-Allow-Origin": live_server.url,
-            },
-            text=sse_body([event(1, final=True)]),
-        )
-
-    app = web.Application()
-    app.router.add_get("/sse/orchestrator/{session_id}", gateway)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        await page.goto(live_server.url + "/")
-        await page.evaluate(
-            FOREIGN_CLIENT, {"sessionId": SID, "baseUrl": f"http://127.0.0.1:{port}"}
-        )
-        async with asyncio.timeout(EVENT_TIMEOUT):
-            info = await page.evaluate("window.__foreign.done")
-    finally:
-        await runner.cleanup()
-    assert info["closeReason"] == "final", (info, seen)
-    assert info["reconnects"] == 2
-    assert seen[:3] == ["cors", "cors", "no-cors"]
