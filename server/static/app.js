@@ -21,6 +21,7 @@ const transport = ["websocket", "sse", "auto"].includes(params.get("transport"))
 const debug = (window.__stream = {
   sessionId: null,
   events: [],
+  heard: 0, // stored events handled, over every stream the page opened
   seqCounts: {},
   replayGaps: 0,
   state: "idle",
@@ -178,6 +179,7 @@ function hideError() {
 function record(event) {
   debug.events.push(event);
   if (Number.isInteger(event.seq)) {
+    debug.heard += 1;
     debug.seqCounts[event.seq] = (debug.seqCounts[event.seq] || 0) + 1;
   }
 }
@@ -312,10 +314,19 @@ async function sessionGone(sessionId, token) {
   }
 }
 
+// How long a session must stay unknown, with no stored event heard meanwhile, before
+// the page gives it up: a store that lost its data (Redis restarted empty) knows a running
+// session again at its next event, and a followed link may be opened just before the first.
+// `?gone_after_ms=` shortens it (the tests do).
+const GONE_AFTER_MS = Number(params.get("gone_after_ms")) || 15000;
+
 // Ends the run of `current` if its session is gone (nothing would ever arrive).
 async function checkSession(current, sessionId, token) {
   if (!(await sessionGone(sessionId, token))) return;
-  if (current === stream && debug.run === "running") sessionLost();
+  const heard = debug.heard;
+  await new Promise((resolve) => setTimeout(resolve, GONE_AFTER_MS));
+  if (current !== stream || debug.run !== "running" || debug.heard !== heard) return;
+  if (await sessionGone(sessionId, token)) sessionLost();
 }
 
 function sessionLost() {

@@ -443,7 +443,9 @@ async def test_following_an_unknown_session_says_it_is_not_available(
     """``/?session=<id>`` naming a session the server does not have (expired, lost in a
     restart, never started): the page says so instead of showing "Running…" for ever."""
     page_problems.allow(r"status of 404")
-    await page.goto(f"{live_server.url}/?session=no-such-session-0001&transport={transport}")
+    await page.goto(
+        f"{live_server.url}/?session=no-such-session-0001&transport={transport}&gone_after_ms=200"
+    )
     await assert_run_gone(page)
 
 
@@ -467,7 +469,9 @@ async def test_a_session_gone_while_the_page_was_away_ends_the_run(
             session_id,
             {"type": "agent_status", "agent": "demand", "status": "Forecasting", "progress": 30},
         )
-        await page.goto(f"{server.url}/?session={session_id}&transport={transport}")
+        await page.goto(
+            f"{server.url}/?session={session_id}&transport={transport}&gone_after_ms=200"
+        )
         await page.wait_for_function("window.__stream.events.length >= 1", timeout=EVENT_MS)
         now[0] += browser_settings.session_ttl * 2
         assert broker.sweep() == 1  # the session expires
@@ -477,6 +481,39 @@ async def test_a_session_gone_while_the_page_was_away_ends_the_run(
         await expect(page.locator('.agent[data-agent="demand"]')).not_to_have_attribute(
             "data-state", "running"
         )
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_a_session_unknown_for_a_moment_is_not_given_up(
+    page: Page, browser_settings: Settings, page_problems: PageProblems, transport: str
+) -> None:
+    """The server does not know the session when the page asks (a link opened just before
+    its first event; a store that restarted empty, before the running workflow's next
+    event), and then its events come: the page follows it to its end, it does not give
+    it up on the first 404."""
+    page_problems.allow(r"status of 404")
+    session_id = "late-session-0001"
+    async with running_server(browser_settings) as server:
+        url = f"{server.url}/?session={session_id}&transport={transport}&gone_after_ms=3000"
+        async with page.expect_response(
+            lambda response: (
+                f"/api/sessions/{session_id}" in response.url and response.status == 404
+            )
+        ):
+            await page.goto(url)
+        await publish(
+            server,
+            session_id,
+            {"type": "agent_status", "agent": "demand", "status": "Forecasting", "progress": 30},
+        )
+        await publish(
+            server,
+            session_id,
+            {"type": "complete", "agent": "orchestrator", "status": "Done", "progress": 100,
+             "final": True, "data": {"result": {}}},
+        )  # fmt: skip
+        await page.wait_for_function("window.__stream.run === 'complete'", timeout=EVENT_MS)
+        await expect(page.locator("#error-text")).not_to_have_text(GONE)
 
 
 async def test_a_cancel_answered_session_not_found_ends_the_run(
