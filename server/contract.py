@@ -394,7 +394,8 @@ class AgentSnapshot(BaseModel):
     status: str
     progress: int = Field(ge=0, le=100)
     state: Literal["running", "complete", "failed", "stopped"] = Field(
-        description="stopped: still running when the session ended (cancelled, say)"
+        description="stopped: still running, short of 100 %, when the session ended "
+        "(cancelled, say)"
     )
 
 

@@ -50,11 +50,13 @@ async def session_snapshot(
     if info.ended and state == "running":
         state = "complete"  # the final event was trimmed from a tiny buffer
     if state in ("complete", "failed"):
-        # The session ended while these ran (a cancel, a restart, a service's final
-        # event): they are not running any more, and never finished.
+        # The session ended while these ran: done, if a complete session's agent was at
+        # 100 % (a service that reports an agent's statuses only); else stopped before
+        # they finished (a cancel, a restart, a service's final event).
         for status in agents.values():
             if status["state"] == "running":
-                status["state"] = "stopped"
+                done = state == "complete" and status["progress"] == 100
+                status["state"] = "complete" if done else "stopped"
     return {
         "session_id": session_id,
         "state": state,

@@ -312,6 +312,25 @@ async def test_a_snapshots_result_is_the_final_complete_events_object_result(
     openapi_validate(openapi_validator(), "SessionSnapshot", snapshot)
 
 
+@pytest.mark.parametrize(("last_progress", "state"), [(100, "complete"), (40, "stopped")])
+async def test_an_agent_a_service_left_at_its_last_status_is_complete_or_stopped(
+    client: AppClient, last_progress: int, state: str
+) -> None:
+    """A service reports an agent's ``agent_status`` only (no ``complete`` of its own),
+    then ends the session: in the snapshot the agent is ``complete`` if it was at 100 %,
+    else ``stopped``; it is ``running`` no more."""
+    session_id = new_session_id()
+    status = {"type": "agent_status", "agent": "crawler", "status": "Fetching"}
+    await publish(client, session_id, {**status, "progress": last_progress})
+    snapshot = await (await client.get(f"/api/sessions/{session_id}")).json()
+    assert snapshot["agents"]["crawler"]["state"] == "running"
+    body = {"type": "complete", "agent": "orchestrator", "final": True, "data": {"result": {}}}
+    await publish(client, session_id, body)
+    snapshot = await (await client.get(f"/api/sessions/{session_id}")).json()
+    assert snapshot["agents"]["crawler"]["state"] == state
+    openapi_validate(openapi_validator(), "SessionSnapshot", snapshot)
+
+
 async def test_snapshot_of_a_failed_session_holds_its_error(client: AppClient) -> None:
     """A session that ended with a final error is ``failed`` and its snapshot tells why."""
     session_id = new_session_id()
