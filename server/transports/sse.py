@@ -64,10 +64,11 @@ _RESUME_PARAMETERS = ("lastEventId", "lastEventID", "last_event_id")
 
 def resume_point(request: web.Request) -> str | None:
     """The ``Last-Event-ID`` header wins over the query (PROTOCOL.md); there, a polyfill's
-    parameter wins over ``?last_event_id=``. An empty one is none, wherever it is."""
-    if header := request.headers.get("Last-Event-ID"):
+    parameter wins over ``?last_event_id=``. An empty (or blank) one is none, wherever it is."""
+    if header := request.headers.get("Last-Event-ID", "").strip():
         return header
-    return next(filter(None, (query_value(request, name) for name in _RESUME_PARAMETERS)), None)
+    values = ((query_value(request, name) or "").strip() for name in _RESUME_PARAMETERS)
+    return next(filter(None, values), None)
 
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:

@@ -285,15 +285,17 @@ async def test_an_eventsource_polyfills_resume_parameter_wins_over_the_pages(
         assert seqs(await read_to_end(sse)) == [4, 5]
 
 
+@pytest.mark.parametrize("blank", ["", "%20", "%09%20"])
 @pytest.mark.parametrize("name", ["lastEventId", "lastEventID"])
 async def test_an_empty_polyfill_parameter_leaves_the_pages_resume_point(
-    client: AppClient, open_sse: SSEOpener, name: str
+    client: AppClient, open_sse: SSEOpener, name: str, blank: str
 ) -> None:
-    """An empty resume parameter is no resume point, in the query as in the header: the
-    page's ``last_event_id`` stands, and no event the client has is sent again."""
+    """An empty or blank resume parameter is no resume point, in the query as in the
+    header: the page's ``last_event_id`` stands, and no event the client has is sent
+    again."""
     session_id = new_session_id()
     answers = await published_story(client, session_id, 4)
-    path = f"{sse_path(session_id, answers[2]['id'])}&{name}="
+    path = f"{sse_path(session_id, answers[2]['id'])}&{name}={blank}"
     async with open_sse(client.server, path) as sse:
         await publish(client, session_id, final())
         assert seqs(await read_to_end(sse)) == [4, 5]
