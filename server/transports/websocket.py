@@ -70,7 +70,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     stream: WsStream | None = None  # owns the subscription and the ticket once begun
     try:
         try:
-            subscription = await ctx.hub.join(session_id, query_value(request, "last_event_id"))
+            # Blanks around it are stripped, as over SSE (where HTTP strips the header's).
+            resume = (query_value(request, "last_event_id") or "").strip() or None
+            subscription = await ctx.hub.join(session_id, resume)
         except ServiceUnavailable as unavailable:
             # The event store cannot be reached (Redis down): an error event, then 1013,
             # and the client reconnects with back-off and resumes.

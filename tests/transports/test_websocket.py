@@ -185,6 +185,21 @@ async def test_resume_with_last_event_id_gets_exactly_the_events_after_it(
     assert not any(event["type"] == "error" for event in rest)
 
 
+async def test_a_resume_id_with_blanks_around_it_is_that_id_as_over_sse(
+    client: AppClient, open_ws: WSOpener
+) -> None:
+    """``?last_event_id=`` with blanks around the id (a client that built the URL
+    carelessly) resumes at that id, as the same value does over SSE: no ``replay_gap``,
+    nothing repeated. A blank value is no resume point: the whole story."""
+    session_id = new_session_id()
+    answers = [await publish(client, session_id, progress(n)) for n in (1, 2, 3)]
+    await publish(client, session_id, final())
+    for given, expected in ((f" {answers[1]['id']}\t", [3, 4]), (" ", [1, 2, 3, 4])):
+        async with open_ws(client.server, ws_path(session_id, given)) as ws:
+            assert seqs(events := await read_to_end(ws)) == expected
+            assert not any(event["type"] == "error" for event in events)
+
+
 async def test_resume_at_the_final_event_just_closes_1000(
     client: AppClient, open_ws: WSOpener
 ) -> None:
