@@ -16,11 +16,24 @@ from aiohttp import web
 def query_value(request: web.Request, *names: str) -> str | None:
     """The first value of the first of ``names`` in the query string that has one (decoded
     as ``request.query`` does), or ``None``."""
-    query = request.rel_url.raw_query_string
-    if not query:
-        return None
-    found: dict[str, str] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key in names:
-            found.setdefault(key, value)
+    found = _first_values(request, names)
     return next((found[name] for name in names if name in found), None)
+
+
+def resume_id(request: web.Request, *names: str) -> str | None:
+    """A stream's resume point in the query: the first value of the first of ``names``
+    that is not blank, with the blanks around it stripped (a blank one is none, as an
+    empty ``Last-Event-ID`` header is), or ``None``."""
+    found = _first_values(request, names)
+    return next((value for name in names if (value := found.get(name, "").strip())), None)
+
+
+def _first_values(request: web.Request, names: tuple[str, ...]) -> dict[str, str]:
+    """Each of ``names`` in the query string with its first value."""
+    query = request.rel_url.raw_query_string
+    found: dict[str, str] = {}
+    if query:
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            if key in names:
+                found.setdefault(key, value)
+    return found

@@ -19,7 +19,7 @@ from ..context import STREAM_CONTEXT
 from ..error_answers import answer_error
 from ..errors import InvalidSessionId
 from ..messages import is_valid_session_id
-from ..query import query_value
+from ..query import resume_id
 from .sse_stream import SseStream
 
 
@@ -67,8 +67,7 @@ def resume_point(request: web.Request) -> str | None:
     parameter wins over ``?last_event_id=``. An empty (or blank) one is none, wherever it is."""
     if header := request.headers.get("Last-Event-ID", "").strip():
         return header
-    values = ((query_value(request, name) or "").strip() for name in _RESUME_PARAMETERS)
-    return next(filter(None, values), None)
+    return resume_id(request, *_RESUME_PARAMETERS)
 
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:

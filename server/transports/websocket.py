@@ -23,7 +23,7 @@ from ..context import STREAM_CONTEXT, StreamContext
 from ..error_answers import INTERNAL_ERROR_MESSAGE, answer_error, log_failure
 from ..errors import ServiceUnavailable, StreamError, refusal_reason
 from ..messages import INVALID_SESSION_ID, ControlEvent, is_valid_session_id
-from ..query import query_value
+from ..query import resume_id
 from .takeover import early_bytes
 from .ws_stream import CLOSE_TIMEOUT, WsStream
 
@@ -70,8 +70,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     stream: WsStream | None = None  # owns the subscription and the ticket once begun
     try:
         try:
-            # Blanks around it are stripped, as over SSE (where HTTP strips the header's).
-            resume = (query_value(request, "last_event_id") or "").strip() or None
+            resume = resume_id(request, "last_event_id")  # as over SSE
             subscription = await ctx.hub.join(session_id, resume)
         except ServiceUnavailable as unavailable:
             # The event store cannot be reached (Redis down): an error event, then 1013,
