@@ -39,7 +39,7 @@ from tests.clients import (
     ws_url,
 )
 from tests.conftest import BOTH_BROKERS
-from tests.hardening.support import FakeAgents
+from tests.hardening.support import FakeAgents, RawConnection
 from tests.test_contract import openapi_validate, openapi_validator
 from tests.timing import EVENT_TIMEOUT
 
@@ -348,16 +348,11 @@ async def post_and_hang_up_while_redis_writes(
     assert handlers is not None
     await redis.client_pause(10_000, all=False)
     try:
-        _, client = await asyncio.open_connection(server.host, server.port)
-        data = json.dumps(body).encode()
-        client.write(
-            f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n".encode()
-            + data
-        )
+        client = await RawConnection.open(server)
+        client.post(path, body)
         await asyncio.wait_for(writing.wait(), EVENT_TIMEOUT)
         before = len(handlers.connections)
-        client.transport.abort()
+        client.abort()
         await wait_until(lambda: len(handlers.connections) < before, "the handler to end")
     finally:
         await redis.client_unpause()

@@ -202,6 +202,12 @@ class RawConnection:
         parsed = dict(line.split(": ", 1) for line in header_lines if ": " in line)
         return {"status": int(status_line.split()[1]), "headers": parsed}
 
+    def post(self, path: str, body: Any) -> None:
+        """Send a POST of ``body`` as JSON, without waiting for its answer."""
+        data = json.dumps(body).encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        self.writer.write(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+
     async def websocket(self, path: str) -> int:
         """A WebSocket handshake; returns the HTTP status (101 when upgraded)."""
         key = base64.b64encode(secrets.token_bytes(16)).decode()
