@@ -147,13 +147,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"python -m server: error: {bad}", file=sys.stderr)
         raise SystemExit(2) from None
     setup_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger("server")
     if llm.enabled:
-        logging.getLogger("server").info("strategies are read by %s", llm.describe())
+        log.info("strategies are read by %s", llm.describe())
     else:
-        reason = llm.unavailable_reason or "not configured"
-        logging.getLogger("server").info("strategies are read by the rules: %s", reason)
+        log.info("strategies are read by the rules: %s", llm.unavailable_reason or "not configured")
     if (warning := budget_warning(llm, settings.agent_timeout)) is not None:
-        logging.getLogger("server").warning(warning)
+        log.warning(warning)
     raise_open_files_limit(settings.max_connections)
     # The model's settings as read and checked above, not read again at start-up.
     app = create_app(settings, agents=functools.partial(register_agents, llm=llm))
